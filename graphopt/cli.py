@@ -1,0 +1,183 @@
+"""The `graphopt` command: optimize, evaluate, bench, inspect, passes.
+
+Exit codes: 0 done (optimize: the final model meets the gate), 1 the final model misses the gate,
+2 bad input or usage — one line on stderr, a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from graphopt.errors import GraphoptError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise GraphoptError(f"{self.prog}: {message} (see --help)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=".npz (keys = input names, axis 0 = samples, optional 'labels') or a folder "
+                                  "of .npz feeds; split into calibration and evaluation when --calib is absent")
+    p.add_argument("--calib", help="calibration samples (same formats as --data)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC",
+                   help="a concrete shape for an input with dynamic dimensions (synthetic inputs)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--score-output", help="the class-score output used for agreement/accuracy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", description="ONNX graph-level model optimizer, verified with onnxruntime")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    opt = sub.add_parser("optimize", help="run a recipe of passes on a model")
+    opt.add_argument("model")
+    opt.add_argument("-o", "--output", help="output model (default: <input stem>.opt.onnx in the current folder)")
+    group = opt.add_mutually_exclusive_group()
+    group.add_argument("--recipe", help="YAML or JSON recipe file")
+    group.add_argument("--passes", help='recipe string, e.g. "fold_batchnorm; prune:sparsity=0.5; quantize"')
+    _add_data_args(opt)
+    opt.add_argument("--max-drop", type=float, default=0.01,
+                     help="allowed drop of the gate metric, a fraction (0.01 = one point; default 0.01)")
+    opt.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
+                     help="gate metric (default: accuracy with labels, else agreement)")
+    opt.add_argument("--min-snr", type=float, help="minimum worst-channel SNR in dB")
+    opt.add_argument("--report", help="JSON report path (a Markdown report is written beside it)")
+    opt.add_argument("--no-latency", action="store_true", help="skip the per-pass latency measurement")
+    opt.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("evaluate", help="compare a candidate model with a reference model")
+    ev.add_argument("reference")
+    ev.add_argument("candidate")
+    _add_data_args(ev)
+    ev.add_argument("--json", help="write the comparison as JSON")
+
+    be = sub.add_parser("bench", help="latency, size, params and MACs of models, interleaved")
+    be.add_argument("models", nargs="+")
+    _add_data_args(be)
+    be.add_argument("--repeats", type=int, default=50)
+    be.add_argument("--warmup", type=int, default=5)
+
+    ins = sub.add_parser("inspect", help="op histogram, params, MACs per layer, largest initializers")
+    ins.add_argument("model")
+    ins.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC")
+
+    sub.add_parser("passes", help="list every pass with its options")
+    return parser
+
+
+def _shapes(texts: list[str]) -> dict[str, tuple[int, ...]] | None:
+    from graphopt.data import parse_shape
+
+    return dict(parse_shape(t) for t in texts) or None
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from graphopt.pipeline import RunOptions, optimize
+    from graphopt.report import format_table
+
+    if not 0.0 <= args.max_drop <= 1.0:
+        raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
+    run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
+                     score_output=args.score_output, debug=args.debug)
+    report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
+                      data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
+                      metric=args.metric, run=run, report_path=args.report)
+    print(format_table(report))
+    return 0 if report.passed else 1
+
+
+def _load_eval_data(args: argparse.Namespace, model) -> object:
+    from graphopt import data
+
+    specs = data.input_specs(model)
+    source = args.data or args.calib
+    if source is not None:
+        return data.load_data(source, specs)
+    return data.synthetic(specs, _shapes(args.shape))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from graphopt import modelio
+    from graphopt.metrics import Evaluator
+
+    ref = modelio.load_model(args.reference)
+    modelio.load_proto(args.candidate)
+    dataset = _load_eval_data(args, ref)
+    comparison = Evaluator(modelio.to_proto(ref), dataset, threads=args.threads,
+                           score_output=args.score_output).evaluate(args.candidate)
+    if getattr(dataset, "synthetic", False):
+        print("WARNING: synthetic inputs: these numbers say nothing about accuracy")
+    for out in comparison.outputs:
+        print(f"{out.name}: max abs {out.max_abs:.4g}, mean abs {out.mean_abs:.4g}, cosine {out.cosine:.6f}, "
+              f"SNR {out.snr_db:.1f} dB, worst channel {out.worst_channel} SNR {out.worst_channel_snr_db:.1f} dB")
+    print(comparison.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from graphopt import bench, modelio
+
+    first = modelio.load_model(args.models[0])
+    for path in args.models[1:]:
+        modelio.load_proto(path)
+    dataset = _load_eval_data(args, first)
+    rows = bench.benchmark(list(args.models), dataset.feeds[:8], threads=args.threads, warmup=args.warmup,
+                           repeats=args.repeats, progress=True)
+    print(bench.format_bench(rows))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt import modelio
+    from graphopt.inspection import format_inspect, inspect_model
+
+    print(format_inspect(inspect_model(modelio.load_model(args.model), _shapes(args.shape))))
+    return 0
+
+
+def _cmd_passes(_: argparse.Namespace) -> int:
+    from graphopt.options import describe_options
+    from graphopt.recipe import registry
+
+    for name, cls in registry().items():
+        print(f"{name}: {cls.summary}")
+        for opt, default, allowed, doc in describe_options(cls.Options):
+            print(f"    {opt} = {default}  ({allowed})  {doc}")
+    return 0
+
+
+COMMANDS = {"optimize": _cmd_optimize, "evaluate": _cmd_evaluate, "bench": _cmd_bench, "inspect": _cmd_inspect,
+            "passes": _cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        args.debug = debug
+        if args.command is None:
+            raise GraphoptError("graphopt: give a command: optimize, evaluate, bench, inspect or passes (see --help)")
+        return COMMANDS[args.command](args)
+    except GraphoptError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

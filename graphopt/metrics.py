@@ -1,0 +1,476 @@
+"""Compare a candidate model's outputs with a reference model's, streaming over evaluation feeds.
+
+For every output: max/mean absolute error, cosine similarity and SNR in dB, for the whole tensor and per
+channel (axis 1 of outputs of rank >= 2), with the worst channel reported. The worst channel is what gates:
+a detector whose score channels collapse while its box channels survive keeps a high whole-tensor SNR.
+
+Conventions (SNR and cosine are always finite, never NaN; to_dict() is JSON-safe):
+- SNR = 10*log10(sum(ref^2) / sum((ref-cand)^2)), clamped to [-SNR_CAP, SNR_CAP]. Zero error gives
+  +SNR_CAP (200 dB, standing for +inf). A zero-energy reference with non-zero error uses
+  10*log10(tiny/err) with tiny the smallest normal float64, i.e. about -SNR_CAP: the candidate produced
+  signal where the reference has none.
+- Cosine = sum(ref*cand) / (|ref| |cand|); 1.0 when both are zero, 0.0 when only one is.
+- A candidate value that is NaN/inf where the reference is not the same value marks its channel (and the
+  whole tensor) broken: SNR -SNR_CAP, cosine 0, max/mean abs inf (None in to_dict()).
+- Integer/bool outputs are compared by exact match: `exact_match` is the matching fraction, cosine is that
+  fraction and SNR is 10*log10(1/mismatch_fraction) (1% mismatching -> 20 dB; no mismatch -> SNR_CAP).
+  Other outputs (strings, scikit-learn ZipMap dicts) too, with an element's abs error counted as 0 or 1.
+- State is a fixed set of per-channel sums per output, so memory is flat in the number of feeds and feeds
+  may differ in shape (channel counts may differ between feeds; a channel seen in some feeds only is fine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from graphopt.errors import DataError, GraphoptError
+from graphopt.runtime import make_session
+
+SNR_CAP = 200.0
+_TINY = float(np.finfo(np.float64).tiny)
+METRICS = ("accuracy", "agreement", "snr")
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    snr_db: float
+    worst_channel: int | None  # index along axis 1 of the lowest-SNR channel; None for rank 0/1 outputs
+    worst_channel_snr_db: float  # that channel's SNR (the whole tensor's when there are no channels)
+    worst_channel_cosine: float  # lowest cosine over channels (may be another channel than worst_channel)
+    channels: int  # largest axis-1 size seen; 0 for rank 0/1 outputs
+    exact_match: float | None = None  # non-float outputs only: fraction of equal elements
+
+
+@dataclass
+class Comparison:
+    outputs: list[OutputMetrics]
+    samples: int
+    score_output: str | None
+    agreement: float | None
+    accuracy: float | None
+    reference_accuracy: float | None
+    feeds: int = 0
+
+    @property
+    def worst_snr_db(self) -> float:
+        """Lowest worst-channel SNR over all outputs (SNR_CAP when there are no outputs)."""
+        return min((o.worst_channel_snr_db for o in self.outputs), default=SNR_CAP)
+
+    @property
+    def worst_output(self) -> OutputMetrics | None:
+        return min(self.outputs, key=lambda o: o.worst_channel_snr_db, default=None)
+
+    def value(self, metric: str) -> float | None:
+        _check_metric(metric)
+        if metric == "accuracy":
+            return self.accuracy
+        if metric == "agreement":
+            return self.agreement
+        return self.worst_snr_db
+
+    def drop(self, metric: str) -> float | None:
+        """How much worse than the reference: accuracy points lost, or 1 - agreement; None for snr."""
+        _check_metric(metric)
+        if metric == "accuracy":
+            if self.accuracy is None or self.reference_accuracy is None:
+                return None
+            return self.reference_accuracy - self.accuracy
+        if metric == "agreement":
+            return None if self.agreement is None else 1.0 - self.agreement
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite floats (only max/mean abs of broken outputs can be) become None."""
+        data = _json_safe(asdict(self))
+        data["worst_snr_db"] = _json_safe(self.worst_snr_db)
+        return data
+
+    def summary(self) -> str:
+        parts = []
+        if self.accuracy is not None:
+            ref = f" (ref {self.reference_accuracy:.3f})" if self.reference_accuracy is not None else ""
+            parts.append(f"acc {self.accuracy:.3f}{ref}")
+        if self.agreement is not None:
+            parts.append(f"agree {self.agreement:.3f}")
+        worst = self.worst_output
+        if worst is not None:
+            where = f" [{worst.name}" + (f" ch {worst.worst_channel}]" if worst.worst_channel is not None else "]")
+            parts.append(f"worst-ch SNR {self.worst_snr_db:.1f} dB{where}")
+        return " ".join(parts) if parts else "no outputs compared"
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise GraphoptError(f"unknown metric {metric!r} (use one of {', '.join(METRICS)})")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def snr_db(ref_energy: float, err_energy: float) -> float:
+    """SNR in dB from accumulated energies, finite: clamped to [-SNR_CAP, SNR_CAP]."""
+    if not (math.isfinite(ref_energy) and math.isfinite(err_energy)):
+        return -SNR_CAP
+    if err_energy <= 0.0:
+        return SNR_CAP
+    value = 10.0 * math.log10(max(ref_energy, _TINY) / err_energy)
+    return min(SNR_CAP, max(-SNR_CAP, value))
+
+
+def cosine(dot: float, ref_energy: float, cand_energy: float) -> float:
+    if not all(math.isfinite(x) for x in (dot, ref_energy, cand_energy)):
+        return 0.0
+    if ref_energy <= 0.0 and cand_energy <= 0.0:
+        return 1.0
+    if ref_energy <= 0.0 or cand_energy <= 0.0:
+        return 0.0
+    return min(1.0, max(-1.0, dot / math.sqrt(ref_energy * cand_energy)))
+
+
+_FIELDS = ("ref2", "err2", "dot", "cand2", "abs_sum", "max_abs", "count", "match", "broken")
+
+
+class _Sums:
+    """Per-row sums (row = one channel, or the whole tensor), growable in the number of rows."""
+
+    def __init__(self, rows: int = 0) -> None:
+        for name in _FIELDS:
+            setattr(self, name, np.zeros(rows))
+
+    @property
+    def rows(self) -> int:
+        return len(self.count)
+
+    def grow(self, rows: int) -> None:
+        if rows > self.rows:
+            for name in _FIELDS:
+                old = getattr(self, name)
+                setattr(self, name, np.concatenate([old, np.zeros(rows - len(old))]))
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, mode: str) -> None:
+        """Accumulate rows of 2-D arrays [rows, elements]; mode is 'float', 'exact' or 'object'."""
+        rows, width = ref.shape
+        self.grow(rows)
+        sl = slice(0, rows)
+        self.count[sl] += width
+        if width == 0:
+            return
+        if mode != "float":
+            same = ref == cand  # on the original values: int64 ids beyond 2**53 must not collide
+            self.match[sl] += same.sum(axis=1)
+            if mode == "object":  # strings, ZipMap dicts: the error of an element is 0 or 1
+                self.abs_sum[sl] += width - same.sum(axis=1)
+                self.max_abs[sl] = np.maximum(self.max_abs[sl], (~same).any(axis=1))
+                return
+        ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+        ok = np.isfinite(ref) & np.isfinite(cand)
+        if not ok.all():
+            # Equal non-finite values (-inf log-probs in both) are agreement; anything else is broken.
+            same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+            self.broken[sl] += (~ok & ~same).any(axis=1)
+            ref, cand = np.where(ok, ref, 0.0), np.where(ok, cand, 0.0)
+        err = ref - cand
+        abs_err = np.abs(err)
+        self.ref2[sl] += np.einsum("ij,ij->i", ref, ref)
+        self.err2[sl] += np.einsum("ij,ij->i", err, err)
+        self.dot[sl] += np.einsum("ij,ij->i", ref, cand)
+        self.cand2[sl] += np.einsum("ij,ij->i", cand, cand)
+        self.abs_sum[sl] += abs_err.sum(axis=1)
+        self.max_abs[sl] = np.maximum(self.max_abs[sl], abs_err.max(axis=1))
+
+    def total(self) -> _Sums:
+        whole = _Sums(1)
+        for name in _FIELDS:
+            values = getattr(self, name)
+            getattr(whole, name)[0] = values.max(initial=0.0) if name == "max_abs" else values.sum()
+        return whole
+
+    def row(self, i: int, exact: bool) -> tuple[float, float, float, float]:
+        """(snr_db, cosine, max_abs, mean_abs) of row i."""
+        if self.broken[i]:
+            return -SNR_CAP, 0.0, math.inf, math.inf
+        count = self.count[i]
+        mean_abs = float(self.abs_sum[i] / count) if count else 0.0
+        if exact:
+            frac = float(self.match[i] / count) if count else 1.0
+            snr = SNR_CAP if frac >= 1.0 else min(SNR_CAP, -10.0 * math.log10(1.0 - frac))
+            return snr, frac, float(self.max_abs[i]), mean_abs
+        return (
+            snr_db(float(self.ref2[i]), float(self.err2[i])),
+            cosine(float(self.dot[i]), float(self.ref2[i]), float(self.cand2[i])),
+            float(self.max_abs[i]),
+            mean_abs,
+        )
+
+
+def _mode(array: np.ndarray) -> str:
+    kind = array.dtype.kind
+    return "float" if kind == "f" else "exact" if kind in "biu" else "object"
+
+
+class _OutputAcc:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.whole = _Sums(1)  # rank 0/1 feeds
+        self.channels = _Sums(0)  # rank >= 2 feeds, one row per index on axis 1
+        self.mode: str | None = None  # fixed by the first feed's reference dtype
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if self.mode is None:
+            self.mode = _mode(ref)
+        mode = "object" if "object" in (self.mode, _mode(cand)) else self.mode
+        if ref.ndim >= 2:
+            c = ref.shape[1]
+            self.channels.add(np.moveaxis(ref, 1, 0).reshape(c, -1), np.moveaxis(cand, 1, 0).reshape(c, -1), mode)
+        else:
+            self.whole.add(ref.reshape(1, -1), cand.reshape(1, -1), mode)
+
+    def result(self) -> OutputMetrics:
+        exact = self.mode in ("exact", "object")
+        whole = self.channels.total()
+        for name in _FIELDS:  # fold in feeds that had rank 0/1
+            a, b = getattr(whole, name), getattr(self.whole, name)
+            a[0] = max(a[0], b[0]) if name == "max_abs" else a[0] + b[0]
+        snr, cos, max_abs, mean_abs = whole.row(0, exact)
+        n = self.channels.rows
+        worst, worst_snr, worst_cos = None, snr, cos
+        if n:
+            per = [self.channels.row(i, exact) for i in range(n)]
+            worst = int(np.argmin([p[0] for p in per]))
+            worst_snr = min(snr, per[worst][0])
+            worst_cos = min(cos, min(p[1] for p in per))
+        match = None
+        if exact:
+            match = float(whole.match[0] / whole.count[0]) if whole.count[0] else 1.0
+        return OutputMetrics(self.name, max_abs, mean_abs, cos, snr, worst, worst_snr, worst_cos, n, match)
+
+
+def _is_score(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" and array.ndim in (2, 3) and array.shape[-1] > 1
+
+
+def _auto_score_index(refs: Sequence[np.ndarray]) -> int | None:
+    """The first floating output shaped [N, C] or [N, T, C] with C > 1 (integer outputs are ids, not scores)."""
+    return next((i for i, array in enumerate(refs) if _is_score(np.asarray(array))), None)
+
+
+def _rows(refs: Sequence[np.ndarray], score_index: int | None) -> int:
+    """Samples in one feed: axis 0 of the score output, else of the first output of rank >= 1."""
+    if score_index is not None:
+        return int(np.shape(refs[score_index])[0])
+    return next((int(np.shape(r)[0]) for r in refs if np.ndim(r)), 1)
+
+
+def _top(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax over the last (class) axis of [N, C] or [N, T, C], and whether each row is all finite."""
+    return array.argmax(axis=-1), np.isfinite(array).all(axis=-1)
+
+
+class Accumulator:
+    """Streaming comparison: call add() once per feed, then result()."""
+
+    def __init__(self, output_names: Sequence[str], score_output: str | None = None) -> None:
+        self.output_names = list(output_names)
+        if score_output is not None and score_output not in self.output_names:
+            raise GraphoptError(
+                f"score output {score_output!r} is not a model output (outputs: {', '.join(self.output_names)})"
+            )
+        self._score_name = score_output
+        self._score_index: int | None = None if score_output is None else self.output_names.index(score_output)
+        self._outputs = [_OutputAcc(name) for name in self.output_names]
+        self._feeds = 0
+        self._samples = 0
+        self._agree = self._positions = 0
+        self._correct = self._ref_correct = self._labelled = 0
+
+    def _choose_score(self, refs: Sequence[np.ndarray]) -> None:
+        if self._score_name is None and self._feeds == 0:
+            self._score_index = _auto_score_index(refs)
+            if self._score_index is not None:
+                self._score_name = self.output_names[self._score_index]
+
+    def add(
+        self,
+        ref_outputs: Sequence[np.ndarray],
+        cand_outputs: Sequence[np.ndarray],
+        labels: np.ndarray | None = None,
+    ) -> None:
+        feed = self._feeds
+        n_out = len(self.output_names)
+        if len(ref_outputs) != n_out or len(cand_outputs) != n_out:
+            raise GraphoptError(
+                f"feed {feed}: expected {n_out} outputs, got {len(ref_outputs)} reference and "
+                f"{len(cand_outputs)} candidate"
+            )
+        refs = [np.asarray(a) for a in ref_outputs]
+        cands = [np.asarray(a) for a in cand_outputs]
+        for name, ref, cand in zip(self.output_names, refs, cands):
+            if ref.shape != cand.shape:
+                raise GraphoptError(
+                    f"output {name!r} feed {feed}: candidate shape {cand.shape} != reference shape {ref.shape}"
+                )
+        self._choose_score(refs)
+        for acc, ref, cand in zip(self._outputs, refs, cands):
+            acc.add(ref, cand)
+        self._samples += _rows(refs, self._score_index)
+        if self._score_index is not None:
+            self._add_scores(refs[self._score_index], cands[self._score_index], labels, feed)
+        self._feeds += 1
+
+    def _add_scores(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, feed: int) -> None:
+        if ref.ndim not in (2, 3) or ref.dtype.kind != "f":
+            raise GraphoptError(
+                f"score output {self._score_name!r} feed {feed}: {ref.dtype} {ref.shape}, agreement needs "
+                "float [N, C] class scores or [N, T, C] sequence scores"
+            )
+        ref_top, _ = _top(ref)
+        cand_top, finite = _top(cand.astype(np.float64, copy=False))
+        hit = (ref_top == cand_top) & finite  # a NaN row must not agree by accident
+        self._agree += int(hit.sum())
+        self._positions += hit.size
+        if labels is None or ref.ndim != 2:
+            return
+        labels = np.asarray(labels).reshape(-1)
+        if labels.size != ref.shape[0]:
+            raise DataError(
+                f"feed {feed}: {labels.size} labels for {ref.shape[0]} samples of score output {self._score_name!r}"
+            )
+        labels = labels.astype(np.int64)
+        self._correct += int(((cand_top == labels) & finite).sum())
+        self._ref_correct += int((ref_top == labels).sum())
+        self._labelled += labels.size
+
+    def result(self) -> Comparison:
+        labelled = self._labelled
+        return Comparison(
+            outputs=[acc.result() for acc in self._outputs],
+            samples=self._samples,
+            score_output=self._score_name,
+            agreement=self._agree / self._positions if self._positions else None,
+            accuracy=self._correct / labelled if labelled else None,
+            reference_accuracy=self._ref_correct / labelled if labelled else None,
+            feeds=self._feeds,
+        )
+
+
+def compare(
+    output_names: Sequence[str],
+    ref_batches: Sequence[Sequence[np.ndarray]],
+    cand_batches: Sequence[Sequence[np.ndarray]],
+    labels: Sequence[np.ndarray | None] | np.ndarray | None = None,
+    score_output: str | None = None,
+) -> Comparison:
+    """One-shot comparison. labels: one int per sample over all batches in order, or one array per batch."""
+    if len(ref_batches) != len(cand_batches):
+        raise GraphoptError(f"{len(ref_batches)} reference batches but {len(cand_batches)} candidate batches")
+    acc = Accumulator(output_names, score_output)
+    per_batch = split_labels(labels, ref_batches, output_names, score_output)
+    for ref, cand, lab in zip(ref_batches, cand_batches, per_batch):
+        acc.add(ref, cand, lab)
+    return acc.result()
+
+
+def split_labels(
+    labels: Sequence[np.ndarray | None] | np.ndarray | None,
+    ref_batches: Sequence[Sequence[np.ndarray]],
+    output_names: Sequence[str],
+    score_output: str | None = None,
+) -> list[np.ndarray | None]:
+    """Labels per batch, cutting a flat array by each batch's sample count (see _rows).
+
+    Labels only count for an [N, C] score output; otherwise (none, or [N, T, C]) they are not used."""
+    index = None
+    if labels is not None and ref_batches:
+        index = list(output_names).index(score_output) if score_output else _auto_score_index(ref_batches[0])
+    if index is None or np.ndim(ref_batches[0][index]) != 2:
+        return [None] * len(ref_batches)
+    if isinstance(labels, (list, tuple)) and len(labels) == len(ref_batches) and not np.isscalar(labels[0]):
+        return list(labels)
+    counts = [_rows(refs, index) for refs in ref_batches]
+    flat = np.asarray(labels).reshape(-1)
+    if sum(counts) != flat.size:
+        raise DataError(f"{flat.size} labels for {sum(counts)} evaluation samples")
+    return list(np.split(flat, np.cumsum(counts)[:-1]))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Evaluator:
+    """Runs the reference once on the evaluation Dataset, caches its outputs, and compares candidates."""
+
+    def __init__(
+        self,
+        reference: Any,
+        dataset: Any,
+        threads: int = 1,
+        score_output: str | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.threads = threads
+        self.progress = progress
+        self.feeds: list[dict[str, np.ndarray]] = list(dataset.feeds)
+        if not self.feeds:
+            raise DataError("evaluation data has no samples")
+        session = _session(reference, threads, "reference")
+        self.output_names = [o.name for o in session.get_outputs()]
+        if score_output is not None and score_output not in self.output_names:
+            raise GraphoptError(
+                f"score output {score_output!r} is not a model output (outputs: {', '.join(self.output_names)})"
+            )
+        self.reference_outputs = [
+            _run(session, self.output_names, feed, i, "reference") for i, feed in enumerate(self._bar(self.feeds))
+        ]
+        self.score_output = score_output
+        labels = getattr(dataset, "labels", None)
+        self.labels = split_labels(labels, self.reference_outputs, self.output_names, score_output)
+
+    def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
+        from tqdm.auto import tqdm
+
+        show = self.progress if progress is None else progress
+        return tqdm(items, desc=desc, unit="feed", disable=not show, leave=False)
+
+    def evaluate(self, candidate: Any, progress: bool | None = None) -> Comparison:
+        """Compare a candidate (ir.Model, ModelProto, path or onnxruntime session) with the cached reference."""
+        session = _session(candidate, self.threads, "candidate")
+        acc = Accumulator(self.output_names, self.score_output)
+        for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
+            outputs = _run(session, self.output_names, feed, i, "candidate")
+            acc.add(self.reference_outputs[i], outputs, self.labels[i])
+        return acc.result()
+
+
+def _session(model: Any, threads: int, role: str):
+    if hasattr(model, "run") and hasattr(model, "get_outputs"):
+        return model  # already an onnxruntime session
+    try:
+        return make_session(model, threads=threads)
+    except GraphoptError:
+        raise
+    except Exception as err:  # onnxruntime raises several unrelated types for a bad model
+        raise GraphoptError(f"{role} model does not load in onnxruntime: {_first_line(err)}") from None
+
+
+def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int, role: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, dict(feed))
+    except Exception as err:
+        raise GraphoptError(f"{role} model failed on evaluation feed {index}: {_first_line(err)}") from None

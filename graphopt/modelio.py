@@ -1,0 +1,217 @@
+"""Load and save models on onnx_ir; the only place (with runtime.py) that touches protobuf files.
+
+Loading checks what protobuf read: a cut-off file can parse into a smaller, valid-looking model, so the
+re-serialized size must match the file. External data must stay inside the model's folder. onnx_ir drops
+``sparse_initializer`` on load, so sparse initializers are densified in protobuf first and marked, and
+written back as sparse at save time. Saving is atomic: temporary files in the target folder, then rename.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from graphopt.errors import GraphoptError
+
+# Value.metadata_props key a pass sets to ask for sparse storage at save time.
+STORAGE_KEY = "graphopt.storage"
+SPARSE = "sparse"
+# Above this many bytes of tensors, the model is saved with external data (protobuf's 2 GB limit).
+EXTERNAL_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into onnx_ir after checking it is whole, safe and complete."""
+    proto = load_proto(path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(Path(path).resolve().parent))
+    return model
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read and validate the protobuf of a model file; external data stays on disk."""
+    path = Path(path)
+    if not path.exists():
+        raise GraphoptError(f"{path}: no such file")
+    if path.is_dir():
+        raise GraphoptError(f"{path}: is a folder, expected an .onnx file")
+    size = path.stat().st_size
+    if size == 0:
+        raise GraphoptError(f"{path}: empty file, expected an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as err:
+        raise GraphoptError(f"{path}: not an ONNX model (protobuf could not parse it: {err})") from None
+    if not proto.HasField("graph") or len(proto.graph.node) == 0 or not proto.opset_import:
+        raise GraphoptError(f"{path}: not an ONNX model (no graph, nodes or opset_import)")
+    if proto.ByteSize() != size:
+        raise GraphoptError(
+            f"{path}: file is truncated or damaged ({size} bytes on disk, the model parsed from it "
+            f"is {proto.ByteSize()} bytes)"
+        )
+    check_external_data(proto, path.resolve().parent)
+    densify_sparse_initializers(proto)
+    return proto
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    for g in _all_graphs(graph):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external-data locations outside ``base_dir`` and files too short for their tensors."""
+    base = base_dir.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"tensor {tensor.name!r}: external data location {location!r}"
+        if not location or os.path.isabs(location) or Path(location).drive:
+            raise GraphoptError(f"{where} is not a relative path inside the model's folder; refused")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise GraphoptError(f"{where} points outside the model's folder {base}; refused")
+        if not target.is_file():
+            raise GraphoptError(f"{where}: file {target} is missing")
+        offset = int(info.get("offset", 0) or 0)
+        length = info.get("length")
+        if length is not None and offset + int(length) > target.stat().st_size:
+            raise GraphoptError(f"{where}: file {target} is shorter than the tensor needs (truncated?)")
+
+
+def densify_sparse_initializers(proto: onnx.ModelProto) -> list[str]:
+    """Turn sparse initializers into dense ones, marked for sparse storage at save; returns their names."""
+    names = []
+    for graph in _all_graphs(proto.graph):
+        for sparse in list(graph.sparse_initializer):
+            dense = sparse_to_dense(sparse)
+            tensor = numpy_helper.from_array(dense, sparse.values.name)
+            entry = tensor.metadata_props.add()
+            entry.key, entry.value = STORAGE_KEY, SPARSE
+            graph.initializer.append(tensor)
+            names.append(sparse.values.name)
+        del graph.sparse_initializer[:]
+    return names
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(sparse.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), shape)
+    dense[indices] = values
+    return dense.reshape(shape)
+
+
+def dense_to_sparse(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
+    """The sparse form of a dense initializer, or None when it would not be smaller."""
+    dense = numpy_helper.to_array(tensor)
+    flat = dense.reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    # INT64 linear indices are what the checker accepts: 8 bytes per non-zero on top of the value.
+    if nonzero.size * (8 + flat.itemsize) >= flat.nbytes:
+        return None
+    values = numpy_helper.from_array(flat[nonzero], tensor.name)
+    indices = numpy_helper.from_array(nonzero.astype(np.int64), tensor.name + "_indices")
+    return onnx.helper.make_sparse_tensor(values, indices, list(dense.shape))
+
+
+def _sparsify_marked(proto: onnx.ModelProto) -> None:
+    for graph in _all_graphs(proto.graph):
+        keep = []
+        for tensor in graph.initializer:
+            marks = {p.key: p.value for p in tensor.metadata_props}
+            sparse = dense_to_sparse(tensor) if marks.get(STORAGE_KEY) == SPARSE else None
+            if sparse is None:
+                keep.append(tensor)
+            else:
+                graph.sparse_initializer.append(sparse)
+        if len(keep) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in [model.graph, *model.graph.subgraphs()]:
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize for tools that only take a ModelProto (tensors must fit in memory, < 2 GB)."""
+    proto = ir.serde.serialize_model(model)
+    _sparsify_marked(proto)
+    return proto
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically; external data beside it when large (or asked)."""
+    path = Path(path)
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise GraphoptError(f"{path}: output folder {folder} does not exist")
+    if external is None:
+        external = tensor_bytes(model) > EXTERNAL_THRESHOLD
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=folder))
+    try:
+        tmp_model = tmp_dir / path.name
+        data_name = path.name + ".data"
+        if external:
+            ir.save(model, tmp_model, external_data=data_name)
+        else:
+            onnx.save_model(to_proto(model), str(tmp_model))
+        if external and (tmp_dir / data_name).exists():
+            os.replace(tmp_dir / data_name, folder / data_name)
+        os.replace(tmp_model, folder / path.name)
+    finally:
+        for leftover in tmp_dir.iterdir():
+            leftover.unlink()
+        tmp_dir.rmdir()
+    return path
+
+
+def default_output(input_path: str | os.PathLike) -> Path:
+    """``<input stem>.opt.onnx`` in the current folder."""
+    return Path.cwd() / (Path(input_path).stem + ".opt.onnx")
+
+
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    src, dst = Path(input_path).resolve(), Path(output_path).resolve()
+    if src == dst or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
+        raise GraphoptError(f"-o {output_path}: output would overwrite the input model; choose another path")
+    if not dst.parent.is_dir():
+        raise GraphoptError(f"-o {output_path}: folder {dst.parent} does not exist")

@@ -1,0 +1,89 @@
+"""The pass base: a registered name, typed options, a data context, and a typed result with rows.
+
+A pass is an ``onnx_ir.passes.InPlacePass``: ``call(model)`` rewrites the model in place. What a pass needs
+beyond the model (calibration feeds, the original model as teacher, the run's gate settings) arrives at
+construction through :class:`PassContext`; passes never read files themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+from graphopt.options import BaseOptions
+
+if TYPE_CHECKING:
+    from graphopt.data import Dataset
+    from graphopt.metrics import Evaluator
+
+# metadata_props key on rewritten nodes naming the pass that made them (provenance).
+PROVENANCE_KEY = "graphopt.pass"
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What data-aware passes get: calibration feeds, the teacher, and the run's gate settings."""
+
+    calib: Dataset | None = None
+    teacher: ir.Model | None = None  # the original model after canonicalize; never modified
+    threads: int = 1
+    metric: str = "agreement"  # the gate metric: accuracy | agreement | snr
+    score_output: str | None = None
+    max_drop: float | None = None  # the budget this pass aims for (its own option, else the run's)
+    progress: bool = False
+    _evaluator: Evaluator | None = dataclasses.field(default=None, repr=False)
+
+    def require_calib(self, pass_name: str) -> Dataset:
+        if self.calib is None or self.calib.synthetic:
+            raise GraphoptError(
+                f"pass {pass_name!r} needs real calibration data: give --calib or --data "
+                "(synthetic inputs say nothing about the activations it must fit)"
+            )
+        return self.calib
+
+    def calib_evaluator(self) -> Evaluator:
+        """Compares candidates with the teacher on the calibration data (for sensitivity and budgets)."""
+        if self._evaluator is None:
+            from graphopt.metrics import Evaluator
+
+            if self.teacher is None or self.calib is None:
+                raise GraphoptError("this pass needs the teacher model and calibration data in its context")
+            self._evaluator = Evaluator(self.teacher, self.calib, threads=self.threads,
+                                        score_output=self.score_output)
+        return self._evaluator
+
+
+@dataclasses.dataclass
+class GraphoptResult(ir.passes.PassResult):
+    """Whether the model changed, plus one row per rewritten node/initializer and free-text notes."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+class GraphoptPass(ir.passes.InPlacePass):
+    """Base of every graphopt pass. Subclasses set ``name``, ``summary``, ``Options`` and ``call``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = BaseOptions
+    needs_data: ClassVar[bool] = False  # True: refuses to run without real calibration data
+    exact: ClassVar[bool] = False  # True: outputs are unchanged up to float rounding
+
+    def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        self.context = context if context is not None else PassContext()
+
+    def result(self, model: ir.Model, rows: list[dict] | None = None, notes: list[str] | None = None,
+               modified: bool | None = None) -> GraphoptResult:
+        rows = rows or []
+        return GraphoptResult(model, bool(rows) if modified is None else modified, rows, notes or [])
+
+    def mark(self, node: ir.Node) -> ir.Node:
+        """Record provenance on a node this pass created or rewrote."""
+        node.metadata_props[PROVENANCE_KEY] = self.name
+        return node

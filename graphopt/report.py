@@ -1,0 +1,147 @@
+"""The run report: one row per pass, before/after, as a terminal table, JSON and Markdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+KEPT, ROLLED_BACK, NO_CHANGE, FAILED, BASELINE = "kept", "rolled back", "no change", "failed", "input"
+
+
+@dataclasses.dataclass
+class PassRow:
+    step: str  # the pass with its options, as written in the recipe
+    status: str  # kept | rolled back | no change | failed | input
+    seconds: float = 0.0
+    params: int | None = None
+    file_bytes: int | None = None
+    macs: int | None = None
+    metrics: dict[str, Any] | None = None  # graphopt.metrics.Comparison.to_dict() against the original
+    latency_ms: float | None = None
+    latency_ratio: float | None = None  # to the original model, measured interleaved
+    reason: str = ""  # why it was rolled back / failed
+    notes: list[str] = dataclasses.field(default_factory=list)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the pass's per-layer rows
+
+
+@dataclasses.dataclass
+class Report:
+    model: str
+    output: str | None
+    data: str  # where the evaluation samples came from
+    synthetic: bool  # True: inputs were synthetic and the metrics say nothing about accuracy
+    metric: str
+    max_drop: float
+    min_snr: float | None
+    passes: list[PassRow]
+    passed: bool = False  # the final model meets the overall gate
+    final: dict[str, Any] | None = None
+    machine: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def write_markdown(self, path: str | Path) -> None:
+        Path(path).write_text(to_markdown(self))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _json_safe(obj.item())
+    return obj
+
+
+def _num(value: float | int | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.2f}{suffix}{unit}"
+    return f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def _metric_cells(row: PassRow) -> tuple[str, str, str]:
+    m = row.metrics or {}
+    acc = m.get("accuracy")
+    agree = m.get("agreement")
+    snr = m.get("worst_snr_db")
+    return ("-" if acc is None else f"{acc:.4f}", "-" if agree is None else f"{agree:.4f}",
+            "-" if snr is None else f"{snr:.1f}")
+
+
+HEADER = ("pass", "status", "time s", "params", "size", "MACs", "accuracy", "agreement", "worst SNR dB",
+          "latency ms", "x orig")
+
+
+def table_rows(report: Report) -> list[tuple[str, ...]]:
+    rows = []
+    for row in report.passes:
+        acc, agree, snr = _metric_cells(row)
+        rows.append((row.step, row.status, f"{row.seconds:.2f}", _num(row.params), _num(row.file_bytes, "B"),
+                     _num(row.macs), acc, agree, snr,
+                     "-" if row.latency_ms is None else f"{row.latency_ms:.3f}",
+                     "-" if row.latency_ratio is None else f"{row.latency_ratio:.3f}"))
+    return rows
+
+
+def format_table(report: Report) -> str:
+    rows = [HEADER, *table_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    out = [f"model: {report.model}", f"data: {report.data}"]
+    if report.synthetic:
+        out.append("WARNING: synthetic inputs: the metrics below say nothing about accuracy")
+    out += lines
+    for row in report.passes:
+        if row.reason:
+            out.append(f"  {row.step}: {row.status}: {row.reason}")
+    gate = f"gate: {report.metric} drop <= {report.max_drop:g}"
+    if report.min_snr is not None:
+        gate += f", worst-channel SNR >= {report.min_snr:g} dB"
+    out.append(f"{gate}: {'PASSED' if report.passed else 'FAILED'}")
+    if report.output:
+        out.append(f"wrote {report.output}")
+    return "\n".join(out)
+
+
+def to_markdown(report: Report) -> str:
+    out = [f"# graphopt report: {report.model}", "", f"- data: {report.data}"]
+    if report.synthetic:
+        out.append("- **synthetic inputs: the metrics say nothing about accuracy**")
+    out.append(f"- gate: {report.metric} drop ≤ {report.max_drop:g}"
+               + (f", worst-channel SNR ≥ {report.min_snr:g} dB" if report.min_snr is not None else "")
+               + f": **{'passed' if report.passed else 'failed'}**")
+    if report.output:
+        out.append(f"- output: `{report.output}`")
+    if report.machine:
+        out.append(f"- machine: {report.machine}")
+    out += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in table_rows(report)]
+    for row in report.passes:
+        if not (row.rows or row.notes or row.reason):
+            continue
+        out += ["", f"## {row.step} ({row.status})"]
+        if row.reason:
+            out.append(f"- {row.reason}")
+        out += [f"- {note}" for note in row.notes]
+        if row.rows:
+            keys = list(dict.fromkeys(k for r in row.rows for k in r))
+            out += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            for r in row.rows[:200]:
+                out.append("| " + " | ".join(str(_json_safe(r.get(k, ""))) for k in keys) + " |")
+            if len(row.rows) > 200:
+                out.append(f"\n({len(row.rows) - 200} more rows in the JSON report)")
+    return "\n".join(out) + "\n"

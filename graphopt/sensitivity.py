@@ -1,0 +1,288 @@
+"""Sensitivity tables: the effect of each candidate edit alone on the model's outputs, cheapest first.
+
+A candidate is one edit (a layer at a sparsity, a rank, a bit width, float vs int8) given as a function that
+edits a model in place. :func:`measure` applies each one to a fresh clone of the model and compares the
+clone with the reference (the teacher; without one, the model as it is before any candidate) on the first
+``max_samples`` calibration samples: the gate metric (``context.metric``) and the worst-channel SNR. The
+reference outputs are computed once per (reference, data, max_samples) and cached on the context, so a
+pass calling :func:`measure`, :func:`baseline` and :func:`measure_combination` in turn runs it once.
+
+Budgets: ``time_budget_s`` caps the wall time (the reference run included); candidates not reached are
+returned last, unmeasured, and a note says so. A candidate whose edit or evaluation fails gives an error
+row; it never stops the pass.
+
+Clones share initializer tensors with the model (``ir.Model.clone``), so ``apply`` must give initializers
+new tensors (``weights.replace_initializer``, ``LinearLayer.set_matrix``), never write into an existing
+array: that would edit the original model too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import metrics
+from graphopt.errors import GraphoptError
+from graphopt.passbase import PassContext
+
+SNR_FLOOR = -metrics.SNR_CAP  # the SNR recorded for rows that were not measured or failed
+OK, ERROR, SKIPPED = "ok", "error", "skipped"
+_CACHE_ATTR = "_sensitivity_evaluators"
+
+ApplyFn = Callable[[ir.Model], None]
+
+
+@dataclass
+class Candidate:
+    key: str  # unique label, e.g. "conv3@0.5"
+    layer: str  # node/initializer name the edit touches ("" if several); greedy_budget keeps one per layer
+    setting: Any  # the knob value (sparsity, rank, bits, "int8"...), reported as is
+    apply: ApplyFn  # edits a CLONE in place (give initializers new tensors, see the module doc)
+
+
+@dataclass
+class SensitivityRow:
+    key: str
+    layer: str
+    setting: Any
+    drop: float | None  # metric drop vs the reference (None: snr metric, no score output, or not measured)
+    worst_snr_db: float  # worst-channel SNR over all outputs; SNR_FLOOR if not measured
+    value: float | None  # the metric's value (accuracy, agreement, or worst SNR)
+    seconds: float
+    status: str = OK  # ok | error | skipped (time budget)
+    error: str | None = None
+    metric: str = "agreement"  # the metric actually used (accuracy falls back to agreement without labels)
+    samples: int = 0
+
+    @property
+    def measured(self) -> bool:
+        return self.status == OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: non-finite floats become None, numpy scalars and tuples plain Python."""
+        return {
+            "key": self.key, "layer": self.layer, "setting": _json_safe(self.setting),
+            "drop": _json_safe(self.drop), "worst_snr_db": _json_safe(self.worst_snr_db),
+            "value": _json_safe(self.value), "seconds": round(self.seconds, 4), "status": self.status,
+            "error": self.error, "metric": self.metric, "samples": self.samples,
+        }
+
+
+class SensitivityTable(list):
+    """A list of SensitivityRow (cheapest first) plus notes for the pass report."""
+
+    def __init__(self, rows: Iterable[SensitivityRow] = (), notes: list[str] | None = None) -> None:
+        super().__init__(rows)
+        self.notes: list[str] = notes or []
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return to_rows(self)
+
+    def measured(self) -> list[SensitivityRow]:
+        return [r for r in self if r.measured]
+
+    def greedy_budget(self, budget: float | None, additive: bool = True,
+                      min_snr_db: float | None = None) -> list[SensitivityRow]:
+        return greedy_budget(self, budget, additive, min_snr_db)
+
+
+def to_rows(rows: Sequence[SensitivityRow]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in rows]
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray) and obj.size <= 16:
+        return _json_safe(obj.tolist())
+    return str(obj)
+
+
+def sort_key(row: SensitivityRow) -> tuple:
+    """Measured rows by (drop, -worst SNR); then failed rows; then rows the time budget skipped."""
+    rank = {OK: 0, ERROR: 1}.get(row.status, 2)
+    if rank:
+        return (rank, 0.0, 0.0)
+    return (0, row.drop if row.drop is not None else 0.0, -row.worst_snr_db)
+
+
+# --- the reference --------------------------------------------------------------------------------------
+
+
+def _metric(context: PassContext, labels: Any) -> tuple[str, str | None]:
+    """The metric to use on this data, and a note when it differs from the one asked for."""
+    metric = context.metric or "agreement"
+    if metric not in metrics.METRICS:
+        raise GraphoptError(f"unknown metric {metric!r} (use one of {', '.join(metrics.METRICS)})")
+    if metric == "accuracy" and labels is None:
+        return "agreement", "metric 'accuracy' needs labels and the calibration data has none: ranked by agreement"
+    return metric, None
+
+
+def _evaluator(context: PassContext, model: ir.Model, max_samples: int) -> tuple[metrics.Evaluator, Any]:
+    """One Evaluator on (reference, calib head); cached on the context when the reference is the teacher."""
+    if context.calib is None:
+        raise GraphoptError("sensitivity needs calibration data in the pass context")
+    head = context.calib.head(max(1, int(max_samples)))
+    if context.teacher is None:  # the model itself, as it is now: it will change, so no caching
+        return metrics.Evaluator(model, head, threads=context.threads, score_output=context.score_output), head
+    key = (int(max_samples), context.threads, context.score_output)
+    cache = getattr(context, _CACHE_ATTR, None)
+    if not isinstance(cache, dict):
+        cache = {}
+        try:
+            setattr(context, _CACHE_ATTR, cache)
+        except AttributeError:  # a context that takes no new attributes: just do not cache
+            pass
+    hit = cache.get(key)
+    # Identity checks: the cache holds the objects, so an id can never be reused by another model.
+    if hit is not None and hit[0] is context.teacher and hit[1] is context.calib:
+        return hit[2], head
+    evaluator = metrics.Evaluator(context.teacher, head, threads=context.threads,
+                                  score_output=context.score_output)
+    cache[key] = (context.teacher, context.calib, evaluator)
+    return evaluator, head
+
+
+def _row(evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn], metric: str,
+         key: str, layer: str, setting: Any) -> SensitivityRow:
+    """Clone, apply every edit, compare with the reference; any failure becomes an error row."""
+    start = time.perf_counter()
+    try:
+        clone = model.clone()
+        for fn in fns:
+            fn(clone)
+        cmp = evaluator.evaluate(clone, progress=False)
+    except Exception as err:  # an edit that breaks the model must not stop the pass
+        text = str(err).strip().splitlines()
+        return SensitivityRow(key, layer, setting, None, SNR_FLOOR, None, time.perf_counter() - start,
+                              ERROR, f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": "), metric)
+    return SensitivityRow(key, layer, setting, cmp.drop(metric), cmp.worst_snr_db, cmp.value(metric),
+                          time.perf_counter() - start, OK, None, metric, cmp.samples)
+
+
+def _skipped(c: Candidate, metric: str) -> SensitivityRow:
+    return SensitivityRow(c.key, c.layer, c.setting, None, SNR_FLOOR, None, 0.0, SKIPPED,
+                          "not measured: time budget reached", metric)
+
+
+# --- public entry points ---------------------------------------------------------------------------------
+
+
+def measure(context: PassContext, model: ir.Model, candidates: Sequence[Candidate], max_samples: int = 64,
+            time_budget_s: float | None = 120.0) -> SensitivityTable:
+    """Each candidate alone on a clone of ``model``, against the reference; cheapest first (see sort_key).
+
+    The model is never modified. A candidate is skipped when the time spent so far plus the mean time of a
+    candidate would pass ``time_budget_s`` (None: no limit; 0: nothing is measured)."""
+    start = time.perf_counter()
+    candidates = list(candidates)
+    metric, note = _metric(context, context.calib.labels if context.calib is not None else None)
+    notes = [note] if note else []
+    if not candidates:
+        return SensitivityTable([], notes)
+    if time_budget_s is not None and time_budget_s <= 0:
+        rows = [_skipped(c, metric) for c in candidates]
+        notes.append(f"{len(rows)} of {len(rows)} candidates not measured: time budget {time_budget_s:g} s")
+        return SensitivityTable(rows, notes)
+    evaluator, head = _evaluator(context, model, max_samples)
+    metric, note = _metric(context, head.labels)  # the head decides: its labels are the ones used
+    notes = [note] if note else []
+
+    from tqdm.auto import tqdm
+
+    rows: list[SensitivityRow] = []
+    spent: list[float] = []
+    skipped = 0
+    for c in tqdm(candidates, desc="sensitivity", unit="edit", disable=not context.progress, leave=False):
+        elapsed = time.perf_counter() - start
+        typical = sum(spent) / len(spent) if spent else 0.0
+        if time_budget_s is not None and elapsed + typical > time_budget_s:
+            rows.append(_skipped(c, metric))
+            skipped += 1
+            continue
+        row = _row(evaluator, model, [c.apply], metric, c.key, c.layer, c.setting)
+        spent.append(row.seconds)
+        rows.append(row)
+    rows.sort(key=sort_key)  # stable: skipped rows keep the candidates' order
+    errors = sum(r.status == ERROR for r in rows)
+    if errors:
+        notes.append(f"{errors} candidates failed (error rows): " + "; ".join(
+            f"{r.key}: {r.error}" for r in rows if r.status == ERROR)[:500])
+    if skipped:
+        notes.append(f"{skipped} of {len(candidates)} candidates not measured: time budget {time_budget_s:g} s")
+    if metric == "snr" or all(r.drop is None for r in rows if r.measured):
+        notes.append("ranked by worst-channel SNR (no metric drop available)")
+    return SensitivityTable(rows, notes)
+
+
+def baseline(context: PassContext, model: ir.Model, max_samples: int = 64) -> SensitivityRow:
+    """The model's own row against the teacher, before any candidate (edits of earlier passes accumulate)."""
+    evaluator, head = _evaluator(context, model, max_samples)
+    metric, _ = _metric(context, head.labels)
+    return _row(evaluator, model, [], metric, "baseline", "", None)
+
+
+def measure_combination(context: PassContext, model: ir.Model, apply_fns: Sequence[ApplyFn | Candidate],
+                        max_samples: int = 64) -> SensitivityRow:
+    """One row for several edits applied together to one clone (to verify a chosen set, or to bisect)."""
+    fns = [f.apply if isinstance(f, Candidate) else f for f in apply_fns]
+    keys = [f.key for f in apply_fns if isinstance(f, Candidate)]
+    evaluator, head = _evaluator(context, model, max_samples)
+    metric, _ = _metric(context, head.labels)
+    key = "+".join(keys) if len(keys) == len(fns) and keys else f"combination of {len(fns)}"
+    return _row(evaluator, model, fns, metric, key, "", None)
+
+
+def combined_snr_db(snrs: Iterable[float]) -> float:
+    """SNR of independent errors added together: their noise powers (relative to the signal) add."""
+    noise = sum(10.0 ** (-s / 10.0) for s in snrs)
+    if noise <= 0.0:
+        return metrics.SNR_CAP
+    return float(min(metrics.SNR_CAP, max(-metrics.SNR_CAP, -10.0 * math.log10(noise))))
+
+
+def greedy_budget(rows: Sequence[SensitivityRow], budget: float | None, additive: bool = True,
+                  min_snr_db: float | None = None) -> list[SensitivityRow]:
+    """The longest cheapest-first prefix of measured rows whose estimated joint cost stays within budget.
+
+    Heuristic (passes verify the result with :func:`measure_combination`):
+    - joint drop = sum of the rows' drops (negative drops count as 0: a lucky gain buys no budget), or the
+      largest one with ``additive=False`` (edits that do not interact); must be <= ``budget`` (None: any);
+    - joint SNR = noise powers added (:func:`combined_snr_db`), or the lowest with ``additive=False``; must be
+      >= ``min_snr_db`` when given (the budget for the snr metric, where drops are None);
+    - one row per layer: a later (costlier) row of a layer already chosen replaces it, taken to be the more
+      aggressive setting of that layer; rows with layer "" never replace each other;
+    - stops at the first row that would break the budget, at a row that was not measured, and at a row
+      without a drop when a drop budget is set.
+    """
+    chosen: dict[Any, SensitivityRow] = {}
+    for i, row in enumerate(sorted(rows, key=sort_key)):
+        if not row.measured or (budget is not None and row.drop is None):
+            break
+        trial = dict(chosen)
+        trial[row.layer or ("", i)] = row
+        picked = list(trial.values())
+        if budget is not None:
+            drops = [max(0.0, r.drop or 0.0) for r in picked]
+            if (sum(drops) if additive else max(drops)) > budget + 1e-12:
+                break
+        if min_snr_db is not None:
+            snrs = [r.worst_snr_db for r in picked]
+            if (combined_snr_db(snrs) if additive else min(snrs)) < min_snr_db:
+                break
+        chosen = trial
+    return list(chosen.values())

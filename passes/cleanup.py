@@ -1,0 +1,175 @@
+"""cleanup: constant folding, identities, dead nodes, topological order, then onnxsim when it helps.
+
+Compressed weight forms are held out of folding (DESIGN.md): a folder would turn Gather(codebook,
+Cast(indices)), int8/int4 weights behind DequantizeLinear and sparse-marked initializers back into dense
+float. onnxscript's folder takes a ``should_fold`` veto for that; onnxsim has none, so it runs only on
+models without compressed forms, on a copy, and its result is taken only when it has fewer nodes and the
+same inputs and outputs. onnxsim failing is a note, never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections import Counter
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+from onnxscript import optimizer as onnxscript_optimizer
+
+from graphopt.modelio import tensor_bytes
+from graphopt.options import BaseOptions, option
+from graphopt.passbase import GraphoptPass, GraphoptResult
+from graphopt.passes.canonicalize import adopt, serialize_loaded
+from graphopt.weights import all_graphs, all_nodes, is_sparse_marked
+
+# Storage dtypes of compressed weights: a node reading one of these constants decompresses it.
+LOW_BIT = frozenset({
+    ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+    *(getattr(ir.DataType, n) for n in ("INT2", "UINT2", "FLOAT4E2M1", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+                                         "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(ir.DataType, n)),
+})
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+DEQUANT_OPS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def _const_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.is_initializer()
+
+
+def held_out_reason(node: ir.Node) -> str | None:
+    """Why folding ``node`` would undo a compressed weight form, or None."""
+    inputs = [v for v in node.inputs if v is not None]
+    if node.op_type in DEQUANT_OPS and inputs and _const_initializer(inputs[0]):
+        return "quantized weight"
+    if any(_const_initializer(v) and is_sparse_marked(v) for v in inputs):
+        return "sparse weight"
+    if any(_const_initializer(v) and v.dtype in LOW_BIT for v in inputs):
+        return "low-bit weight"  # Cast(uint8 indices), int4 unpacking …
+    if node.op_type == "Gather" and len(inputs) == 2 and _const_initializer(inputs[0]) and inputs[0].dtype in FLOAT_TYPES:
+        indices = inputs[1]
+        producer = indices.producer()
+        if _const_initializer(indices) or (producer is not None and producer.op_type == "Cast"
+                                            and _const_initializer(producer.inputs[0])):
+            return "codebook weight"
+    return None
+
+
+def compressed_forms(model: ir.Model) -> Counter[str]:
+    """How many nodes/initializers of each compressed form the model holds."""
+    found: Counter[str] = Counter()
+    for node in all_nodes(model):
+        reason = held_out_reason(node)
+        if reason:
+            found[reason] += 1
+    for graph in all_graphs(model):
+        found["sparse initializer"] += sum(1 for v in graph.initializers.values() if is_sparse_marked(v))
+    return +found
+
+
+def _should_fold(node: ir.Node) -> bool | None:
+    return False if held_out_reason(node) else None
+
+
+def count_nodes(model: ir.Model) -> int:
+    return sum(1 for _ in all_nodes(model))
+
+
+class Cleanup(GraphoptPass):
+    """Fold constants (compressed forms held out), drop identities and dead nodes, sort, then onnxsim."""
+
+    name = "cleanup"
+    summary = "constant folding, dead nodes, identities, topological sort, then onnxsim (compressed forms kept)"
+    exact = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(BaseOptions):
+        onnxsim: bool = option(True, "also run onnxsim (on a copy; kept only when it removes nodes)")
+        onnxsim_max_mb: float = option(1024.0, "skip onnxsim above this many MB of weights (it is slow)", low=0.0)
+
+    def call(self, model: ir.Model) -> GraphoptResult:
+        rows: list[dict] = []
+        notes: list[str] = []
+        before = count_nodes(model)
+        ops_before = Counter(n.op_type for n in all_nodes(model))
+        try:
+            onnxscript_optimizer.fold_constants(model, should_fold=_should_fold)
+        except Exception as err:  # noqa: BLE001 - the folder's evaluators raise anything
+            notes.append(f"constant folding stopped early: {' '.join(str(err).split())[:300]}")
+        IdentityEliminationPass()(model)
+        RemoveUnusedNodesPass()(model)
+        # Folded shapes come back as Constant nodes; keep the canonical form (constants are initializers).
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        TopologicalSortPass()(model)
+        after = count_nodes(model)
+        if after != before:
+            removed = ops_before - Counter(n.op_type for n in all_nodes(model))
+            rows.append({"step": "fold_and_prune", "nodes_before": before, "nodes_after": after,
+                         "removed": dict(sorted(removed.items()))})
+        if self.options.onnxsim:
+            row = self._onnxsim(model, notes)
+            if row:
+                rows.append(row)
+        return self.result(model, rows, notes)
+
+    def _onnxsim(self, model: ir.Model, notes: list[str]) -> dict | None:
+        forms = compressed_forms(model)
+        if forms:
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(forms.items()))
+            notes.append(f"onnxsim skipped: the model holds compressed weight forms it would fold ({kinds})")
+            return None
+        size_mb = tensor_bytes(model) / 1e6
+        if size_mb > self.options.onnxsim_max_mb:
+            notes.append(f"onnxsim skipped: {size_mb:.0f} MB of weights is above onnxsim_max_mb="
+                         f"{self.options.onnxsim_max_mb:g}")
+            return None
+        before = count_nodes(model)
+        try:
+            import onnxsim
+
+            proto = serialize_loaded(model)
+            kwargs = {"check_n": 0}
+            params = inspect.signature(onnxsim.simplify).parameters
+            for key, value in (("certify", False), ("check_hazards", False)):
+                if key in params:
+                    kwargs[key] = value  # this onnxsim's optional proofs are slow and not needed here
+            simplified, ok = onnxsim.simplify(proto, **kwargs)
+        except Exception as err:  # noqa: BLE001 - onnxsim failing is reported, never fatal
+            notes.append(f"onnxsim failed, its result not used: {' '.join(str(err).split())[:300]}")
+            return None
+        if not ok:
+            notes.append("onnxsim could not validate its result; not used")
+            return None
+        same_io = ([i.name for i in simplified.graph.input] == [v.name for v in model.graph.inputs]
+                   and [o.name for o in simplified.graph.output] == [v.name for v in model.graph.outputs])
+        after = _proto_nodes(simplified)
+        if not same_io:
+            notes.append("onnxsim changed the model's inputs or outputs; its result not used")
+            return None
+        if after >= before:
+            return None
+        metadata = dict(model.metadata_props)
+        adopt(model, simplified)
+        model.metadata_props.clear()
+        model.metadata_props.update(metadata)  # onnxsim adds its own report keys; keep the user's only
+        return {"step": "onnxsim", "nodes_before": before, "nodes_after": count_nodes(model)}
+
+
+def _proto_nodes(proto: onnx.ModelProto) -> int:
+    def walk(graph: onnx.GraphProto) -> int:
+        total = len(graph.node)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    total += walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    total += sum(walk(g) for g in attr.graphs)
+        return total
+
+    return walk(proto.graph)

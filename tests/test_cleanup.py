@@ -1,0 +1,149 @@
+"""cleanup: folding and pruning keep outputs, compressed forms survive, onnxsim failures are only notes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxsim
+import pytest
+from helpers import assert_same_outputs, clone, make_model, op_types, randn, tensor_info
+from onnx import helper
+
+from graphopt import modelio
+from graphopt.modelio import SPARSE, STORAGE_KEY
+from graphopt.passbase import PROVENANCE_KEY
+from graphopt.passes.cleanup import Cleanup
+from graphopt.passes.canonicalize import Canonicalize
+
+X = {"x": randn((2, 8), 42)}
+
+
+def _prepared(model: ir.Model) -> ir.Model:
+    Canonicalize()(model)
+    return model
+
+
+def _check_valid(model: ir.Model) -> None:
+    onnx.checker.check_model(modelio.to_proto(model))
+
+
+def test_removes_identities_dead_nodes_and_folds_constants() -> None:
+    nodes = [
+        helper.make_node("Identity", ["x"], ["xi"]),
+        helper.make_node("Add", ["c1", "c2"], ["c"]),  # constant expression → one initializer
+        helper.make_node("Mul", ["xi", "c"], ["m"]),
+        helper.make_node("Neg", ["x"], ["dead"]),  # nothing uses it
+        helper.make_node("Identity", ["m"], ["y"]),
+    ]
+    inits = {"c1": randn((8,), 1), "c2": randn((8,), 2)}
+    model = _prepared(make_model(nodes, [tensor_info("x", np.float32, [2, 8])], ["y"], inits))
+    reference = clone(model)
+    result = Cleanup(Cleanup.Options(onnxsim=False))(model)
+    assert op_types(model) == ["Mul"]
+    assert result.rows[0]["nodes_before"] == 5 and result.rows[0]["nodes_after"] == 1
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    _check_valid(model)
+    assert_same_outputs(reference, model, X, rtol=1e-6, atol=1e-6)
+
+
+def test_codebook_form_survives() -> None:
+    codebook = np.linspace(-1, 1, 16, dtype=np.float32)
+    indices = np.random.default_rng(0).integers(0, 16, (8, 4)).astype(np.uint8)
+    nodes = [
+        helper.make_node("Cast", ["idx"], ["idx64"], to=onnx.TensorProto.INT64),
+        helper.make_node("Gather", ["codebook", "idx64"], ["w"], axis=0),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    model = _prepared(make_model(nodes, [tensor_info("x", np.float32, [2, 8])], ["y"],
+                                 {"codebook": codebook, "idx": indices}))
+    reference = clone(model)
+    result = Cleanup()(model)
+    assert op_types(model) == ["Cast", "Gather", "MatMul"]
+    assert model.graph.initializers["idx"].const_value.dtype == ir.DataType.UINT8
+    assert "w" not in model.graph.initializers
+    assert any("onnxsim skipped" in note and "codebook" in note for note in result.notes)
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+
+
+def test_int8_dequantize_weight_survives() -> None:
+    q = np.random.default_rng(1).integers(-127, 128, (8, 4)).astype(np.int8)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "scale", "zp"], ["w"]),
+        helper.make_node("Identity", ["w"], ["wi"]),
+        helper.make_node("MatMul", ["x", "wi"], ["y"]),
+    ]
+    inits = {"q": q, "scale": np.float32(0.01), "zp": np.int8(0)}
+    model = _prepared(make_model(nodes, [tensor_info("x", np.float32, [2, 8])], ["y"], inits))
+    reference = clone(model)
+    Cleanup()(model)
+    assert op_types(model) == ["DequantizeLinear", "MatMul"]
+    assert model.graph.initializers["q"].const_value.dtype == ir.DataType.INT8
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+
+
+def test_sparse_marked_initializer_keeps_its_mark_and_zeros() -> None:
+    w = randn((4, 8), 3)
+    w[:, ::2] = 0.0
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    model = _prepared(make_model(nodes, [tensor_info("x", np.float32, [2, 8])], ["y"], {"w": w}))
+    tensor = model.graph.initializers["w"].const_value
+    tensor.metadata_props[STORAGE_KEY] = SPARSE
+    reference = clone(model)
+    result = Cleanup()(model)
+    assert op_types(model) == ["Transpose", "MatMul"]  # folding Transpose(w) would drop the mark
+    assert model.graph.initializers["w"].const_value is tensor
+    assert tensor.metadata_props[STORAGE_KEY] == SPARSE
+    assert np.count_nonzero(tensor.numpy()) == w.size // 2
+    assert any("sparse" in note for note in result.notes)
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+
+
+def _onnxsim_friendly_model() -> ir.Model:
+    # Shape → Gather → Unsqueeze → Concat → Reshape: onnxsim folds the shape arithmetic away.
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
+    ]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
+    model = make_model(nodes, [tensor_info("x", np.float32, [2, 8])], [tensor_info("y", np.float32, [2, 8])], inits)
+    model.metadata_props["author"] = "tests"
+    return _prepared(model)
+
+
+def test_onnxsim_result_keeps_metadata_and_provenance() -> None:
+    model = _onnxsim_friendly_model()
+    next(n for n in model.graph if n.name == "relu").metadata_props[PROVENANCE_KEY] = "somepass"
+    reference = clone(model)
+    result = Cleanup()(model)
+    assert len(op_types(model)) < len(op_types(reference))
+    assert any(row["step"] == "onnxsim" for row in result.rows)  # onnxsim's result was taken
+    assert dict(model.metadata_props) == {"author": "tests"}
+    relu = next(n for n in model.graph if n.op_type == "Relu")
+    assert relu.metadata_props.get(PROVENANCE_KEY) == "somepass"
+    assert result.modified
+    _check_valid(model)
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+
+
+def test_onnxsim_failure_is_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("simplifier exploded")
+
+    monkeypatch.setattr(onnxsim, "simplify", boom)
+    model = _onnxsim_friendly_model()
+    reference = clone(model)
+    result = Cleanup(Cleanup.Options(onnxsim=True))(model)
+    assert any("onnxsim failed" in note and "simplifier exploded" in note for note in result.notes)
+    _check_valid(model)
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+
+
+def test_onnxsim_skipped_above_size_limit() -> None:
+    model = _onnxsim_friendly_model()
+    result = Cleanup(Cleanup.Options(onnxsim_max_mb=0.0))(model)
+    assert any("onnxsim skipped" in note and "onnxsim_max_mb" in note for note in result.notes)

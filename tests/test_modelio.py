@@ -1,0 +1,150 @@
+"""Load and save: external data, refused traversal, truncation, atomic writes, sparse initializers kept."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import modelio
+from graphopt.errors import GraphoptError
+
+
+def _matmul_model(weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, weight.shape[1]])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _run(path_or_proto, x):
+    src = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+@pytest.fixture
+def weight():
+    return np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+
+
+def test_round_trip_keeps_outputs(tmp_path, weight):
+    src = tmp_path / "m.onnx"
+    onnx.save(_matmul_model(weight), src)
+    model = modelio.load_model(src)
+    out = modelio.save_model(model, tmp_path / "out.onnx")
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(_run(src, x), _run(out, x))
+
+
+def test_external_data_load_and_save(tmp_path, weight):
+    src = tmp_path / "ext.onnx"
+    onnx.save(_matmul_model(weight), src, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    model = modelio.load_model(src)
+    out = modelio.save_model(model, tmp_path / "sub_out.onnx", external=True)
+    assert (tmp_path / "sub_out.onnx.data").exists()
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(_run(src, x), _run(out, x))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".graphopt-")]  # temp folder gone
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "link.bin"])
+def test_external_data_outside_folder_refused(tmp_path, weight, location):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (tmp_path / "outside.bin").write_bytes(weight.tobytes())
+    if location == "link.bin":
+        os.symlink(tmp_path / "outside.bin", model_dir / "link.bin")
+    proto = _matmul_model(weight)
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(weight.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    path = model_dir / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(GraphoptError, match="refused"):
+        modelio.load_model(path)
+
+
+def test_truncated_file_is_detected(tmp_path, weight):
+    data = _matmul_model(weight).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GraphoptError, match="truncated|not an ONNX"):
+        modelio.load_model(path)
+
+
+@pytest.mark.parametrize("content,match", [(b"", "empty"), (b"hello, not a model\n" * 10, "not an ONNX")])
+def test_not_onnx(tmp_path, content, match):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(GraphoptError, match=match):
+        modelio.load_model(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GraphoptError, match="no such file"):
+        modelio.load_model(tmp_path / "nope.onnx")
+
+
+def test_failed_save_leaves_nothing(tmp_path, weight, monkeypatch):
+    model = modelio.load_model(_save(tmp_path, weight))
+    target = tmp_path / "out" / "o.onnx"
+    target.parent.mkdir()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(OSError):
+        modelio.save_model(model, target)
+    assert list(target.parent.iterdir()) == []
+
+
+def _save(tmp_path: Path, weight: np.ndarray) -> Path:
+    path = tmp_path / "in.onnx"
+    onnx.save(_matmul_model(weight), path)
+    return path
+
+
+def test_output_equal_to_input_refused(tmp_path, weight):
+    src = _save(tmp_path, weight)
+    with pytest.raises(GraphoptError, match="overwrite the input"):
+        modelio.check_output_path(src, tmp_path / "." / "in.onnx")
+
+
+def test_sparse_initializer_survives_load_and_save(tmp_path, weight):
+    sparse_weight = weight.copy()
+    sparse_weight[np.abs(sparse_weight) < 1.5] = 0.0  # ~87% zeros: sparse storage is smaller
+    proto = _matmul_model(sparse_weight)
+    sparse = modelio.dense_to_sparse(proto.graph.initializer[0])
+    assert sparse is not None
+    del proto.graph.initializer[:]
+    proto.graph.sparse_initializer.append(sparse)
+    src = tmp_path / "sparse.onnx"
+    onnx.save(proto, src)
+
+    model = modelio.load_model(src)
+    assert "w" in model.graph.initializers  # densified, not dropped
+    out = modelio.save_model(model, tmp_path / "sparse_out.onnx")
+    saved = onnx.load(out)
+    assert [s.values.name for s in saved.graph.sparse_initializer] == ["w"]
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), x @ sparse_weight, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_to_sparse_declines_when_not_smaller(weight):
+    assert modelio.dense_to_sparse(numpy_helper.from_array(weight, "w")) is None
+
+
+def test_default_output_in_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert modelio.default_output("/some/where/net.onnx") == tmp_path / "net.opt.onnx"
