@@ -27,26 +27,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from graphopt.channel_stats import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
 from graphopt.errors import DataError, GraphoptError
 from graphopt.runtime import make_session
 
-SNR_CAP = 200.0
-_TINY = float(np.finfo(np.float64).tiny)
+__all__ = [
+    "METRICS",
+    "SNR_CAP",
+    "Accumulator",
+    "Comparison",
+    "Evaluator",
+    "OutputMetrics",
+    "compare",
+    "cosine",
+    "snr_db",
+    "split_labels",
+]
+
 METRICS = ("accuracy", "agreement", "snr")
-
-
-@dataclass
-class OutputMetrics:
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine: float
-    snr_db: float
-    worst_channel: int | None  # index along axis 1 of the lowest-SNR channel; None for rank 0/1 outputs
-    worst_channel_snr_db: float  # that channel's SNR (the whole tensor's when there are no channels)
-    worst_channel_cosine: float  # lowest cosine over channels (may be another channel than worst_channel)
-    channels: int  # largest axis-1 size seen; 0 for rank 0/1 outputs
-    exact_match: float | None = None  # non-float outputs only: fraction of equal elements
 
 
 @dataclass
@@ -112,6 +110,13 @@ def _check_metric(metric: str) -> None:
         raise GraphoptError(f"unknown metric {metric!r} (use one of {', '.join(METRICS)})")
 
 
+def _check_score_output(score_output: str | None, output_names: list[str]) -> None:
+    if score_output is not None and score_output not in output_names:
+        raise GraphoptError(
+            f"score output {score_output!r} is not a model output (outputs: {', '.join(output_names)})"
+        )
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -120,144 +125,6 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def snr_db(ref_energy: float, err_energy: float) -> float:
-    """SNR in dB from accumulated energies, finite: clamped to [-SNR_CAP, SNR_CAP]."""
-    if not (math.isfinite(ref_energy) and math.isfinite(err_energy)):
-        return -SNR_CAP
-    if err_energy <= 0.0:
-        return SNR_CAP
-    value = 10.0 * math.log10(max(ref_energy, _TINY) / err_energy)
-    return min(SNR_CAP, max(-SNR_CAP, value))
-
-
-def cosine(dot: float, ref_energy: float, cand_energy: float) -> float:
-    if not all(math.isfinite(x) for x in (dot, ref_energy, cand_energy)):
-        return 0.0
-    if ref_energy <= 0.0 and cand_energy <= 0.0:
-        return 1.0
-    if ref_energy <= 0.0 or cand_energy <= 0.0:
-        return 0.0
-    return min(1.0, max(-1.0, dot / math.sqrt(ref_energy * cand_energy)))
-
-
-_FIELDS = ("ref2", "err2", "dot", "cand2", "abs_sum", "max_abs", "count", "match", "broken")
-
-
-class _Sums:
-    """Per-row sums (row = one channel, or the whole tensor), growable in the number of rows."""
-
-    def __init__(self, rows: int = 0) -> None:
-        for name in _FIELDS:
-            setattr(self, name, np.zeros(rows))
-
-    @property
-    def rows(self) -> int:
-        return len(self.count)
-
-    def grow(self, rows: int) -> None:
-        if rows > self.rows:
-            for name in _FIELDS:
-                old = getattr(self, name)
-                setattr(self, name, np.concatenate([old, np.zeros(rows - len(old))]))
-
-    def add(self, ref: np.ndarray, cand: np.ndarray, mode: str) -> None:
-        """Accumulate rows of 2-D arrays [rows, elements]; mode is 'float', 'exact' or 'object'."""
-        rows, width = ref.shape
-        self.grow(rows)
-        sl = slice(0, rows)
-        self.count[sl] += width
-        if width == 0:
-            return
-        if mode != "float":
-            same = ref == cand  # on the original values: int64 ids beyond 2**53 must not collide
-            self.match[sl] += same.sum(axis=1)
-            if mode == "object":  # strings, ZipMap dicts: the error of an element is 0 or 1
-                self.abs_sum[sl] += width - same.sum(axis=1)
-                self.max_abs[sl] = np.maximum(self.max_abs[sl], (~same).any(axis=1))
-                return
-        ref, cand = ref.astype(np.float64), cand.astype(np.float64)
-        ok = np.isfinite(ref) & np.isfinite(cand)
-        if not ok.all():
-            # Equal non-finite values (-inf log-probs in both) are agreement; anything else is broken.
-            same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
-            self.broken[sl] += (~ok & ~same).any(axis=1)
-            ref, cand = np.where(ok, ref, 0.0), np.where(ok, cand, 0.0)
-        err = ref - cand
-        abs_err = np.abs(err)
-        self.ref2[sl] += np.einsum("ij,ij->i", ref, ref)
-        self.err2[sl] += np.einsum("ij,ij->i", err, err)
-        self.dot[sl] += np.einsum("ij,ij->i", ref, cand)
-        self.cand2[sl] += np.einsum("ij,ij->i", cand, cand)
-        self.abs_sum[sl] += abs_err.sum(axis=1)
-        self.max_abs[sl] = np.maximum(self.max_abs[sl], abs_err.max(axis=1))
-
-    def total(self) -> _Sums:
-        whole = _Sums(1)
-        for name in _FIELDS:
-            values = getattr(self, name)
-            getattr(whole, name)[0] = values.max(initial=0.0) if name == "max_abs" else values.sum()
-        return whole
-
-    def row(self, i: int, exact: bool) -> tuple[float, float, float, float]:
-        """(snr_db, cosine, max_abs, mean_abs) of row i."""
-        if self.broken[i]:
-            return -SNR_CAP, 0.0, math.inf, math.inf
-        count = self.count[i]
-        mean_abs = float(self.abs_sum[i] / count) if count else 0.0
-        if exact:
-            frac = float(self.match[i] / count) if count else 1.0
-            snr = SNR_CAP if frac >= 1.0 else min(SNR_CAP, -10.0 * math.log10(1.0 - frac))
-            return snr, frac, float(self.max_abs[i]), mean_abs
-        return (
-            snr_db(float(self.ref2[i]), float(self.err2[i])),
-            cosine(float(self.dot[i]), float(self.ref2[i]), float(self.cand2[i])),
-            float(self.max_abs[i]),
-            mean_abs,
-        )
-
-
-def _mode(array: np.ndarray) -> str:
-    kind = array.dtype.kind
-    return "float" if kind == "f" else "exact" if kind in "biu" else "object"
-
-
-class _OutputAcc:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.whole = _Sums(1)  # rank 0/1 feeds
-        self.channels = _Sums(0)  # rank >= 2 feeds, one row per index on axis 1
-        self.mode: str | None = None  # fixed by the first feed's reference dtype
-
-    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        if self.mode is None:
-            self.mode = _mode(ref)
-        mode = "object" if "object" in (self.mode, _mode(cand)) else self.mode
-        if ref.ndim >= 2:
-            c = ref.shape[1]
-            self.channels.add(np.moveaxis(ref, 1, 0).reshape(c, -1), np.moveaxis(cand, 1, 0).reshape(c, -1), mode)
-        else:
-            self.whole.add(ref.reshape(1, -1), cand.reshape(1, -1), mode)
-
-    def result(self) -> OutputMetrics:
-        exact = self.mode in ("exact", "object")
-        whole = self.channels.total()
-        for name in _FIELDS:  # fold in feeds that had rank 0/1
-            a, b = getattr(whole, name), getattr(self.whole, name)
-            a[0] = max(a[0], b[0]) if name == "max_abs" else a[0] + b[0]
-        snr, cos, max_abs, mean_abs = whole.row(0, exact)
-        n = self.channels.rows
-        worst, worst_snr, worst_cos = None, snr, cos
-        if n:
-            per = [self.channels.row(i, exact) for i in range(n)]
-            worst = int(np.argmin([p[0] for p in per]))
-            worst_snr = min(snr, per[worst][0])
-            worst_cos = min(cos, min(p[1] for p in per))
-        match = None
-        if exact:
-            match = float(whole.match[0] / whole.count[0]) if whole.count[0] else 1.0
-        return OutputMetrics(self.name, max_abs, mean_abs, cos, snr, worst, worst_snr, worst_cos, n, match)
 
 
 def _is_score(array: np.ndarray) -> bool:
@@ -286,13 +153,10 @@ class Accumulator:
 
     def __init__(self, output_names: Sequence[str], score_output: str | None = None) -> None:
         self.output_names = list(output_names)
-        if score_output is not None and score_output not in self.output_names:
-            raise GraphoptError(
-                f"score output {score_output!r} is not a model output (outputs: {', '.join(self.output_names)})"
-            )
+        _check_score_output(score_output, self.output_names)
         self._score_name = score_output
         self._score_index: int | None = None if score_output is None else self.output_names.index(score_output)
-        self._outputs = [_OutputAcc(name) for name in self.output_names]
+        self._outputs = [OutputAccumulator(name) for name in self.output_names]
         self._feeds = 0
         self._samples = 0
         self._agree = self._positions = 0
@@ -431,10 +295,7 @@ class Evaluator:
             raise DataError("evaluation data has no samples")
         session = _session(reference, threads, "reference")
         self.output_names = [o.name for o in session.get_outputs()]
-        if score_output is not None and score_output not in self.output_names:
-            raise GraphoptError(
-                f"score output {score_output!r} is not a model output (outputs: {', '.join(self.output_names)})"
-            )
+        _check_score_output(score_output, self.output_names)
         self.reference_outputs = [
             _run(session, self.output_names, feed, i, "reference") for i, feed in enumerate(self._bar(self.feeds))
         ]

@@ -158,8 +158,13 @@ def _sparsify_marked(proto: onnx.ModelProto) -> None:
             else:
                 graph.sparse_initializer.append(sparse)
         if len(keep) != len(graph.initializer):
+            sparse_names = {s.values.name for s in graph.sparse_initializer}
             del graph.initializer[:]
             graph.initializer.extend(keep)
+            # value_info for a now-sparse initializer clashes with it in the full checker
+            infos = [v for v in graph.value_info if v.name not in sparse_names]
+            del graph.value_info[:]
+            graph.value_info.extend(infos)
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.cleanup import Cleanup
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.fuse import Fuse
+from graphopt.passes.kmeans import KMeans
+from graphopt.passes.prune import Prune
+from graphopt.passes.quantize import Quantize
 
 # The one registry: recipe names → pass classes. A new pass family adds its classes here.
 REGISTRY = {
@@ -12,6 +16,10 @@ REGISTRY = {
     for cls in (
         Canonicalize,
         FoldBatchNorm,
+        Fuse,
+        Prune,
+        KMeans,
+        Quantize,
         Cleanup,
     )
 }

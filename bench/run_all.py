@@ -1,0 +1,94 @@
+"""Run the benchmark scripts and write BENCHMARKS.md from their results.
+
+Each script in SCRIPTS writes its own Markdown section(s) to bench/results/*.md; this script runs the ones asked
+for (all by default), then gathers every results file into BENCHMARKS.md under a header naming the machine,
+the date and the commands. `--collect` only gathers what is already in bench/results/.
+
+    python bench/run_all.py                    # everything (long: real models, VGG-19)
+    python bench/run_all.py quantize_vs_ort    # one script, then rewrite BENCHMARKS.md
+    python bench/run_all.py --collect
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+# Script stem → what it measures (order = order in BENCHMARKS.md).
+SCRIPTS = {
+    "fuse_bench": "float fusions on the PP-OCR models",
+    "quantize_vs_ort": "graphopt quantize against onnxruntime's quantizers",
+    "compress_bench": "prune + kmeans (Deep Compression without retraining)",
+    "channel_prune_bench": "structured channel pruning",
+    "lowrank_bench": "low-rank factorization",
+    "gap_distill_bench": "global-average-pooling heads and closed-form distillation",
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
+
+
+def run(names: list[str]) -> dict[str, int]:
+    codes = {}
+    for name in names:
+        script = ROOT / "bench" / f"{name}.py"
+        if not script.exists():
+            print(f"{name}: no script, skipped")
+            continue
+        print(f"== {name}: {SCRIPTS.get(name, '')}", flush=True)
+        codes[name] = subprocess.call([sys.executable, str(script)], cwd=ROOT)
+    return codes
+
+
+def collect(codes: dict[str, int]) -> Path:
+    out = [
+        "# graphopt benchmarks",
+        "",
+        f"- machine: {machine()}",
+        f"- written: {datetime.date.today().isoformat()} by `python bench/run_all.py`",
+        "- each section below names the command that reproduces it; latency is measured at 1 thread unless said",
+        "",
+    ]
+    for name, code in codes.items():
+        if code:
+            out.append(f"- **{name} exited with code {code}**: its section may be stale or missing")
+    known = [RESULTS / f"{stem}.md" for stem in SCRIPTS]
+    files = [p for p in known if p.exists()] + sorted(p for p in RESULTS.glob("*.md") if p not in known)
+    for path in files:
+        out += ["", path.read_text().strip(), ""]
+    target = ROOT / "BENCHMARKS.md"
+    target.write_text("\n".join(out).rstrip() + "\n")
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"scripts to run (default all: {', '.join(SCRIPTS)})")
+    parser.add_argument("--collect", action="store_true", help="only gather bench/results/*.md")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    codes = {} if args.collect else run(args.names or list(SCRIPTS))
+    print(f"wrote {collect(codes)}")
+    return 1 if any(codes.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

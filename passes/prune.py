@@ -1,0 +1,302 @@
+"""prune: unstructured magnitude pruning of Conv/ConvTranspose/Gemm/MatMul weights.
+
+Per layer (the smallest |w| of each layer), one global threshold on normalized magnitudes |w|/rms(layer), or
+sensitivity-aware: each layer's output error is measured on calibration data at a few sparsities and the
+global target is spread so the least sensitive layers take most of it (greedy on Δloss/Δparams). Pruned
+weights are marked for sparse storage; modelio writes them as ONNX sparse initializers at save time where that
+is smaller (INT64 indices: above about 67% sparsity for float32), else dense with exact zeros. Run time is the
+float model's. Biases and normalization parameters are never touched (only the weight input is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+from graphopt.modelio import SPARSE, STORAGE_KEY
+from graphopt.options import BaseOptions, option
+from graphopt.passbase import GraphoptPass, GraphoptResult
+from graphopt.weights import all_nodes, constant_array, encoding_of, owned_initializer, replace_initializer
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FLOATS = (np.float16, np.float32, np.float64)
+SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def weight_axes(node: ir.Node) -> tuple[int, int, int] | None:
+    """(weight input index, output-channel axis, input-channel axis) of a linear node, or None.
+
+    MatMul takes whichever input is a constant initializer (input 1 first)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in LAYER_OPS or len(node.inputs) < 2:
+        return None
+    if op == "Conv":
+        return 1, 0, 1
+    if op == "ConvTranspose":
+        return 1, 1, 0
+    if op == "Gemm":
+        return (1, 0, 1) if _attr(node, "transB", 0) else (1, 1, 0)
+    for index, out_axis, in_axis in ((1, -1, -2), (0, -2, -1)):
+        w = constant_array(node.inputs[index])
+        if w is not None and w.ndim >= 2:
+            return index, out_axis, in_axis
+    return None
+
+
+@dataclasses.dataclass
+class Target:
+    """One prunable/shareable weight: the node, its weight value and array, and the channel axes."""
+
+    node: ir.Node
+    index: int
+    value: ir.Value
+    array: np.ndarray
+    out_axis: int
+    in_axis: int
+
+    @property
+    def layer(self) -> str:
+        return self.node.name or self.value.name or ""
+
+
+def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], min_size: int,
+                 notes: list[str], what: str) -> list[Target]:
+    """Constant float weights of linear nodes that the options allow; reasons for the others go to ``notes``."""
+    targets = []
+    skipped_small = 0
+    for node in all_nodes(model):
+        axes = weight_axes(node)
+        if axes is None:
+            continue
+        index, out_axis, in_axis = axes
+        value = node.inputs[index]
+        name = node.name or ""
+        if name in skip_nodes or (value is not None and value.name in skip_nodes) or node.op_type in skip_ops:
+            continue
+        kind = encoding_of(value)
+        if kind is not None:
+            notes.append(f"{name}: weight is already in a compressed form ({kind}); not {what}")
+            continue
+        array = constant_array(value)
+        if array is None:
+            continue
+        if array.dtype.type not in FLOATS:
+            notes.append(f"{name}: weight dtype {array.dtype} is not float; not {what}")
+            continue
+        owned = owned_initializer(node, index)
+        if owned is None:
+            notes.append(f"{name}: weight {value.name!r} is shared with other nodes; not {what}")
+            continue
+        if array.size < min_size:
+            skipped_small += 1
+            continue
+        targets.append(Target(node, index, owned, array, out_axis, in_axis))
+    if skipped_small:
+        notes.append(f"{skipped_small} layer(s) below min_size elements left as they are")
+    return targets
+
+
+def prune_array(w: np.ndarray, sparsity: float) -> np.ndarray:
+    """A copy of ``w`` with its round(sparsity·n) smallest-magnitude elements set to zero."""
+    flat = w.reshape(-1)
+    k = int(round(sparsity * flat.size))
+    out = flat.copy()
+    if k >= flat.size:
+        out[:] = 0
+    elif k > 0:
+        out[np.argpartition(np.abs(flat), k - 1)[:k]] = 0
+    return out.reshape(w.shape)
+
+
+def global_masks(arrays: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
+    """Boolean prune masks from one threshold over |w|/rms(layer) of all layers (exactly round(s·N) zeros)."""
+    norms = []
+    for w in arrays:
+        a = np.abs(w.astype(np.float32)).reshape(-1)
+        rms = float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) or 1.0
+        norms.append(a / np.float32(rms))
+    total = sum(n.size for n in norms)
+    k = int(round(sparsity * total))
+    if k <= 0:
+        return [np.zeros(w.shape, bool) for w in arrays]
+    t = np.partition(np.concatenate(norms), k - 1)[k - 1]
+    masks = [n < t for n in norms]
+    need = k - sum(int(m.sum()) for m in masks)
+    for n, m in zip(norms, masks):  # ties at the threshold: take them in order until the count is exact
+        if need <= 0:
+            break
+        ties = np.flatnonzero(n == t)[:need]
+        m[ties] = True
+        need -= ties.size
+    return [m.reshape(w.shape) for m, w in zip(masks, arrays)]
+
+
+def set_pruned(target: Target, pruned: np.ndarray) -> None:
+    """Write the pruned weight (a new tensor, never in place) and ask for sparse storage where it pays."""
+    replace_initializer(target.value, pruned.astype(target.array.dtype, copy=False))
+    target.value.const_value.metadata_props[STORAGE_KEY] = SPARSE
+
+
+def allocate(sizes: list[int], losses: list[list[float]], levels: list[float], target: float) -> list[float]:
+    """Per-layer sparsities whose size-weighted mean is ``target``, greedily cheapest loss per pruned weight.
+
+    ``losses[l][i]`` is layer l's measured loss at ``levels[i]`` (levels ascending; loss 0 at sparsity 0);
+    an infinite loss marks a level that was not measured. The last step is cut so the mean is exact."""
+    steps = [0.0, *levels]
+    # Loss can only grow with sparsity; a noisy dip would make greedy jump over levels.
+    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]
+    pos = [0] * len(sizes)
+    need = target * sum(sizes)
+    done = 0.0
+    last = None
+    while done < need - 1e-9:
+        best, best_rate = None, np.inf
+        for layer, (n, curve) in enumerate(zip(sizes, curves)):
+            i = pos[layer]
+            if i + 1 >= len(steps) or not np.isfinite(curve[i + 1]):
+                continue
+            rate = (curve[i + 1] - curve[i]) / (n * (steps[i + 1] - steps[i]))
+            if rate < best_rate:
+                best, best_rate = layer, rate
+        if best is None:
+            break
+        pos[best] += 1
+        done += sizes[best] * (steps[pos[best]] - steps[pos[best] - 1])
+        last = best
+    result = [steps[i] for i in pos]
+    if last is not None and done > need:  # overshoot: take back part of the last step
+        result[last] -= (done - need) / sizes[last]
+    return result
+
+
+class Prune(GraphoptPass):
+    """Zero the smallest-magnitude weights of Conv/ConvTranspose/Gemm/MatMul layers."""
+
+    name = "prune"
+    summary = "unstructured magnitude pruning (per layer, global, or sensitivity-aware); sparse storage at save"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(BaseOptions):
+        sparsity: float | dict[str, float] = option(
+            0.5, "fraction of weights set to zero: one value, or a mapping layer (node or weight name) → "
+            "sparsity ('*' for the rest)", low=0.0, high=1.0, high_open=True)
+        scope: Literal["layer", "global"] = option(
+            "layer", "layer: each layer loses the same fraction; global: one threshold over |w|/rms(layer)",
+            choices=("layer", "global"))
+        sensitivity: bool = option(
+            False, "measure each layer's error on calibration data and give the global target mostly to the "
+                   "least sensitive layers (needs --calib)")
+        skip_nodes: list[str] = option([], "node or weight names never pruned")
+        skip_ops: list[str] = option([], "op types never pruned (Conv, ConvTranspose, Gemm, MatMul)")
+        min_size: int = option(1024, "layers with fewer weight elements are left dense", low=0)
+        levels: list[float] = option(SENSITIVITY_LEVELS, "sparsities measured per layer with sensitivity=true",
+                                     low=0.0, high=1.0, low_open=True, high_open=True)
+        max_samples: int = option(64, "calibration samples per sensitivity measurement", low=1)
+        time_budget: float = option(120.0, "seconds for the sensitivity measurements", low=0.0, low_open=True)
+
+        def check(self) -> None:
+            if isinstance(self.sparsity, dict) and (self.scope == "global" or self.sensitivity):
+                raise ValueError("scope=global and sensitivity=true take one sparsity value, not a mapping")
+
+    def call(self, model: ir.Model) -> GraphoptResult:
+        opts = self.options
+        notes: list[str] = []
+        targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, notes, "pruned")
+        info: dict[str, dict] = {}
+        if isinstance(opts.sparsity, dict):
+            chosen = [opts.sparsity.get(t.layer, opts.sparsity.get(t.value.name, opts.sparsity.get("*")))
+                      for t in targets]
+            unknown = set(opts.sparsity) - {"*"} - {t.layer for t in targets} - {t.value.name for t in targets}
+            if unknown:
+                notes.append(f"sparsity names no prunable layer: {', '.join(sorted(unknown))}")
+            plan = [(t, s) for t, s in zip(targets, chosen) if s is not None]
+        elif opts.sensitivity:
+            plan, info = self._sensitivity_plan(model, targets, float(opts.sparsity), notes)
+        else:
+            plan = [(t, float(opts.sparsity)) for t in targets]
+
+        rows = []
+        if opts.scope == "global" and not opts.sensitivity and not isinstance(opts.sparsity, dict):
+            masks = global_masks([t.array for t in targets], float(opts.sparsity))
+            pruned = [np.where(m, np.zeros((), t.array.dtype), t.array) for t, m in zip(targets, masks)]
+        else:
+            pruned = [prune_array(t.array, s) for t, s in plan]
+            targets = [t for t, _ in plan]
+        for t, p in zip(targets, pruned):
+            before = float(np.mean(t.array == 0))
+            after = float(np.mean(p == 0))
+            if after <= before:
+                continue
+            set_pruned(t, p)
+            nnz = int(np.count_nonzero(p))
+            dense = int(p.nbytes)
+            sparse = nnz * (8 + p.itemsize)
+            row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(p.size),
+                   "sparsity_before": round(before, 4), "sparsity": round(after, 4), "bytes_dense": dense,
+                   "bytes_sparse": sparse, "stored": "sparse" if sparse < dense else "dense",
+                   "rel_error": round(float(np.linalg.norm((t.array - p).astype(np.float64))
+                                            / (np.linalg.norm(t.array.astype(np.float64)) or 1.0)), 5)}
+            row.update(info.get(t.layer, {}))
+            rows.append(row)
+        if rows:
+            total = sum(r["elements"] for r in rows)
+            zeros = sum(r["sparsity"] * r["elements"] for r in rows)
+            notes.append(f"{len(rows)} layer(s) pruned: {zeros / total:.1%} of their {total} weights are zero")
+        return self.result(model, rows, notes)
+
+    def _sensitivity_plan(self, model: ir.Model, targets: list[Target], sparsity: float,
+                          notes: list[str]) -> tuple[list[tuple[Target, float]], dict[str, dict]]:
+        from graphopt.sensitivity import Candidate, measure
+
+        opts = self.options
+        self.context.require_calib(self.name)
+        levels = sorted(set(opts.levels))
+        candidates = [Candidate(key=f"{t.layer}@{s:g}", layer=t.layer, setting=s, apply=_pruner(t.layer, t.index, s))
+                      for t in targets for s in levels]
+        if not candidates:
+            return [], {}
+        measured = measure(self.context, model, candidates, max_samples=opts.max_samples,
+                           time_budget_s=opts.time_budget)
+        notes.extend(f"sensitivity: {note}" for note in getattr(measured, "notes", []))
+        by_key = {row.key: row for row in measured}
+        losses = [[_loss(by_key.get(f"{t.layer}@{s:g}")) for s in levels] for t in targets]
+        chosen = allocate([t.array.size for t in targets], losses, levels, sparsity)
+        reached = sum(s * t.array.size for t, s in zip(targets, chosen)) / max(1, sum(t.array.size for t in targets))
+        if reached < sparsity - 1e-6:
+            notes.append(f"sensitivity: target sparsity {sparsity:g} not reachable within the measured levels; "
+                         f"reached {reached:.3f}")
+        info = {}
+        for t, s, row in zip(targets, chosen, losses):
+            near = max((i for i, lvl in enumerate(levels) if lvl <= s + 1e-9), default=None)
+            info[t.layer] = {"sensitivity_loss": None if near is None or not np.isfinite(row[near])
+                             else float(f"{row[near]:.4g}")}
+        return [(t, s) for t, s in zip(targets, chosen)], info
+
+
+def _loss(row) -> float:
+    """Measured cost of one candidate: metric drop plus the worst channel's noise ratio 10^(-SNR/10)."""
+    if row is None or not row.measured:  # skipped (time budget) or failed: that level is not used
+        return np.inf
+    snr = row.worst_snr_db
+    noise = 0.0 if snr is None or snr == np.inf else 10.0 ** (-float(snr) / 10.0)
+    return max(0.0, float(row.drop or 0.0)) + noise
+
+
+def _pruner(layer: str, index: int, sparsity: float):
+    def apply(clone: ir.Model) -> None:
+        for node in all_nodes(clone):
+            if (node.name or "") == layer:
+                value = node.inputs[index]
+                replace_initializer(value, prune_array(constant_array(value), sparsity))
+                return
+        raise GraphoptError(f"pass 'prune': layer {layer!r} not found in the sensitivity copy")
+    return apply

@@ -1,0 +1,343 @@
+"""QDQ emission on onnx_ir: the exact patterns onnxruntime fuses into integer kernels.
+
+Given an explicit set of nodes and calibrated ranges, :func:`emit` writes
+- DequantizeLinear on weights: int8 symmetric initializers, per output channel (Conv axis 0, ConvTranspose
+  axis 1, Gemm transB=1 axis 0 / transB=0 axis 1, MatMul [K, N] axis 1) or per tensor;
+- int32 bias behind DequantizeLinear with scale = input scale × weight scale, zero point 0;
+- QuantizeLinear → DequantizeLinear on every activation input and on each node's output — after a following
+  Relu/Clip when that is the output's only consumer (onnxruntime removes the Relu/Clip into the Q's range);
+- the same scale on the input and output of shape-only ops (MaxPool, Reshape, …), so onnxruntime drops their
+  Q/DQ and runs them on int8 data.
+Measured with onnxruntime 1.32 (optimized_model_filepath): DQ→Conv→Relu→Q becomes QLinearConv, MatMul
+QLinearMatMul (or MatMulIntegerToFloat with a float output), Gemm QGemm, Add/Mul/Concat/AveragePool/
+GlobalAveragePool their QLinear* forms; MaxPool/Flatten/Transpose run on uint8. A Conv whose output is not
+quantized stays a float Conv. :func:`emit_weights_only` quantizes weights alone (float activations), for If/Loop
+bodies whose activations cannot be calibrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+from graphopt.weights import constant_array, set_initializer
+
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
+SHARED_SCALE_OPS = frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+                              "Slice", "Split"})
+FOLD_OPS = frozenset({"Relu", "Clip"})
+COVERED_OPS = WEIGHT_OPS | OWN_SCALE_OPS | SHARED_SCALE_OPS
+
+_ACT = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+Range = tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class QdqConfig:
+    activation_type: str = "uint8"
+    per_channel: bool = True
+    quantize_outputs: bool = False
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def weight_index(node: ir.Node) -> int | None:
+    """Input index of the constant weight, if the op takes one (MatMul: B when it is an initializer)."""
+    if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2:
+        return None
+    if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
+        return None
+    return 1
+
+
+def weight_axis(node: ir.Node, rank: int) -> int | None:
+    """The output-channel axis of the weight (None: per tensor only)."""
+    op = node.op_type
+    if op == "Conv":
+        return 0
+    if op == "ConvTranspose":
+        return 1
+    if op == "Gemm":
+        return 0 if _attr(node, "transB", 0) else 1
+    if op == "MatMul":
+        return 1 if rank == 2 else None  # batched constant B: per tensor (keeps DQ's axis meaning simple)
+    return None
+
+
+def activation_inputs(node: ir.Node) -> list[int]:
+    """Inputs quantized as activations (Q→DQ, or DQ alone for a float constant of Add/Mul/Concat)."""
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose", "Gemm"):
+        return [0]
+    if op == "MatMul":
+        return [0] if weight_index(node) is not None else [0, 1]
+    if op in ("Add", "Mul", "Concat"):
+        return [i for i, v in enumerate(node.inputs) if v is not None]
+    return [0]  # pools and shape ops: the data input
+
+
+def fold_target(node: ir.Node, quantize_outputs: bool = False) -> ir.Value:
+    """Where the output's Q goes: after a Relu/Clip that is its only consumer (onnxruntime fuses it), unless
+    that Relu/Clip gives a float model output (then the Q sits before it, so the node itself still fuses)."""
+    out = node.outputs[0]
+    if node.op_type in SHARED_SCALE_OPS or out.is_graph_output():
+        return out
+    uses = out.uses()
+    if len(uses) != 1 or uses[0].idx != 0:
+        return out
+    user = uses[0].node
+    if user.op_type not in FOLD_OPS or user.domain not in ("", "ai.onnx") or user.graph is not node.graph:
+        return out
+    if user.outputs[0].is_graph_output() and not quantize_outputs:
+        return out
+    if user.op_type == "Clip" and any(v is not None and constant_array(v) is None for v in user.inputs[1:]):
+        return out
+    return user.outputs[0]
+
+
+def output_targets(node: ir.Node, quantize_outputs: bool = False) -> list[ir.Value]:
+    outs = [fold_target(node, quantize_outputs)] if node.op_type != "Split" else list(node.outputs)
+    return [v for v in outs if v is not None and (quantize_outputs or not v.is_graph_output())]
+
+
+def activation_qparams(lo: float, hi: float, activation_type: str = "uint8") -> tuple[np.float32, int]:
+    """Asymmetric (scale, zero point) for a range widened to contain 0 (so 0 and Relu are exact)."""
+    _, qmin, qmax = _ACT[activation_type]
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / (qmax - qmin))
+    if not np.isfinite(scale) or scale <= 0:
+        return np.float32(1.0), qmin if activation_type == "uint8" else 0
+    zp = int(np.clip(np.round(qmin - lo / float(scale)), qmin, qmax))
+    return scale, zp
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric weights in [-127, 127] and float32 scales (one per index of ``axis``, or a scalar)."""
+    w = np.asarray(w, dtype=np.float32)
+    if axis is None:
+        peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
+        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
+        return np.clip(np.round(w / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
+    moved = np.moveaxis(w, axis, 0)
+    peak = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1) if w.size else np.zeros(w.shape[axis])
+    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """round(b / scale) as int32 (saturating: a bias beyond 2^31 steps cannot be represented anyway)."""
+    info = np.iinfo(np.int32)
+    q = np.round(np.asarray(b, np.float64) / np.asarray(scale, np.float64))
+    return np.clip(q, info.min, info.max).astype(np.int32)
+
+
+class _Emitter:
+    """Writes Q/DQ nodes and quantized initializers into one model; remembers shared scales and DQs."""
+
+    def __init__(self, cfg: QdqConfig, mark: Callable[[ir.Node], ir.Node] | None) -> None:
+        self.cfg = cfg
+        self.mark = mark or (lambda n: n)
+        self.params: dict[ir.Value, tuple[np.float32, int]] = {}
+        self.consts: dict[ir.Value, ir.Value] = {}  # (graph-owned) scale/zp initializers per quantized tensor
+        self.weight_dq: dict[tuple[int, int, int | None], tuple[ir.Value, np.ndarray]] = {}
+        self.replaced: list[ir.Value] = []
+
+    def _node(self, op: str, inputs: list, name: str, dtype: ir.DataType, shape, axis: int | None = None) -> ir.Node:
+        attrs = {"axis": axis} if axis is not None else None
+        node = self.mark(ir.node(op, inputs, attrs, name=name))
+        out = node.outputs[0]
+        out.name, out.type, out.shape = f"{name}_out", ir.TensorType(dtype), shape
+        return node
+
+    def _scale_zp(self, graph: ir.Graph, value: ir.Value) -> tuple[ir.Value, ir.Value]:
+        scale, zp = self.params[value]
+        dtype = _ACT[self.cfg.activation_type][0]
+        s = set_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
+        z = set_initializer(graph, f"{value.name}_zero_point", np.asarray(zp, dtype))
+        return s, z
+
+    def insert_qdq(self, graph: ir.Graph, value: ir.Value) -> None:
+        uses = list(value.uses())
+        s, z = self._scale_zp(graph, value)
+        qtype = ir.DataType.from_numpy(np.dtype(_ACT[self.cfg.activation_type][0]))
+        q = self._node("QuantizeLinear", [value, s, z], f"{value.name}_QuantizeLinear", qtype, value.shape)
+        dq = self._node("DequantizeLinear", [q.outputs[0], s, z], f"{value.name}_DequantizeLinear",
+                        ir.DataType.FLOAT, value.shape)
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, [q, dq])
+        else:
+            graph.insert_before(next(iter(graph)), [q, dq])
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        if value.is_graph_output():  # only with quantize_outputs: the DQ output takes the name and the slot
+            name, out = value.name, dq.outputs[0]
+            value.name, out.name = f"{name}_float", name
+            graph.outputs[:] = [out if v is value else v for v in graph.outputs]
+
+    def const_dq(self, graph: ir.Graph, node: ir.Node, index: int, lo_hi: Range) -> None:
+        """A float constant operand of Add/Mul/Concat stored in the activation type behind a DQ."""
+        value = node.inputs[index]
+        scale, zp = activation_qparams(*lo_hi, self.cfg.activation_type)
+        dtype, qmin, qmax = _ACT[self.cfg.activation_type]
+        q = np.clip(np.round(constant_array(value) / scale) + zp, qmin, qmax).astype(dtype)
+        qv = set_initializer(graph, f"{value.name}_quantized", q)
+        s = set_initializer(graph, f"{value.name}_scale", np.asarray(scale, np.float32))
+        z = set_initializer(graph, f"{value.name}_zero_point", np.asarray(zp, dtype))
+        dq = self._node("DequantizeLinear", [qv, s, z], f"{value.name}_DequantizeLinear_{node.name}",
+                        ir.DataType.FLOAT, value.shape)
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+        self.replaced.append(value)
+
+    def weight(self, node: ir.Node) -> np.ndarray | None:
+        """Replace the node's weight by int8 + DQ; returns the weight scales (None: nothing done)."""
+        index = weight_index(node)
+        if index is None:
+            return None
+        value, graph = node.inputs[index], node.graph
+        w = constant_array(value)
+        axis = weight_axis(node, w.ndim) if self.cfg.per_channel else None
+        key = (id(value), id(graph), axis)
+        if key not in self.weight_dq:
+            q, scale = quantize_weight(w, axis)
+            qv = set_initializer(graph, f"{value.name}_quantized", q)
+            s = set_initializer(graph, f"{value.name}_scale", scale)
+            z = set_initializer(graph, f"{value.name}_zero_point", np.zeros(scale.shape, np.int8))
+            dq = self._node("DequantizeLinear", [qv, s, z], f"{value.name}_DequantizeLinear", ir.DataType.FLOAT,
+                            value.shape, axis=axis if scale.ndim else None)
+            graph.insert_before(node, dq)
+            self.weight_dq[key] = (dq.outputs[0], scale)
+            self.replaced.append(value)
+        out, scale = self.weight_dq[key]
+        node.replace_input_with(index, out)
+        return scale
+
+    def bias(self, node: ir.Node, w_scale: np.ndarray) -> bool:
+        """int32 bias with scale sx·sw behind a DQ; False when the bias stays float."""
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
+            return False
+        value, x = node.inputs[2], node.inputs[0]
+        b = constant_array(value)
+        if b is None or b.ndim != 1 or x not in self.params:
+            return False
+        if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
+            return False
+        sw = np.asarray(w_scale, np.float32).reshape(-1)
+        if sw.size > 1 and sw.size != b.size:  # ConvTranspose with groups: axis 1 holds C_out / group
+            if b.size % sw.size:
+                return False
+            sw = np.tile(sw, b.size // sw.size)
+        scale = (np.float32(self.params[x][0]) * sw).astype(np.float32)
+        if np.any(scale <= 0):
+            return False
+        if scale.size == 1:
+            scale = scale.reshape(())
+        graph = node.graph
+        qv = set_initializer(graph, f"{value.name}_quantized", quantize_bias(b, scale))
+        s = set_initializer(graph, f"{value.name}_scale", scale)
+        z = set_initializer(graph, f"{value.name}_zero_point", np.zeros(scale.shape, np.int32))
+        dq = self._node("DequantizeLinear", [qv, s, z], f"{value.name}_DequantizeLinear_{node.name}",
+                        ir.DataType.FLOAT, value.shape, axis=0 if scale.ndim else None)
+        graph.insert_before(node, dq)
+        node.replace_input_with(2, dq.outputs[0])
+        self.replaced.append(value)
+        return True
+
+    def drop_unused(self) -> None:
+        """Float initializers no longer read by anyone go, so the file really shrinks."""
+        for value in dict.fromkeys(self.replaced):
+            graph = value.graph
+            if value.uses() or value.is_graph_input() or value.is_graph_output() or graph is None:
+                continue
+            if graph.initializers.get(value.name) is value:
+                graph.initializers.pop(value.name)
+
+
+def _range_of(scale: np.float32, zp: int, activation_type: str) -> list[float]:
+    _, qmin, qmax = _ACT[activation_type]
+    return [float(scale) * (qmin - zp), float(scale) * (qmax - zp)]
+
+
+def emit(model: ir.Model, nodes: Iterable[ir.Node], ranges: Mapping[str, Range], cfg: QdqConfig = QdqConfig(),
+         mark: Callable[[ir.Node], ir.Node] | None = None) -> list[dict]:
+    """Quantize exactly ``nodes`` (main graph) with the calibrated ``ranges`` (by value name); one row per node.
+
+    Every activation a node reads or writes (after Relu/Clip folding) needs a range, except outputs of
+    shared-scale ops, which take their input's scale."""
+    graph = model.graph
+    chosen = set(nodes)
+    order = [n for n in graph if n in chosen]
+    if len(order) != len(chosen):
+        raise GraphoptError("qdq.emit: every node to quantize must be in the main graph")
+    em = _Emitter(cfg, mark)
+    targets: list[ir.Value] = []
+    const_inputs: list[tuple[ir.Node, int, Range]] = []
+
+    def need(value: ir.Value) -> Range:
+        if value.name not in ranges:
+            raise GraphoptError(f"qdq.emit: no calibrated range for {value.name!r}")
+        return ranges[value.name]
+
+    def assign(value: ir.Value, params: tuple[np.float32, int]) -> None:
+        if value not in em.params:
+            em.params[value] = params
+            targets.append(value)
+
+    for node in order:
+        for i in activation_inputs(node):
+            value = node.inputs[i]
+            if value.const_value is not None and value.is_initializer():
+                arr = constant_array(value)
+                const_inputs.append((node, i, (float(arr.min(initial=0.0)), float(arr.max(initial=0.0)))))
+                continue
+            if value not in em.params:
+                assign(value, activation_qparams(*need(value), cfg.activation_type))
+        for out in output_targets(node, cfg.quantize_outputs):
+            if node.op_type in SHARED_SCALE_OPS:
+                assign(out, em.params[node.inputs[0]])
+            else:
+                assign(out, activation_qparams(*need(out), cfg.activation_type))
+    rows = []
+    for node in order:
+        w_scale = em.weight(node)
+        has_bias = em.bias(node, w_scale) if w_scale is not None else False
+        acts = {v.name: _range_of(*em.params[v], cfg.activation_type)
+                for v in [node.inputs[i] for i in activation_inputs(node)] + output_targets(node, cfg.quantize_outputs)
+                if v in em.params}
+        row = {"node": node.name, "op": node.op_type, "action": "int8", "activations": acts}
+        if w_scale is not None:
+            row["weight_scale"] = [float(np.min(w_scale)), float(np.max(w_scale))]
+            row["bias"] = "int32" if has_bias else ("float" if len(node.inputs) > 2 and node.inputs[2] else "none")
+        rows.append(row)
+    for node, i, lo_hi in const_inputs:
+        em.const_dq(graph, node, i, lo_hi)
+    for value in targets:
+        em.insert_qdq(graph, value)
+    em.drop_unused()
+    return rows
+
+
+def emit_weights_only(nodes: Iterable[ir.Node], cfg: QdqConfig = QdqConfig(),
+                      mark: Callable[[ir.Node], ir.Node] | None = None) -> list[dict]:
+    """int8 weights behind DequantizeLinear, float activations (If/Loop bodies); one row per node."""
+    em = _Emitter(cfg, mark)
+    rows = []
+    for node in nodes:
+        scale = em.weight(node)
+        if scale is not None:
+            rows.append({"node": node.name, "op": node.op_type, "action": "int8 weights only (subgraph)",
+                         "weight_scale": [float(np.min(scale)), float(np.max(scale))]})
+    em.drop_unused()
+    return rows

@@ -1,0 +1,260 @@
+"""quantize: static int8 post-training quantization in QDQ form (onnxruntime's integer kernels).
+
+The pass runs in four separable steps, so placement and accuracy budgets can replace one of them:
+
+1. :func:`plan` decides which nodes may be quantized and why the others stay float (op coverage, exclusions,
+   weights that are not plain initializers, ops with no int8 neighbour, a Concat joining very different ranges
+   once ranges are known). Nodes inside If/Loop bodies get weight-only int8 (their activations cannot be
+   captured as graph outputs, so they cannot be calibrated).
+2. :meth:`Quantize.calibrate` measures the ranges of the tensors the plan needs (:mod:`.calibrate`).
+3. :meth:`Quantize.select` narrows the plan (default: keep it) — the hook for latency-aware placement and the
+   sensitivity budget.
+4. :func:`.qdq.emit` writes exactly the chosen nodes with the given ranges.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import onnx_ir as ir
+
+from graphopt.options import BaseOptions, option
+from graphopt.passbase import GraphoptPass, GraphoptResult
+from graphopt.passes import calibrate as calib
+from graphopt.passes import qdq
+from graphopt.weights import all_graphs, constant_array, encoding_of
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
+                           "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm",
+                           "QLinearAdd", "QLinearMul", "QLinearConcat", "DynamicQuantizeMatMul",
+                           "DynamicQuantizeLSTM", "MatMulNBits"})
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeOptions(BaseOptions):
+    calibration: str = option("minmax", "how activation ranges are chosen",
+                              choices=("minmax", "percentile", "entropy", "mse"))
+    percentile: float = option(99.999, "percentile kept by calibration=percentile", low=50.0, high=100.0)
+    activation_type: str = option("uint8", "activation integer type (uint8 is what x86 runs fast)",
+                                  choices=("uint8", "int8"))
+    per_channel: bool = option(True, "one weight scale per output channel (false: per tensor)")
+    target: str = option("latency", "what placement optimises (stored; placement is not measured yet)",
+                         choices=("latency", "size"))
+    exclude_nodes: list[str] = option([], "node names kept float")
+    exclude_ops: list[str] = option([], "op types kept float")
+    quantize_outputs: bool = option(False, "also put Q/DQ on the model's outputs")
+    concat_ratio: float = option(16.0, "a Concat whose input ranges differ more than this factor stays float",
+                                 low=1.0)
+    calib_samples: int = option(512, "calibration samples used at most", low=1)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Nodes to quantize (main graph, graph order), weight-only nodes (subgraphs), and why others stay float."""
+
+    nodes: list[ir.Node] = dataclasses.field(default_factory=list)
+    weight_only: list[ir.Node] = dataclasses.field(default_factory=list)
+    skipped: dict[ir.Node, str] = dataclasses.field(default_factory=dict)
+
+    def tensors(self, quantize_outputs: bool = False) -> list[str]:
+        """Names of the main-graph activations whose ranges emission needs."""
+        names: dict[str, None] = {}
+        for node in self.nodes:
+            for i in qdq.activation_inputs(node):
+                value = node.inputs[i]
+                if not value.is_initializer():
+                    names[value.name] = None
+            if node.op_type not in qdq.SHARED_SCALE_OPS:
+                names.update((v.name, None) for v in qdq.output_targets(node, quantize_outputs))
+        return list(names)
+
+
+def already_quantized(model: ir.Model) -> str | None:
+    """A note when the model already holds quantization ops (quantizing twice would stack errors)."""
+    for graph in all_graphs(model):
+        for node in graph:
+            if node.op_type in QUANTIZED_OPS:
+                return f"model is already quantized ({node.op_type} node {node.name!r}); nothing done"
+    return None
+
+
+def _is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _weight_reason(node: ir.Node) -> str | None:
+    """Why a Conv/ConvTranspose/Gemm/MatMul weight cannot be quantized (None: it can)."""
+    op = node.op_type
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return "no weight input"
+    w = node.inputs[1]
+    if encoding_of(w) is not None:
+        return f"weight is already in a compressed form ({encoding_of(w)})"
+    array = constant_array(w)
+    if array is None:
+        return None if op == "MatMul" else "weight is not a constant initializer"
+    if array.dtype.kind != "f" or array.dtype.itemsize != 4:
+        return f"weight is {array.dtype}, not float32"
+    if op == "MatMul" and array.ndim < 2:
+        return "MatMul with a 1-D constant"
+    if op == "Gemm" and array.ndim != 2:
+        return "Gemm weight is not 2-D"
+    return None
+
+
+def _range_ratio(ranges: dict[str, calib.Range], values: list[ir.Value]) -> float:
+    widths = []
+    for v in values:
+        if v.is_initializer():
+            array = constant_array(v)
+            lo, hi = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        elif v.name in ranges:
+            lo, hi = ranges[v.name]
+        else:
+            continue
+        widths.append(max(hi, 0.0) - min(lo, 0.0))
+    if len(widths) < 2 or max(widths) == 0:
+        return 1.0
+    return max(widths) / max(min(widths), 1e-12)
+
+
+def plan(model: ir.Model, options: QuantizeOptions, ranges: dict[str, calib.Range] | None = None) -> Plan:
+    """Which nodes are quantized and why the rest stay float. With ``ranges``, Concats joining ranges more than
+    ``options.concat_ratio`` apart stay float (one scale would round the small ones to zero)."""
+    result = Plan()
+    excluded_nodes, excluded_ops = set(options.exclude_nodes), set(options.exclude_ops)
+    int8_values: set[ir.Value] = set()  # activations that will carry int8 (outputs of chosen nodes)
+    for node in model.graph:
+        reason = _node_reason(node, excluded_nodes, excluded_ops, int8_values, options, ranges)
+        if reason is None:
+            result.nodes.append(node)
+            int8_values.update(qdq.output_targets(node, options.quantize_outputs))
+        elif reason:  # "" = silently float (folded Relu/Clip, Constant)
+            result.skipped[node] = reason
+    for graph in model.graph.subgraphs():
+        for node in graph:
+            if node.op_type not in qdq.WEIGHT_OPS or node.domain not in _DEFAULT_DOMAINS:
+                continue
+            if node.name in excluded_nodes or node.op_type in excluded_ops:
+                result.skipped[node] = "excluded by option"
+            elif _weight_reason(node) is None and qdq.weight_index(node) is not None:
+                result.weight_only.append(node)
+            else:
+                result.skipped[node] = _weight_reason(node) or "weight is not a constant initializer (subgraph)"
+    return result
+
+
+def _node_reason(node: ir.Node, excluded_nodes: set[str], excluded_ops: set[str], int8_values: set[ir.Value],
+                 options: QuantizeOptions, ranges: dict[str, calib.Range] | None) -> str | None:
+    op = node.op_type
+    if op in qdq.FOLD_OPS:
+        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        if producer is not None and node.outputs[0] in int8_values:
+            return ""  # its range is the quantized producer's output range; onnxruntime removes it
+    if op == "Constant":
+        return ""
+    if node.domain not in _DEFAULT_DOMAINS or op not in qdq.COVERED_OPS:
+        return f"op {op} not covered: stays float"
+    if node.name in excluded_nodes:
+        return "excluded by exclude_nodes"
+    if op in excluded_ops:
+        return "excluded by exclude_ops"
+    acts = [node.inputs[i] for i in qdq.activation_inputs(node)]
+    if not all(_is_float(v) for v in acts) or not all(_is_float(v) for v in node.outputs):
+        return "not float32 (or element type unknown)"
+    if op in qdq.WEIGHT_OPS:
+        reason = _weight_reason(node)
+        if reason:
+            return reason
+        if qdq.weight_index(node) is not None:
+            return None
+    data = [v for v in acts if not v.is_initializer()]
+    if not data:
+        return "no activation input"
+    if op in qdq.SHARED_SCALE_OPS:
+        if data[0] not in int8_values:
+            return "input is not int8: a shape op only extends an int8 region"
+        if all(v.is_graph_output() for v in node.outputs) and not options.quantize_outputs:
+            return "output is a model output: stays float"
+        return None
+    if not any(v in int8_values for v in data):
+        return "no int8 input: it would only add Q/DQ"
+    if op == "Concat" and ranges is not None:
+        ratio = _range_ratio(ranges, acts)
+        if ratio > options.concat_ratio:
+            return (f"Concat joins ranges {ratio:.0f}x apart (> concat_ratio {options.concat_ratio:g}): "
+                    "one scale would flatten the small ones")
+    return None
+
+
+class Quantize(GraphoptPass):
+    """Static int8 QDQ: per-channel int8 weights, int32 bias, calibrated uint8/int8 activations."""
+
+    name = "quantize"
+    summary = "static int8 (QDQ): int8 per-channel weights, int32 bias, calibrated activations"
+    Options = QuantizeOptions
+    needs_data = True
+    exact = False
+
+    # --- hooks ------------------------------------------------------------------------------------------
+    def plan(self, model: ir.Model, ranges: dict[str, calib.Range] | None = None) -> Plan:
+        return plan(model, self.options, ranges)
+
+    def calibrate(self, model: ir.Model, names: list[str]) -> dict[str, calib.Range]:
+        data = self.context.require_calib(self.name)
+        return calib.calibrate(model, names, data, self.options.calibration, self.options.percentile,
+                               threads=self.context.threads, max_samples=self.options.calib_samples,
+                               progress=self.context.progress)
+
+    def select(self, model: ir.Model, plan: Plan, ranges: dict[str, calib.Range]) -> Plan:
+        """Narrow the plan before emission (placement, budgets); the default keeps every planned node."""
+        return plan
+
+    def config(self, model: ir.Model) -> qdq.QdqConfig:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        return qdq.QdqConfig(self.options.activation_type, self.options.per_channel and opset >= 13,
+                             self.options.quantize_outputs)
+
+    # --- the pass -----------------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> GraphoptResult:
+        note = already_quantized(model)
+        if note:
+            return self.result(model, [], [note], modified=False)
+        notes: list[str] = []
+        if any(v.dtype is None for node in model.graph for v in node.outputs):
+            from graphopt.passes.canonicalize import infer_shapes
+
+            shape_note = infer_shapes(model)
+            if shape_note:
+                notes.append(shape_note)
+        if any(n.op_type == "BatchNormalization" for n in model.graph):
+            notes.append("BatchNormalization present: run fold_batchnorm before quantize, else Conv-BN-Relu chains "
+                         "cannot fuse into integer kernels (slower than float)")
+        first = self.plan(model)
+        ranges: dict[str, calib.Range] = {}
+        if first.nodes:
+            ranges = self.calibrate(model, first.tensors(self.options.quantize_outputs))
+        final = self.select(model, self.plan(model, ranges), ranges)
+        cfg = self.config(model)
+        if self.options.per_channel and not cfg.per_channel:
+            notes.append("opset < 13: per-axis DequantizeLinear needs 13 (run canonicalize); weights per tensor")
+        skipped_rows = [{"node": n.name, "op": n.op_type, "action": "float", "reason": r}
+                        for n, r in final.skipped.items()]
+        rows = qdq.emit(model, final.nodes, ranges, cfg, self.mark) if final.nodes else []
+        rows += qdq.emit_weights_only(final.weight_only, cfg, self.mark)
+        modified = bool(rows)
+        counts = collections.Counter(r["op"] for r in rows if r["action"] == "int8")
+        if counts:
+            ops = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
+            notes.append(f"int8 ({self.options.activation_type} activations, {self.options.calibration} "
+                         f"calibration): {ops}")
+        if final.weight_only:
+            notes.append(f"{len(final.weight_only)} node(s) inside If/Loop bodies: int8 weights only (float "
+                         "activations; subgraph values cannot be calibrated)")
+        if skipped_rows:
+            notes.append(f"{len(skipped_rows)} node(s) stay float (see rows for the reason)")
+        if not modified:
+            notes.append("nothing to quantize")
+        return self.result(model, rows + skipped_rows, notes, modified=modified)
