@@ -162,6 +162,8 @@ def benchmark(
     labels: list[str] | None = None,
     min_time_s: float = 0.0,
     progress: bool = False,
+    max_time_s: float | None = None,
+    stats: bool = True,
 ) -> list[BenchRow]:
     """Median/p90 latency of each model on the same feeds, models interleaved round by round.
 
@@ -176,7 +178,7 @@ def benchmark(
     if labels is not None and len(labels) != len(models):
         raise GraphoptError(f"benchmark: {len(labels)} labels for {len(models)} models")
     labels = labels or [_label(m, i) for i, m in enumerate(models)]
-    sessions = [runtime.make_session(m, threads) for m in models]
+    sessions = [m if hasattr(m, "get_inputs") else runtime.make_session(m, threads) for m in models]
     # Each model gets only the inputs it declares (an optimized model may have dropped one).
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     for label, needed in zip(labels, names):
@@ -195,6 +197,8 @@ def benchmark(
         bar = tqdm(total=repeats, desc="bench", unit="round", leave=False)
     start, r = time.perf_counter(), 0
     while r < repeats or time.perf_counter() - start < min_time_s:
+        if max_time_s is not None and r >= 3 and time.perf_counter() - start > max_time_s:
+            break
         for j in range(len(sessions)):
             i = (r + j) % len(sessions)
             feed = model_feeds[i][r % len(feeds)]
@@ -213,7 +217,8 @@ def benchmark(
     for label, model, samples in zip(labels, models, times):
         median = statistics.median(samples)
         p90 = float(np.percentile(samples, 90))
-        rows.append(BenchRow(label, median, p90, 0.0, len(samples), *_stats(model, preset, feeds[0])))
+        extra = _stats(model, preset, feeds[0]) if stats and not hasattr(model, "get_inputs") else (None,) * 4
+        rows.append(BenchRow(label, median, p90, 0.0, len(samples), *extra))
     first = rows[0].median_ms
     for row in rows:
         row.ratio = row.median_ms / first if first > 0 else float("nan")
