@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from graphopt.passes.canonicalize import Canonicalize
+from graphopt.passes.channel_prune import ChannelPrune
 from graphopt.passes.cleanup import Cleanup
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.fuse import Fuse
@@ -19,6 +20,7 @@ REGISTRY = {
         Fuse,
         Prune,
         KMeans,
+        ChannelPrune,
         Quantize,
         Cleanup,
     )

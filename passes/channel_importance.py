@@ -1,0 +1,128 @@
+"""Channel importance of a dependency group: one score per channel, higher = keep.
+
+Every member of a group (a producer's filters, a BatchNorm's γ, a consumer's input activation) gives a
+vector over the group's channels; each vector is normalized by its mean and the vectors are summed, so a
+group of three producers meeting at a residual Add weighs each producer alike (Torch-Pruning's group
+reduction). Kinds:
+- ``l1`` / ``l2``: norms of the producers' output filters (weight slices; biases excluded);
+- ``bn``: |γ| of the group's BatchNorms and per-channel Mul scales (network slimming); l1 when there are none;
+- ``activation``: mean |x| of the channel where consumer layers read it (calibration data);
+- ``reconstruction``: E[x²]·‖W_next[:, c]‖² summed over consumers — the first-order error of a consumer's
+  output when channel c is removed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.capture import TensorStats
+from graphopt.passes.channel_deps import Group, Link, const_array
+
+KINDS = ("l1", "l2", "bn", "activation", "reconstruction")
+
+
+def _per_entry(array: np.ndarray, axis: int, kind: str) -> np.ndarray:
+    moved = np.moveaxis(np.abs(array.astype(np.float64)), axis, 0).reshape(array.shape[axis], -1)
+    if kind == "l1":
+        return moved.sum(axis=1)
+    if kind == "l2":
+        return np.sqrt(np.square(moved).sum(axis=1))
+    if kind == "sq":
+        return np.square(moved).sum(axis=1)
+    return moved.mean(axis=1)  # "abs": one value per entry (vectors)
+
+
+def _to_group(link: Link, entries: np.ndarray, block: int, size: int) -> np.ndarray:
+    """Entries of a slot/value (channels × block, blocks summed) -> [size] over the group (NaN where absent)."""
+    per_channel = entries.reshape(-1, block).sum(axis=1) if block > 1 else entries
+    out = np.full(size, np.nan)
+    out[link.start:link.start + link.length] = per_channel[link.offset:link.offset + link.length]
+    return out
+
+
+def combine(vectors: list[np.ndarray], size: int) -> np.ndarray:
+    """Sum of mean-normalized member vectors (NaN = member does not cover that channel)."""
+    total = np.zeros(size)
+    for v in vectors:
+        scale = np.nanmean(np.abs(v)) if np.any(np.isfinite(v)) else 0.0
+        if scale > 0:
+            total += np.nan_to_num(v / scale, nan=0.0)
+    return total
+
+
+def _weight_vectors(group: Group, kind: str) -> list[np.ndarray]:
+    vectors = []
+    for link in group.links:
+        slot = link.slot
+        if slot.role == "producer" and slot.index == 1:
+            w = const_array(slot.node.inputs[1])
+            if w is not None:
+                vectors.append(_to_group(link, _per_entry(w, slot.axis, kind), slot.block, group.size))
+    return vectors
+
+
+def _scale_vectors(group: Group) -> list[np.ndarray]:
+    vectors = []
+    for link in group.links:
+        slot = link.slot
+        op = slot.node.op_type
+        if (op == "BatchNormalization" and slot.index == 1) or (op == "Mul" and slot.role == "member"):
+            c = const_array(slot.node.inputs[slot.index])
+            if c is not None:
+                vectors.append(_to_group(link, _per_entry(c, slot.axis, "abs"), slot.block, group.size))
+    return vectors
+
+
+def consumer_links(group: Group) -> list[Link]:
+    return [k for k in group.links if k.slot.role == "consumer"]
+
+
+def needed_values(groups: list[Group]) -> list[str]:
+    """Values whose per-channel statistics data-driven importance needs (the consumers' inputs)."""
+    names = [k.slot.node.inputs[0].name for g in groups for k in consumer_links(g)]
+    return list(dict.fromkeys(names))
+
+
+def _data_vectors(group: Group, kind: str, stats: dict[str, TensorStats]) -> list[np.ndarray]:
+    vectors = []
+    recon = np.zeros(group.size)
+    seen = np.zeros(group.size, dtype=bool)
+    for link in consumer_links(group):
+        slot = link.slot
+        s = stats.get(slot.node.inputs[0].name)
+        if s is None or s.channel_sum is None or s.channel_sum.size != slot.channels * slot.block:
+            continue  # channel axis of the capture (1) is not this layout's
+        if kind == "activation":
+            mean_abs = s.channel_mean_abs() / slot.block
+            vectors.append(_to_group(link, mean_abs, slot.block, group.size))
+            continue
+        w = const_array(slot.node.inputs[1])
+        if w is None:
+            continue
+        col = _per_entry(w, slot.axis, "sq")  # ‖W[:, entry]‖² over outputs (and kernel taps)
+        msq = s.channel_sumsq / max(s.channel_count, 1)
+        v = _to_group(link, msq * col, slot.block, group.size)
+        part = np.isfinite(v)
+        recon[part] += v[part]
+        seen |= part
+    if kind == "reconstruction" and seen.any():
+        vectors.append(np.where(seen, recon, np.nan))
+    return vectors
+
+
+def group_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None = None) -> tuple[np.ndarray, str]:
+    """(score per channel of the group, the kind actually used — falls back to l1 when the kind has no data)."""
+    if kind in ("activation", "reconstruction") and stats is not None:
+        vectors = _data_vectors(group, kind, stats)
+        if vectors:
+            return combine(vectors, group.size), kind
+    elif kind == "bn":
+        vectors = _scale_vectors(group)
+        if vectors:
+            return combine(vectors, group.size), kind
+    elif kind in ("l1", "l2"):
+        return combine(_weight_vectors(group, kind), group.size), kind
+    return combine(_weight_vectors(group, "l1"), group.size), "l1"
+
+
+__all__ = ["KINDS", "combine", "group_scores", "needed_values"]

@@ -1,0 +1,138 @@
+"""Per-op rewrite handlers of channel pruning: slice every coupled tensor, fix the attributes that follow.
+
+Input: which channels each slot and each value loses (in the ORIGINAL indexing; several groups may meet in
+one slot — a Concat's consumer — so each tensor is sliced once with the union). Constants reached through
+Unsqueeze/Constant chains are folded into a new initializer; the chain is dropped when nothing else uses it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+from graphopt.passes.channel_deps import Slot, const_array, label
+from graphopt.weights import replace_initializer, set_initializer
+
+
+def expand(removed: np.ndarray, block: int) -> np.ndarray:
+    """Channel indices -> entry indices when every channel is ``block`` consecutive entries."""
+    removed = np.asarray(removed, dtype=np.int64)
+    return (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+def slice_array(array: np.ndarray, slot: Slot, removed: np.ndarray) -> np.ndarray:
+    size = array.shape[slot.axis]
+    if size == 1 and slot.channels * slot.block != 1:
+        return array  # broadcast along the channel axis
+    if size != slot.channels * slot.block:
+        raise GraphoptError(f"{label(slot.node)!r} input {slot.index}: axis {slot.axis} has {size} entries, the "
+                            f"analysis expected {slot.channels}x{slot.block}")
+    keep = np.setdiff1d(np.arange(size), expand(removed, slot.block))
+    return np.take(array, keep, axis=slot.axis)
+
+
+def _write_input(node: ir.Node, index: int, array: np.ndarray) -> ir.Value:
+    """Give the node's input ``index`` new contents: in place when it is an initializer only it uses."""
+    value = node.inputs[index]
+    graph = node.graph
+    assert isinstance(graph, ir.Graph)
+    users = {use.node for use in value.uses()}
+    if value.is_initializer() and users == {node} and not value.is_graph_output() and not value.is_graph_input():
+        replace_initializer(value, array, keep_marks=True)
+        return value
+    new = set_initializer(graph, f"{value.name}_pruned", array)
+    node.replace_input_with(index, new)
+    return new
+
+
+def apply_slots(slot_removed: dict[Slot, np.ndarray], mark: Callable[[ir.Node], object]) -> list[ir.Value]:
+    """Slice every slot's constant; returns the values that were replaced (for cleanup)."""
+    by_input: dict[tuple[ir.Node, int], list[Slot]] = defaultdict(list)
+    for slot, removed in slot_removed.items():
+        if len(removed):
+            by_input[(slot.node, slot.index)].append(slot)
+    dropped = []
+    for (node, index), slots in by_input.items():
+        value = node.inputs[index]
+        array = const_array(value)
+        if array is None:
+            raise GraphoptError(f"{label(node)!r} input {index} is no longer a constant")
+        for slot in sorted(slots, key=lambda s: -s.axis % max(array.ndim, 1)):
+            array = slice_array(array, slot, slot_removed[slot])
+        new = _write_input(node, index, np.ascontiguousarray(array))
+        if new is not value:
+            dropped.append(value)
+        mark(node)
+    return dropped
+
+
+def _int64_input(node: ir.Node, index: int, values: list[int], hint: str) -> None:
+    array = np.asarray(values, dtype=np.int64)
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        _write_input(node, index, array)
+        return
+    graph = node.graph
+    assert isinstance(graph, ir.Graph)
+    value = set_initializer(graph, hint, array)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.ndarray], opset: int,
+                 mark: Callable[[ir.Node], object]) -> None:
+    """Attributes and shape inputs that follow the channel counts: depthwise group, Split sizes, Reshape."""
+    for node, fix in fixups.items():
+        removed = value_removed.get(fix["value"])
+        if removed is None or not len(removed):
+            continue
+        kind = fix["kind"]
+        if kind == "depthwise":
+            group = int(node.attributes["group"].value)
+            node.attributes["group"] = ir.AttrInt64("group", group - len(removed))
+        elif kind == "split":
+            sizes, start, new = fix["sizes"], 0, []
+            for size in sizes:
+                new.append(size - int(np.count_nonzero((removed >= start) & (removed < start + size))))
+                start += size
+            if opset >= 13:
+                node.attributes.pop("num_outputs", None)
+                _int64_input(node, 1, new, f"{label(node)}_split")
+            else:
+                node.attributes["split"] = ir.AttrInt64s("split", new)
+        elif kind == "reshape":
+            shape = np.asarray(fix["shape"], dtype=np.int64).copy()
+            if shape[1] > 0:
+                shape[1] -= len(removed) * int(fix["unit"])
+            _int64_input(node, 1, list(shape), f"{label(node)}_shape")
+        mark(node)
+
+
+def forget_shapes(value_removed: dict[ir.Value, np.ndarray]) -> None:
+    """Values that lost channels drop their stale shape annotation (inference and onnxruntime redo it)."""
+    for value, removed in value_removed.items():
+        if len(removed) and not value.is_graph_input() and not value.is_graph_output():
+            value.shape = None
+
+
+def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+    """Remove replaced constants (and the Unsqueeze/Constant chains that made them) nothing uses any more."""
+    todo = list(values)
+    while todo:
+        value = todo.pop()
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        if value.is_initializer():
+            if value.name in graph.initializers and graph.initializers[value.name] is value:
+                graph.initializers.pop(value.name)
+            continue
+        node = value.producer()
+        if node is None or node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        todo.extend(inputs)
