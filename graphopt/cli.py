@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--min-snr", type=float, help="minimum worst-channel SNR in dB")
     opt.add_argument("--report", help="JSON report path (a Markdown report is written beside it)")
     opt.add_argument("--no-latency", action="store_true", help="skip the per-pass latency measurement")
+    opt.add_argument("--samples", type=int, default=8,
+                     help="how many synthetic samples to verify with when no data is given (default 8)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("evaluate", help="compare a candidate model with a reference model")
@@ -79,13 +81,15 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.pipeline import RunOptions, optimize
     from graphopt.report import format_table
 
+    if args.samples < 1:
+        raise GraphoptError(f"--samples {args.samples}: expected at least 1")
     if not 0.0 <= args.max_drop <= 1.0:
         raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
                      score_output=args.score_output, debug=args.debug)
     report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
                       data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
-                      metric=args.metric, run=run, report_path=args.report)
+                      metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples)
     print(format_table(report))
     return 0 if report.passed else 1
 

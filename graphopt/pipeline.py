@@ -39,7 +39,7 @@ class RunOptions:
     threads: int = 1
     latency: bool = True  # time each kept pass against the original, interleaved (small models; final always)
     latency_repeats: int = 20
-    latency_seconds: float = 10.0  # cap on one latency measurement
+    latency_seconds: float = 5.0  # cap on one latency measurement
     progress: bool = True
     score_output: str | None = None
     debug: bool = False
@@ -189,7 +189,8 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
              passes: str | list | None = None, recipe: str | os.PathLike | None = None,
              calib: Any = None, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              max_drop: float = DEFAULT_MAX_DROP, min_snr: float | None = None, metric: str | None = None,
-             run: RunOptions | None = None, report_path: str | os.PathLike | None = None) -> Report:
+             run: RunOptions | None = None, report_path: str | os.PathLike | None = None,
+             synthetic_samples: int = 8) -> Report:
     """Optimize ``model`` with a recipe and write ``output`` atomically; returns the report.
 
     ``passes`` uses the recipe grammar (CLI string or list), ``recipe`` a YAML/JSON file. ``calib``/``data``:
@@ -203,7 +204,8 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     source = str(model) if not isinstance(model, ir.Model) else (model.graph.name or "<in-memory model>")
     loaded, output = _load(model, output)
     specs = datamod.input_specs(loaded)
-    calib_ds, eval_ds = datamod.resolve(specs, data=data, calib=calib, shapes=shapes)
+    calib_ds, eval_ds = datamod.resolve(specs, data=data, calib=calib, shapes=shapes,
+                                        synthetic_samples=synthetic_samples)
     needy = [s.name for s in steps if getattr(s.pass_cls, "needs_data", False)]
     if needy and calib_ds.synthetic:
         raise GraphoptError(f"pass {needy[0]!r} needs calibration data: give --calib or --data "
