@@ -6,7 +6,9 @@ from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.channel_prune import ChannelPrune
 from graphopt.passes.cleanup import Cleanup
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
+from graphopt.passes.distill import Distill
 from graphopt.passes.fuse import Fuse
+from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
@@ -21,6 +23,8 @@ REGISTRY = {
         Prune,
         KMeans,
         ChannelPrune,
+        Gap,
+        Distill,
         Quantize,
         Cleanup,
     )
