@@ -25,6 +25,8 @@ STORAGE_KEY = "graphopt.storage"
 SPARSE = "sparse"
 # Above this many bytes of tensors, the model is saved with external data (protobuf's 2 GB limit).
 EXTERNAL_THRESHOLD = 1_800_000_000
+# graph.meta key: bytes on disk of the file a model was loaded from (with its external data).
+SOURCE_BYTES = "graphopt.source_bytes"
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -32,7 +34,17 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     proto = load_proto(path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(Path(path).resolve().parent))
+    model.graph.meta[SOURCE_BYTES] = Path(path).stat().st_size + _external_bytes(proto, Path(path))
     return model
+
+
+def _external_bytes(proto: onnx.ModelProto, path: Path) -> int:
+    files = set()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            files.add((path.resolve().parent / location).resolve())
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
@@ -181,6 +193,13 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     proto = ir.serde.serialize_model(model)
     _sparsify_marked(proto)
     return proto
+
+
+def saved_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model written by save_model (the file and its ``.data`` file)."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | None = None) -> Path:

@@ -25,7 +25,7 @@ from graphopt.metrics import Comparison, Evaluator
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
-from graphopt.verify import Gate, Materialized, first_line
+from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, first_line, release_memory
 
 DEFAULT_MAX_DROP = 0.01
 # When no class-score output exists (regression, detection maps), the gate is the worst-channel SNR.
@@ -56,6 +56,7 @@ class _Verdict:
     failure: str | None
     latency: tuple[float, float] | None = None
     nbytes: int | None = None
+    materialized: Materialized | None = None  # the candidate's file, when checkpoints live on disk
 
 
 class Pipeline:
@@ -64,6 +65,7 @@ class Pipeline:
         self.current: Comparison | None = None  # the metrics of the model as it stands
         self._bench_feeds: list = []
         self._shapes: dict | None = None
+        self.model: ir.Model | None = None  # the model as it stands, while execute() runs
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
                 report: Report) -> ir.Model:
@@ -73,6 +75,7 @@ class Pipeline:
         evaluator = Evaluator(reference, evaluation, threads=self.run.threads,
                               score_output=self.run.score_output, progress=self.run.progress)
         self.current = evaluator.evaluate(reference, progress=False)
+        release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
         if self.current.value(self.gate.metric) is None and self.gate.metric != "snr":
             self.gate = Gate("snr", self.gate.max_drop, self.gate.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES)
@@ -80,74 +83,99 @@ class Pipeline:
             report.passes[0].notes.append(
                 f"no class-score output: the gate is worst-channel SNR >= {self.gate.min_snr:g} dB")
         teacher = None
-        for step in self.steps:
-            model = self._step(step, model, teacher, calib, evaluator, reference, report)
-            if step.name == "canonicalize" and not calib.synthetic:
-                teacher = model.clone()  # the original as later passes see models; tensors are shared
+        with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
+            self._checkpoints = Checkpoints(Path(tmp), modelio.tensor_bytes(model) > LARGE_BYTES, reference)
+            self.model, model = model, None  # only self.model may hold it: large runs free it while verifying
+            for step in self.steps:
+                self._step(step, teacher, calib, evaluator, reference, report)
+                if step.name == "canonicalize" and not calib.synthetic:
+                    teacher = self.model.clone()  # the original as later passes see models; tensors are shared
+            model, self.model = _in_memory(self.model), None
         self._final_latency(model, reference, report)
         report.final = self.current.to_dict()
         report.passed = self.gate.failure(self.current, self.gate.max_drop) is None
         return model
 
-    def _step(self, step: Step, model: ir.Model, teacher: ir.Model | None, calib: datamod.Dataset,
-              evaluator: Evaluator, reference: Any, report: Report) -> ir.Model:
-        snapshot = model.clone()
+    def _step(self, step: Step, teacher: ir.Model | None, calib: datamod.Dataset, evaluator: Evaluator,
+              reference: Any, report: Report) -> None:
+        self._checkpoints.before(self.model)
         budget = step.options.max_drop if step.options.max_drop is not None else self.gate.max_drop
         context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
                               score_output=self.run.score_output, max_drop=budget, progress=self.run.progress)
         start = time.perf_counter()
         try:
-            result = step.pass_cls(step.options, context)(model)
+            result = step.pass_cls(step.options, context)(self.model)
         except GraphoptError:
             raise
         except Exception as err:  # a pass bug or an unsupported graph: roll back, go on
             if self.run.debug:
                 traceback.print_exc()
-            row = self._row(step.label(), FAILED, time.perf_counter() - start, snapshot)
+            self.model = self._checkpoints.restore()
+            row = self._row(step.label(), FAILED, time.perf_counter() - start, self.model)
             row.reason = first_line(err)
             report.passes.append(row)
-            return snapshot
+            return
         seconds = time.perf_counter() - start
-        if not result.modified:
-            row = self._row(step.label(), NO_CHANGE, seconds, snapshot)
+        notes, rows = list(result.notes), list(result.rows)
+        modified = result.modified
+        del result  # it holds the model
+        if not modified:
+            row = self._row(step.label(), NO_CHANGE, seconds, self.model)
         else:
-            verdict = self._verify(model, evaluator, budget, reference)
+            params_macs = self._params_macs(self.model)
+            verdict = self._verify(evaluator, budget, reference)
             kept = verdict.failure is None
             if kept:
                 self.current = verdict.comparison
-            row = self._row(step.label(), KEPT if kept else ROLLED_BACK, seconds, model if kept else snapshot,
-                            verdict.comparison, verdict.latency, verdict.nbytes)
+            if self.model is None or not kept:  # freed while verifying, or rolled back
+                self.model = (self._checkpoints.keep(verdict.materialized) if kept
+                              else self._checkpoints.restore())
+            row = self._row(step.label(), KEPT if kept else ROLLED_BACK, seconds, None, verdict.comparison,
+                            verdict.latency, verdict.nbytes, params_macs if kept else None)
             row.reason = verdict.failure or ""
-            if not kept:
-                model = snapshot
-        row.notes, row.rows = list(result.notes), list(result.rows)
+            release_memory()
+        row.notes, row.rows = notes, rows
         report.passes.append(row)
-        return model
 
-    def _verify(self, model: ir.Model, evaluator: Evaluator, budget: float, reference: Any) -> _Verdict:
+    def _verify(self, evaluator: Evaluator, budget: float, reference: Any) -> _Verdict:
+        """Check, run and gate ``self.model``. With checkpoints on disk the in-memory model is freed once it
+        is written, so onnxruntime's copy of the weights does not sit beside it; the caller reloads."""
+        on_disk = self._checkpoints.on_disk
         with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
+            folder = self._checkpoints.folder_for_candidate() if on_disk else Path(tmp)
             try:
-                mat = Materialized(model, Path(tmp))
+                mat = Materialized(self.model, folder, to_file=on_disk)
                 mat.check()
             except Exception as err:
                 return _Verdict(None, f"onnx checker: {first_line(err)}")
+            if on_disk:
+                self.model = None
+                release_memory()
             try:
                 session = mat.session(self.run.threads)
                 comparison = evaluator.evaluate(session, progress=False)
             except Exception as err:
-                return _Verdict(None, f"onnxruntime could not run it: {first_line(err)}")
-            verdict = _Verdict(comparison, self.gate.failure(comparison, budget), nbytes=mat.nbytes)
-            if verdict.failure is None and self.run.latency and not mat.large:
+                return _Verdict(None, f"onnxruntime could not run it: {first_line(err)}", materialized=mat)
+            verdict = _Verdict(comparison, self.gate.failure(comparison, budget), nbytes=mat.nbytes,
+                               materialized=mat)
+            if verdict.failure is None and self.run.latency and not mat.heavy:
                 verdict.latency = self._latency(reference, session)
         return verdict
 
-    def _latency(self, reference: Any, candidate: Any) -> tuple[float, float] | None:
+    def _latency(self, reference: Any, candidate: Any, interleaved: bool = True) -> tuple[float, float] | None:
+        """Median ms of ``candidate`` and its ratio to ``reference``: interleaved, or one model after the
+        other when two sessions of a large model would not fit beside each other."""
         if not self._bench_feeds:
             return None
-        rows = bench.benchmark([reference, candidate], self._bench_feeds, threads=self.run.threads, warmup=2,
-                               repeats=self.run.latency_repeats, max_time_s=self.run.latency_seconds,
-                               stats=False)
-        return rows[1].median_ms, rows[1].ratio
+        timing = dict(threads=self.run.threads, warmup=2, repeats=self.run.latency_repeats,
+                      max_time_s=self.run.latency_seconds, stats=False)
+        if interleaved:
+            rows = bench.benchmark([reference, candidate], self._bench_feeds, **timing)
+            return rows[1].median_ms, rows[1].ratio
+        first = bench.benchmark([reference], self._bench_feeds, **timing)[0].median_ms
+        release_memory()
+        second = bench.benchmark([candidate], self._bench_feeds, **timing)[0].median_ms
+        return second, second / first
 
     def _final_latency(self, model: ir.Model, reference: Any, report: Report) -> None:
         """The final model against the original, always (per-pass timing skips large models)."""
@@ -156,23 +184,42 @@ class Pipeline:
             return
         with tempfile.TemporaryDirectory(prefix="graphopt-final-") as tmp:
             mat = Materialized(model, Path(tmp))
-            latency = self._latency(reference, mat.session(self.run.threads))
+            latency = self._latency(reference, mat.handle, interleaved=not mat.heavy)
         if latency is not None:
             last.latency_ms, last.latency_ratio = round(latency[0], 4), round(latency[1], 4)
-            last.notes.append("latency: the final model against the original")
+            last.notes.append("latency: the final model against the original"
+                              + ("" if not mat.heavy else ", one after the other (too large for two sessions)"))
 
-    def _row(self, label: str, status: str, seconds: float, model: ir.Model, comparison: Comparison | None = None,
-             latency: tuple[float, float] | None = None, file_bytes: int | None = None) -> PassRow:
-        comparison = comparison if comparison is not None else (self.current if status != ROLLED_BACK else None)
+    def _params_macs(self, model: ir.Model) -> tuple[int, int | None]:
         try:
             macs = bench.count_macs(model, self._shapes)
         except Exception:  # MACs are informative; a model shape inference cannot handle has none
             macs = None
-        return PassRow(step=label, status=status, seconds=round(seconds, 3), params=bench.count_params(model),
-                       file_bytes=file_bytes, macs=macs,
+        return bench.count_params(model), macs
+
+    def _row(self, label: str, status: str, seconds: float, model: ir.Model | None,
+             comparison: Comparison | None = None, latency: tuple[float, float] | None = None,
+             file_bytes: int | None = None, params_macs: tuple[int, int | None] | None = None) -> PassRow:
+        comparison = comparison if comparison is not None else (self.current if status != ROLLED_BACK else None)
+        if params_macs is None:
+            params_macs = self._params_macs(model if model is not None else self.model)
+        return PassRow(step=label, status=status, seconds=round(seconds, 3), params=params_macs[0],
+                       file_bytes=file_bytes, macs=params_macs[1],
                        metrics=comparison.to_dict() if comparison is not None else None,
                        latency_ms=None if latency is None else round(latency[0], 4),
                        latency_ratio=None if latency is None else round(latency[1], 4))
+
+
+def _in_memory(model: ir.Model) -> ir.Model:
+    """Read tensors still backed by a checkpoint file into memory, before its folder is deleted."""
+    for graph in [model.graph, *model.graph.subgraphs()]:
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                old = value.const_value
+                tensor = ir.tensor(old.numpy().copy(), name=old.name)
+                tensor.metadata_props.update(old.metadata_props)
+                value.const_value = tensor
+    return model
 
 
 def _load(model: str | os.PathLike | ir.Model, output: str | os.PathLike | None) -> tuple[ir.Model, Any]:
@@ -223,12 +270,14 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
             original = Materialized(loaded, Path(tmp))
             reference, original_bytes = original.handle, original.nbytes
         else:  # onnxruntime reads the untouched input file itself
-            reference, original_bytes = str(model), bench.disk_bytes(model)
-        final = pipeline.execute(loaded, reference, calib_ds, eval_ds, report)
+            reference, original_bytes = str(model), loaded.graph.meta.get(modelio.SOURCE_BYTES)
+        holder = [loaded]
+        del loaded  # execute() owns the model now: large runs swap it for checkpoint reloads and free this one
+        final = pipeline.execute(holder.pop(), reference, calib_ds, eval_ds, report)
     report.passes[0].file_bytes = original_bytes
     if output is not None:
         modelio.save_model(final, output)
-        report.passes[-1].file_bytes = bench.disk_bytes(output)
+        report.passes[-1].file_bytes = modelio.saved_bytes(output)
     if report_path is not None:
         report.write_json(report_path)
         report.write_markdown(Path(report_path).with_suffix(".md"))

@@ -18,8 +18,12 @@ Feed = Mapping[str, np.ndarray]
 ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
 
 
-def session_options(threads: int = 1, optimized_path: str | None = None) -> ort.SessionOptions:
+def session_options(threads: int = 1, optimized_path: str | None = None, lean: bool = False) -> ort.SessionOptions:
+    """``lean``: no weight pre-packing and no memory arena — for checking big models, not for timing them."""
     opts = ort.SessionOptions()
+    if lean:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = False
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
@@ -37,9 +41,10 @@ def _has_external(model: ir.Model) -> bool:
     return False
 
 
-def make_session(model: ModelLike, threads: int = 1, optimized_path: str | None = None) -> ort.InferenceSession:
+def make_session(model: ModelLike, threads: int = 1, optimized_path: str | None = None,
+                 lean: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session. Large or external-data models go through a temporary file."""
-    opts = session_options(threads, optimized_path)
+    opts = session_options(threads, optimized_path, lean)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), opts, providers=providers)

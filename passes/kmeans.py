@@ -20,7 +20,7 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.kmeans1d import INITS, kmeans1d
+from graphopt.passes.kmeans1d import HIST_MIN_SIZE, INITS, kmeans1d, kmeans1d_hist
 from graphopt.passes.prune import Target, find_targets
 from graphopt.weights import set_initializer
 
@@ -50,14 +50,22 @@ class Codebook:
 
 def _cluster(values: np.ndarray, weights: np.ndarray | None, k: int, init: str, zero_code: bool,
              seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids (code 0 = 0.0 when ``zero_code``) and codes for one group of values."""
-    codes = np.zeros(values.shape, np.int64)
+    """Centroids (code 0 = 0.0 when ``zero_code``) and uint8 codes shaped like ``values`` for one group.
+
+    Large groups go through the histogram k-means: no sort, no full-size float64 or int64 copies."""
+    if values.size > HIST_MIN_SIZE:
+        cents, codes = kmeans1d_hist(values, k - int(zero_code), weights, init, seed=seed, zero_code=zero_code)
+        return (np.concatenate([[0.0], cents]) if zero_code else cents), codes.astype(np.uint8, copy=False)
+    flat = values.reshape(-1)
+    flat_w = None if weights is None else weights.reshape(-1)
     if not zero_code:
-        return kmeans1d(values, k, weights, init, seed=seed)
-    nz = values != 0
-    cents, labels = kmeans1d(values[nz], k - 1, None if weights is None else weights[nz], init, seed=seed)
+        cents, labels = kmeans1d(flat, k, flat_w, init, seed=seed)
+        return cents, labels.astype(np.uint8).reshape(values.shape)
+    codes = np.zeros(flat.shape, np.uint8)
+    nz = flat != 0
+    cents, labels = kmeans1d(flat[nz], k - 1, None if flat_w is None else flat_w[nz], init, seed=seed)
     codes[nz] = labels + 1
-    return np.concatenate([[0.0], cents]), codes
+    return np.concatenate([[0.0], cents]), codes.reshape(values.shape)
 
 
 def quantize(w: np.ndarray, bits: int, init: str = "linear", importance: np.ndarray | None = None,
@@ -73,20 +81,54 @@ def quantize(w: np.ndarray, bits: int, init: str = "linear", importance: np.ndar
         return Codebook(book, (w >= 0).astype(np.uint8), axis, False)
     zero_code = bool(np.any(w == 0))
     if not per_channel:
-        cents, codes = _cluster(w.reshape(-1), None if importance is None else importance.reshape(-1), k, init,
-                                zero_code, seed)
-        return Codebook(cents.astype(w.dtype), codes.reshape(w.shape).astype(np.uint8), axis, zero_code)
-    rows = np.moveaxis(w.astype(np.float64), axis, 0)
+        cents, codes = _cluster(w, importance, k, init, zero_code, seed)
+        return Codebook(cents.astype(w.dtype), codes, axis, zero_code)
+    rows = np.moveaxis(w, axis, 0)  # float32 as is: kmeans1d widens only its sorted distinct values
     hrows = None if importance is None else np.moveaxis(importance, axis, 0)
     book = np.zeros((rows.shape[0], k), w.dtype)
     idx = np.zeros(rows.shape, np.uint8)
     for o in range(rows.shape[0]):
-        cents, codes = _cluster(rows[o].reshape(-1), None if hrows is None else hrows[o].reshape(-1), k, init,
-                                zero_code, seed)
+        cents, codes = _cluster(rows[o], None if hrows is None else hrows[o], k, init, zero_code, seed)
         book[o, :cents.size] = cents
         book[o, cents.size:] = cents[-1] if cents.size else 0  # unused codes: harmless filler
-        idx[o] = codes.reshape(rows.shape[1:])
+        idx[o] = codes
     return Codebook(book, np.moveaxis(idx, 0, axis), axis, zero_code)
+
+
+def errors(w: np.ndarray, cb: Codebook, h: np.ndarray | None) -> tuple[float, float | None]:
+    """(relative error, importance-weighted relative error) of the reconstruction, block by block.
+
+    Float64 sums over blocks of output channels: never a full-size float64 or int64 copy of a big weight."""
+    axis = cb.out_axis
+    wr = np.moveaxis(w, axis, 0)
+    ir_ = np.moveaxis(cb.indices, axis, 0)
+    hr = None if h is None else np.moveaxis(h, axis, 0)
+    step = max(1, (1 << 20) // max(1, w.size // max(1, wr.shape[0])))
+    sums = np.zeros(4)  # Σd², Σw², Σh·d², Σh·w²
+    for start in range(0, wr.shape[0], step):
+        x = np.asarray(wr[start:start + step], np.float64)
+        codes = ir_[start:start + step].astype(np.intp)
+        if cb.per_channel:
+            rows = np.arange(start, start + x.shape[0]).reshape((-1,) + (1,) * (x.ndim - 1))
+            approx = cb.codebook[rows, codes]
+        else:
+            approx = cb.codebook[codes]
+        d2 = (approx - x) ** 2
+        x2 = x * x
+        sums[:2] += d2.sum(), x2.sum()
+        if hr is not None:
+            hb = hr[start:start + step]
+            sums[2:] += np.sum(hb * d2), np.sum(hb * x2)
+    rel = float(np.sqrt(sums[0]) / (np.sqrt(sums[1]) or 1.0))
+    return rel, (None if h is None else float(np.sqrt(sums[2] / (sums[3] or 1))))
+
+
+def _codes_used(indices: np.ndarray) -> int:
+    counts = np.zeros(256, np.int64)
+    flat = indices.reshape(-1)
+    for start in range(0, flat.size, 1 << 20):
+        counts += np.bincount(flat[start:start + (1 << 20)], minlength=256)
+    return int(np.count_nonzero(counts))
 
 
 def importance_of(target: Target, mean_square: np.ndarray) -> np.ndarray:
@@ -196,17 +238,14 @@ class KMeans(GraphoptPass):
                 notes.append(f"{t.layer}: a codebook would not be smaller ({new_bytes} vs {t.array.nbytes} bytes); "
                              "left as it is")
                 continue
-            approx = cb.reconstruct()
-            diff = (approx.astype(np.float64) - t.array)
-            rel = float(np.linalg.norm(diff) / (np.linalg.norm(t.array.astype(np.float64)) or 1.0))
+            rel, weighted = errors(t.array, cb, h)
             row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(t.array.size),
-                   "bits": opts.bits, "codes_used": int(np.unique(cb.indices).size),
+                   "bits": opts.bits, "codes_used": _codes_used(cb.indices),
                    "codebook": list(cb.codebook.shape), "zero_code": cb.zero_code,
                    "indices": "uint4" if packed else "uint8", "bytes_before": int(t.array.nbytes),
                    "bytes_after": int(new_bytes), "rel_error": round(rel, 5)}
-            if h is not None:
-                row["weighted_rel_error"] = round(float(np.sqrt(np.sum(h * diff ** 2) /
-                                                                (np.sum(h * t.array.astype(np.float64) ** 2) or 1))), 5)
+            if weighted is not None:
+                row["weighted_rel_error"] = round(weighted, 5)
             self._rewrite(t, cb, packed)
             rows.append(row)
         if rows:

@@ -16,6 +16,11 @@ Init = Literal["linear", "density", "kmeans++"]
 INITS = ("linear", "density", "kmeans++")
 # kmeans++ seeding is O(n·k); above this many distinct values it seeds on a weighted subsample.
 _PLUSPLUS_SAMPLE = 65536
+# Above this many values, callers use kmeans1d_hist: sorting 100M floats takes a minute and gigabytes.
+HIST_MIN_SIZE = 1 << 20
+HIST_BINS = 1 << 16
+# Elements per block in the streaming passes: temporaries stay a few MB and in cache.
+_BLOCK = 1 << 20
 
 
 def _unique(values: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,6 +133,24 @@ def _cost(pre: _Prefix, c: np.ndarray) -> float:
     return float(pre.sse(b[:-1], b[1:]).sum())
 
 
+def _fit(xs: np.ndarray, ws: np.ndarray, k: int, init: str, max_iter: int, seed: int) -> np.ndarray:
+    """Sorted centroids for sorted distinct values ``xs`` (more than k) with weights ``ws``: Lloyd + swaps."""
+    ws = np.maximum(ws, 1e-30 * max(ws.max(), 1e-30))  # zero-energy values still belong somewhere
+    c = lloyd_sorted(xs, ws, init_centroids(xs, ws, k, init, seed), max_iter)
+    pre = _Prefix(xs, ws)
+    cost = _cost(pre, c)
+    for _ in range(2 * k):  # merge-and-split moves while they lower the objective
+        moved = _swap(pre, c)
+        if moved is None:
+            break
+        moved = lloyd_sorted(xs, ws, moved, max_iter)
+        new_cost = _cost(pre, moved)
+        if not new_cost < cost * (1 - 1e-9):
+            break
+        c, cost = moved, new_cost
+    return c
+
+
 def kmeans1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, init: str = "linear",
              max_iter: int = 100, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Weighted 1-D k-means of ``values`` into at most ``k`` clusters.
@@ -143,19 +166,7 @@ def kmeans1d(values: np.ndarray, k: int, weights: np.ndarray | None = None, init
         return np.zeros(0), np.zeros(shape, dtype=np.int64)
     if xs.size <= k:
         return xs, inverse.reshape(shape)
-    ws = np.maximum(ws, 1e-30 * max(ws.max(), 1e-30))  # zero-energy values still belong somewhere
-    c = lloyd_sorted(xs, ws, init_centroids(xs, ws, k, init, seed), max_iter)
-    pre = _Prefix(xs, ws)
-    cost = _cost(pre, c)
-    for _ in range(2 * k):  # merge-and-split moves while they lower the objective
-        moved = _swap(pre, c)
-        if moved is None:
-            break
-        moved = lloyd_sorted(xs, ws, moved, max_iter)
-        new_cost = _cost(pre, moved)
-        if not new_cost < cost * (1 - 1e-9):
-            break
-        c, cost = moved, new_cost
+    c = _fit(xs, ws, k, init, max_iter, seed)
     labels_u = assign(xs, c)
     used = np.unique(labels_u)
     if used.size < c.size:  # drop empty clusters, renumber
@@ -176,3 +187,115 @@ def objective(values: np.ndarray, centroids: np.ndarray, labels: np.ndarray,
     """Σ w·(x − c[label])², the quantity k-means minimizes."""
     err = (np.asarray(values, np.float64) - centroids[labels]) ** 2
     return float(np.sum(err if weights is None else err * weights))
+
+
+def _blocks(values: np.ndarray, weights: np.ndarray | None, zero_code: bool):
+    """(slice along axis 0, flat values, flat weights, non-zero mask) per block of about _BLOCK elements.
+
+    Slicing along axis 0 keeps a broadcast weights view lazy: only one block is ever materialized."""
+    rows = values.shape[0] if values.ndim else 1
+    per_row = max(1, values.size // max(rows, 1))
+    step = max(1, _BLOCK // per_row)
+    for start in range(0, rows, step):
+        sl = slice(start, start + step)
+        x = values[sl].reshape(-1)
+        h = None if weights is None else np.asarray(weights[sl], np.float64).reshape(-1)
+        keep = (x != 0) if zero_code else None
+        if keep is not None:
+            x = x[keep]
+            h = None if h is None else h[keep]
+        yield sl, x, h, keep
+
+
+def _few_distinct(values: np.ndarray, zero_code: bool, limit: int) -> np.ndarray | None:
+    """The sorted distinct (non-zero when ``zero_code``) values if there are at most ``limit``, else None."""
+    seen = np.zeros(0, values.dtype)
+    for _, x, _, _ in _blocks(values, None, zero_code):
+        seen = np.union1d(seen, x)
+        if seen.size > limit:
+            return None
+    return seen.astype(np.float64)
+
+
+def kmeans1d_hist(values: np.ndarray, k: int, weights: np.ndarray | None = None, init: str = "linear",
+                  max_iter: int = 100, seed: int = 0, zero_code: bool = False,
+                  bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """kmeans1d for large arrays: Lloyd on a fine histogram, then exact nearest-centroid codes.
+
+    One streaming pass bins the values into ``bins`` equal bins over their range, keeping per bin the
+    count and the (weighted) sum; Lloyd on the bin means is then exact for the binned data, and a bin is far
+    narrower than a cluster. A second pass assigns every value to its nearest centroid. No sort and no
+    full-size temporary. With ``zero_code`` exact zeros take no part and get code 0, the others 1 + index.
+    Returns (centroids sorted ascending, codes shaped like ``values``, the smallest unsigned dtype).
+    With at most ``k`` distinct values the centroids are those values exactly; unused centroids are dropped.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    if weights is not None and np.shape(weights) != values.shape:
+        raise ValueError(f"weights shape {np.shape(weights)} does not match values {values.shape}")
+    dtype = np.min_scalar_type(k + int(zero_code))
+    codes = np.zeros(values.shape, dtype)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if zero_code and values.size:  # the range of the non-zero values (only differs when all are >= 0 or <= 0)
+        if lo == 0:
+            lo = float(np.min(values, where=values != 0, initial=np.inf))
+        if hi == 0:
+            hi = float(np.max(values, where=values != 0, initial=-np.inf))
+    if lo == np.inf:  # nothing but zeros
+        return np.zeros(0), codes
+    if not np.isfinite(hi - lo):
+        raise ValueError("values must be finite")
+    scale = bins / (hi - lo) if hi > lo else 0.0
+    count = np.zeros(bins)
+    total = np.zeros(bins)
+    wsum = np.zeros(bins) if weights is not None else None
+    wtotal = np.zeros(bins) if weights is not None else None
+    for _, x, h, _ in _blocks(values, weights, zero_code):
+        idx = ((x - x.dtype.type(lo)) * x.dtype.type(scale)).astype(np.intp)  # monotone in x: bins stay sorted
+        np.clip(idx, 0, bins - 1, out=idx)
+        count += np.bincount(idx, minlength=bins)
+        total += np.bincount(idx, weights=x, minlength=bins)
+        if h is not None:
+            wsum += np.bincount(idx, weights=h, minlength=bins)
+            wtotal += np.bincount(idx, weights=h * x, minlength=bins)
+        del idx
+    filled = count > 0
+    xs = total[filled] / count[filled]
+    ws = count[filled]
+    if wsum is not None:  # weighted bin means; a bin of zero weight keeps its plain mean
+        sw = wsum[filled]
+        xs = np.where(sw > 0, wtotal[filled] / np.where(sw > 0, sw, 1.0), xs)
+        ws = sw
+    order = np.argsort(xs, kind="stable")
+    xs, ws = xs[order], ws[order]
+    distinct = _few_distinct(values, zero_code, k) if xs.size <= k else None
+    if distinct is not None:
+        c = distinct
+    elif xs.size <= k:
+        c = xs
+    else:
+        c = _fit(xs, ws, k, init, max_iter, seed)
+    mids = (c[1:] + c[:-1]) / 2
+    used = np.zeros(c.size, np.int64)
+    for sl, x, _, keep in _blocks(values, None, zero_code):
+        lab = np.zeros(x.size, dtype)
+        for m in mids:  # searchsorted(mids, x, side="left") == number of mids below x; k compares are faster
+            lab += x > m
+        used += np.bincount(lab, minlength=c.size)
+        if keep is not None:
+            block = np.zeros(keep.size, dtype)
+            block[keep] = lab + 1
+            lab = block
+        codes[sl] = lab.reshape(codes[sl].shape)
+    if np.any(used == 0):  # drop empty clusters, renumber
+        alive = used > 0
+        remap = np.zeros(c.size + int(zero_code), dtype)
+        remap[int(zero_code) + np.flatnonzero(alive)] = np.arange(int(zero_code), int(zero_code) + alive.sum())
+        c = c[alive]
+        for start in range(0, codes.size, _BLOCK):
+            flat = codes.reshape(-1)
+            flat[start:start + _BLOCK] = remap[flat[start:start + _BLOCK]]
+    return c, codes

@@ -11,7 +11,7 @@ float model's. Biases and normalization parameters are never touched (only the w
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -105,6 +105,80 @@ def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], mi
     return targets
 
 
+# Streaming passes work on blocks of this many elements; selections up to _EXACT_SELECT elements just partition.
+_BLOCK = 1 << 22
+_EXACT_SELECT = 1 << 22
+_SAMPLE = 1 << 18
+
+
+def _blocks(n: int):
+    return (slice(start, start + _BLOCK) for start in range(0, n, _BLOCK))
+
+
+def _sumsq(x: np.ndarray, y: np.ndarray | None = None) -> float:
+    """Σ(x − y)² (y = 0 when None) in float64, block by block: no full-size temporary."""
+    fx = x.reshape(-1)
+    fy = None if y is None else y.reshape(-1)
+    return float(sum(np.sum(np.square(fx[sl] if fy is None else fx[sl] - fy[sl], dtype=np.float64))
+                     for sl in _blocks(fx.size)))
+
+
+Magnitude = Callable[[int, np.ndarray], np.ndarray]  # (part index, block of that part) -> magnitudes
+
+
+def kth_smallest(parts: list[np.ndarray], magnitude: Magnitude, k: int) -> float:
+    """The k-th smallest (1-based) magnitude over the flat arrays ``parts``, exactly.
+
+    Small inputs are partitioned directly. Large ones: a random sample brackets the answer, one streaming pass
+    counts the magnitudes below the bracket and keeps those inside it (about 1% of them), and only those are
+    partitioned; a bracket that misses (unlikely) falls back to partitioning everything."""
+    n = sum(p.size for p in parts)
+    if n <= _EXACT_SELECT:
+        return float(np.partition(np.concatenate([magnitude(i, p) for i, p in enumerate(parts)]), k - 1)[k - 1])
+    rng = np.random.default_rng(0)
+    sample = np.sort(np.concatenate([magnitude(i, p[rng.integers(0, p.size, -(-_SAMPLE * p.size // n))])
+                                     for i, p in enumerate(parts) if p.size]))
+    pos = (k - 1) / n * sample.size
+    margin = 4 * np.sqrt(sample.size * (k / n) * (1 - k / n)) + 16
+    lo_i, hi_i = int(pos - margin), int(pos + margin)
+    lo = sample[lo_i] if lo_i >= 0 else -np.inf
+    hi = sample[hi_i] if hi_i < sample.size else np.inf
+    below, inside = 0, []
+    for i, p in enumerate(parts):
+        for sl in _blocks(p.size):
+            m = magnitude(i, p[sl])
+            below += int(np.count_nonzero(m < lo))
+            inside.append(m[(m >= lo) & (m <= hi)])
+    cand = np.concatenate(inside)
+    del inside
+    if below <= k - 1 < below + cand.size:
+        return float(np.partition(cand, k - 1 - below)[k - 1 - below])
+    del cand
+    return float(np.partition(np.concatenate([magnitude(i, p) for i, p in enumerate(parts)]), k - 1)[k - 1])
+
+
+def _smallest_masks(parts: list[np.ndarray], magnitude: Magnitude, k: int) -> list[np.ndarray]:
+    """Flat masks of exactly the k smallest magnitudes over ``parts``: all below the k-th, then ties in order."""
+    if k <= 0:
+        return [np.zeros(p.size, bool) for p in parts]
+    t = kth_smallest(parts, magnitude, k)
+    masks = []
+    for i, p in enumerate(parts):
+        m = np.empty(p.size, bool)
+        for sl in _blocks(p.size):
+            m[sl] = magnitude(i, p[sl]) < t
+        masks.append(m)
+    need = k - sum(int(np.count_nonzero(m)) for m in masks)
+    for i, (p, m) in enumerate(zip(parts, masks)):  # ties at the threshold: take them in order until exact
+        for sl in _blocks(p.size):
+            if need <= 0:
+                break
+            ties = np.flatnonzero(magnitude(i, p[sl]) == t)[:need]
+            m[sl][ties] = True
+            need -= ties.size
+    return masks
+
+
 def prune_array(w: np.ndarray, sparsity: float) -> np.ndarray:
     """A copy of ``w`` with its round(sparsity·n) smallest-magnitude elements set to zero."""
     flat = w.reshape(-1)
@@ -113,30 +187,16 @@ def prune_array(w: np.ndarray, sparsity: float) -> np.ndarray:
     if k >= flat.size:
         out[:] = 0
     elif k > 0:
-        out[np.argpartition(np.abs(flat), k - 1)[:k]] = 0
+        out[_smallest_masks([flat], lambda _, x: np.abs(x), k)[0]] = 0
     return out.reshape(w.shape)
 
 
 def global_masks(arrays: list[np.ndarray], sparsity: float) -> list[np.ndarray]:
     """Boolean prune masks from one threshold over |w|/rms(layer) of all layers (exactly round(s·N) zeros)."""
-    norms = []
-    for w in arrays:
-        a = np.abs(w.astype(np.float32)).reshape(-1)
-        rms = float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))) or 1.0
-        norms.append(a / np.float32(rms))
-    total = sum(n.size for n in norms)
-    k = int(round(sparsity * total))
-    if k <= 0:
-        return [np.zeros(w.shape, bool) for w in arrays]
-    t = np.partition(np.concatenate(norms), k - 1)[k - 1]
-    masks = [n < t for n in norms]
-    need = k - sum(int(m.sum()) for m in masks)
-    for n, m in zip(norms, masks):  # ties at the threshold: take them in order until the count is exact
-        if need <= 0:
-            break
-        ties = np.flatnonzero(n == t)[:need]
-        m[ties] = True
-        need -= ties.size
+    flats = [w.reshape(-1) for w in arrays]
+    rms = [np.float32(np.sqrt(_sumsq(f.astype(np.float32, copy=False)) / f.size) or 1.0) if f.size else np.float32(1.0) for f in flats]
+    k = int(round(sparsity * sum(f.size for f in flats)))
+    masks = _smallest_masks(flats, lambda i, x: np.abs(x.astype(np.float32)) / rms[i], k)
     return [m.reshape(w.shape) for m, w in zip(masks, arrays)]
 
 
@@ -227,24 +287,26 @@ class Prune(GraphoptPass):
         rows = []
         if opts.scope == "global" and not opts.sensitivity and not isinstance(opts.sparsity, dict):
             masks = global_masks([t.array for t in targets], float(opts.sparsity))
-            pruned = [np.where(m, np.zeros((), t.array.dtype), t.array) for t, m in zip(targets, masks)]
-        else:
-            pruned = [prune_array(t.array, s) for t, s in plan]
-            targets = [t for t, _ in plan]
-        for t, p in zip(targets, pruned):
-            before = float(np.mean(t.array == 0))
-            after = float(np.mean(p == 0))
-            if after <= before:
-                continue
-            set_pruned(t, p)
+            plan = [(t, m) for t, m in zip(targets, masks)]
+            del masks
+        for t, how in plan:  # one layer at a time: a big layer's temporaries are freed before the next
+            if isinstance(how, np.ndarray):
+                p = np.where(how, np.zeros((), t.array.dtype), t.array)
+            else:
+                p = prune_array(t.array, how)
+            zeros_before = t.array.size - int(np.count_nonzero(t.array))
             nnz = int(np.count_nonzero(p))
+            if p.size - nnz <= zeros_before:
+                continue
+            before, after = zeros_before / p.size, 1 - nnz / p.size
+            rel = float(np.sqrt(_sumsq(t.array, p)) / (np.sqrt(_sumsq(t.array)) or 1.0))
+            set_pruned(t, p)
             dense = int(p.nbytes)
             sparse = nnz * (8 + p.itemsize)
             row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(p.size),
                    "sparsity_before": round(before, 4), "sparsity": round(after, 4), "bytes_dense": dense,
                    "bytes_sparse": sparse, "stored": "sparse" if sparse < dense else "dense",
-                   "rel_error": round(float(np.linalg.norm((t.array - p).astype(np.float64))
-                                            / (np.linalg.norm(t.array.astype(np.float64)) or 1.0)), 5)}
+                   "rel_error": round(rel, 5)}
             row.update(info.get(t.layer, {}))
             rows.append(row)
         if rows:

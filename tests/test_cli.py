@@ -185,3 +185,21 @@ def test_package_layout_resolves():
 
     assert Path(graphopt.passes.__file__).resolve().parent == ROOT / "passes"
     assert dataclasses.is_dataclass(graphopt.passes.REGISTRY["canonicalize"].Options)
+
+
+def test_rollback_with_checkpoints_on_disk(tmp_path, capsys, fake_passes, monkeypatch):
+    """Large models roll back from the last kept model on disk instead of an in-memory snapshot."""
+    from graphopt import pipeline, verify
+
+    monkeypatch.setattr(pipeline, "LARGE_BYTES", 1000)
+    monkeypatch.setattr(verify, "LARGE_BYTES", 1000)
+    code, out = _optimize(tmp_path, "--passes", "fold_batchnorm; zero_head; crash", "--report",
+                          str(tmp_path / "r.json"))
+    assert code == 0
+    rows = {r["step"]: r for r in json.loads((tmp_path / "r.json").read_text())["passes"]}
+    assert [rows[k]["status"] for k in ("fold_batchnorm", "zero_head", "crash")] == ["kept", "rolled back",
+                                                                                     "failed"]
+    saved = onnx.load(out)
+    assert "BatchNormalization" not in {n.op_type for n in saved.graph.node}  # the kept pass survived
+    fc2 = [t for t in saved.graph.initializer if "fc2" in t.name]
+    assert fc2 and all(np.abs(onnx.numpy_helper.to_array(t)).max() > 0 for t in fc2)

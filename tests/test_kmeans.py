@@ -16,7 +16,8 @@ from graphopt.errors import RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.kmeans import KMeans, quantize
-from graphopt.passes.kmeans1d import init_centroids, kmeans1d, lloyd_sorted, objective
+from graphopt.passes import kmeans as kmeans_mod
+from graphopt.passes.kmeans1d import init_centroids, kmeans1d, kmeans1d_hist, lloyd_sorted, objective
 from graphopt.passes.prune import Prune
 from graphopt.runtime import make_session
 from tests.helpers import assert_same_outputs, clone, make_model, op_types, randn, run_model, tensor_info
@@ -143,6 +144,51 @@ def test_empty_clusters_are_refilled():
     x = np.concatenate([np.linspace(-1.01, -0.99, 100), np.linspace(0.99, 1.01, 100)])
     cents, labels = kmeans1d(x, 8)
     assert cents.size == 8 and np.unique(labels).size == 8
+
+
+def test_histogram_path_objective_within_1pct_of_exact_path():
+    # 2M values: the size the pass sends through the histogram; the exact path sorts them all.
+    x = np.random.default_rng(0).standard_normal(2_000_000).astype(np.float32)
+    exact = objective(x, *kmeans1d(x, 16))
+    cents, codes = kmeans1d_hist(x, 16)
+    assert codes.dtype == np.uint8 and codes.shape == x.shape
+    # codes are the nearest centroid of each value, exactly as the exact path assigns them
+    np.testing.assert_array_equal(codes[:20000], np.argmin(np.abs(x[:20000, None] - cents[None, :]), axis=1))
+    hist = objective(x, cents, codes.astype(np.int64))
+    assert abs(hist - exact) <= 0.01 * exact
+
+
+def test_histogram_path_zero_code_weights_and_few_distinct_values():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 2000)).astype(np.float32)
+    x[rng.random(x.shape) < 0.5] = 0
+    h = np.broadcast_to(rng.uniform(0.1, 3.0, (1, 2000)), x.shape)  # lazy per-column weights, as data_aware
+    cents, codes = kmeans1d_hist(x, 15, h, zero_code=True)
+    nz = x != 0
+    np.testing.assert_array_equal(codes == 0, ~nz)  # zeros keep code 0 and take no part
+    ref_c, ref_l = kmeans1d(x[nz], 15, h[nz])
+    assert objective(x[nz], cents, codes[nz] - 1, h[nz]) <= 1.01 * objective(x[nz], ref_c, ref_l, h[nz])
+    # at most k distinct values closer than a bin: kept exactly, as the exact path keeps them
+    levels = np.array([-3.0, 0.1, 0.1000001, 0.5], np.float32)
+    y = levels[rng.integers(0, 4, 1_500_000)]
+    cents, codes = kmeans1d_hist(y, 4)
+    np.testing.assert_array_equal(cents[codes], y.astype(np.float64))
+
+
+def test_pass_through_histogram_path_reconstructs_and_keeps_zeros(monkeypatch):
+    monkeypatch.setattr(kmeans_mod, "HIST_MIN_SIZE", 0)  # every layer takes the large-layer path
+    model = conv_gemm_model()
+    Prune(build_options(Prune.Options, {"sparsity": 0.5, "min_size": 0}, "prune"))(model)
+    before = {n: model.graph.initializers[n].const_value.numpy() for n in ("w", "w2", "w3")}
+    result = kmeans(model, bits=4)
+    dec = decoded(model)
+    for row in result.rows:
+        w = before[row["weight"]]
+        np.testing.assert_array_equal(dec[row["weight"]] == 0, w == 0)
+        err = np.linalg.norm(dec[row["weight"]].astype(np.float64) - w) / np.linalg.norm(w.astype(np.float64))
+        assert row["rel_error"] == pytest.approx(err, abs=1e-5)
+        assert row["codes_used"] == np.unique(model.graph.initializers[f"{row['weight']}_indices"]
+                                              .const_value.numpy().astype(np.uint8)).size
 
 
 # --- the pass ----------------------------------------------------------------------------------------------

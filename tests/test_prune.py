@@ -13,7 +13,8 @@ from graphopt.errors import GraphoptError, RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.kmeans import KMeans
-from graphopt.passes.prune import Prune, allocate, global_masks, prune_array
+from graphopt.passes import prune as prune_mod
+from graphopt.passes.prune import Prune, allocate, global_masks, kth_smallest, prune_array
 from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
 
 X = randn((3, 4, 8, 8), 9)
@@ -193,3 +194,31 @@ def test_sparse_storage_survives_cleanup(tmp_path):
     Cleanup()(model)
     modelio.save_model(model, tmp_path / "c.onnx")
     assert len(onnx.load(str(tmp_path / "c.onnx")).graph.sparse_initializer) == 3
+
+
+@pytest.mark.parametrize("sparsity", [1e-4, 0.3, 0.5, 0.97])
+def test_streaming_selection_on_large_layers_is_exact(monkeypatch, sparsity):
+    # Shrink the large-input limits so the sample-bracket path (the one 100M-element layers take) runs here.
+    monkeypatch.setattr(prune_mod, "_EXACT_SELECT", 1000)
+    monkeypatch.setattr(prune_mod, "_BLOCK", 777)
+    monkeypatch.setattr(prune_mod, "_SAMPLE", 512)
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal(20000).astype(np.float32), rng.standard_normal(5000).astype(np.float32) * 4]
+    parts[0][:300] = np.float32(0.5)  # ties at a likely threshold
+    mags = np.abs(np.concatenate(parts))
+    k = round(sparsity * mags.size)
+    assert kth_smallest(parts, lambda _, x: np.abs(x), k) == np.sort(mags)[k - 1]
+    w = parts[0].reshape(100, 200)
+    p = prune_array(w, sparsity)
+    k1 = round(sparsity * w.size)
+    t = np.sort(np.abs(w).ravel())[k1 - 1]
+    assert np.count_nonzero(p == 0) == k1
+    assert np.abs(w[p == 0]).max() <= t <= np.abs(w[p != 0]).min()
+    np.testing.assert_array_equal(p[p != 0], w[p != 0])
+    masks = global_masks([w, parts[1]], sparsity)
+    norm = np.concatenate([np.abs(a).ravel() / np.float32(np.sqrt(np.mean(np.square(a, dtype=np.float64))))
+                           for a in (w, parts[1])])
+    chosen = np.concatenate([m.ravel() for m in masks])
+    tg = np.sort(norm)[round(sparsity * norm.size) - 1]
+    assert chosen.sum() == round(sparsity * norm.size)
+    assert norm[chosen].max() <= tg <= norm[~chosen].min()
