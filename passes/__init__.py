@@ -10,6 +10,7 @@ from graphopt.passes.distill import Distill
 from graphopt.passes.fuse import Fuse
 from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
+from graphopt.passes.lowrank import LowRank
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import Quantize
 
@@ -23,6 +24,7 @@ REGISTRY = {
         Prune,
         KMeans,
         ChannelPrune,
+        LowRank,
         Gap,
         Distill,
         Quantize,
