@@ -33,7 +33,6 @@ from graphopt.data import Dataset  # noqa: E402
 from graphopt.passbase import PassContext  # noqa: E402
 from graphopt.passes import REGISTRY  # noqa: E402
 from graphopt.passes.canonicalize import Canonicalize  # noqa: E402
-from graphopt.passes.distill import Distill  # noqa: E402
 from graphopt.passes.gap import Gap  # noqa: E402
 from graphopt.pipeline import RunOptions, optimize  # noqa: E402
 from graphopt.runtime import make_session  # noqa: E402

@@ -31,7 +31,7 @@ from graphopt.costs import (
     stored_tensors,
 )
 from graphopt.errors import DataError, GraphoptError
-from graphopt.modelio import _all_graphs as _proto_graphs  # every GraphProto level, subgraphs included
+from graphopt.modelio import proto_graphs as _proto_graphs  # every GraphProto level, subgraphs included
 
 __all__ = [
     "DATA_PROP_OPSET",

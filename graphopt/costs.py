@@ -18,7 +18,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.modelio import _all_graphs as _proto_graphs  # every GraphProto level, subgraphs included
+from graphopt.modelio import proto_graphs as _proto_graphs  # every GraphProto level, subgraphs included
 from graphopt.weights import all_graphs
 
 __all__ = [

@@ -329,7 +329,7 @@ def unfold(x: np.ndarray, layer: LinearLayer, rows: np.ndarray | None = None) ->
         return flat if rows is None else flat[rows]
     windows = _conv_windows(x, layer)
     nsp = len(layer.kernel)
-    n, c, out = windows.shape[0], windows.shape[1], windows.shape[2 : 2 + nsp]
+    n, out = windows.shape[0], windows.shape[2 : 2 + nsp]
     if rows is None:
         perm = (0, *range(2, 2 + nsp), 1, *range(2 + nsp, 2 + 2 * nsp))
         return windows.transpose(perm).reshape(n * int(np.prod(out)), -1)

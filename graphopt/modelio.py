@@ -73,19 +73,20 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     return proto
 
 
-def _all_graphs(graph: onnx.GraphProto):
+def proto_graphs(graph: onnx.GraphProto):
+    """Every GraphProto level of a model: the graph and its If/Loop/Scan bodies."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
+                yield from proto_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _all_graphs(sub)
+                    yield from proto_graphs(sub)
 
 
 def _all_tensors(graph: onnx.GraphProto):
-    for g in _all_graphs(graph):
+    for g in proto_graphs(graph):
         yield from g.initializer
         for sparse in g.sparse_initializer:
             yield sparse.values
@@ -123,7 +124,7 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
 def densify_sparse_initializers(proto: onnx.ModelProto) -> list[str]:
     """Turn sparse initializers into dense ones, marked for sparse storage at save; returns their names."""
     names = []
-    for graph in _all_graphs(proto.graph):
+    for graph in proto_graphs(proto.graph):
         for sparse in list(graph.sparse_initializer):
             dense = sparse_to_dense(sparse)
             tensor = numpy_helper.from_array(dense, sparse.values.name)
@@ -160,7 +161,7 @@ def dense_to_sparse(tensor: onnx.TensorProto) -> onnx.SparseTensorProto | None:
 
 
 def _sparsify_marked(proto: onnx.ModelProto) -> None:
-    for graph in _all_graphs(proto.graph):
+    for graph in proto_graphs(proto.graph):
         keep = []
         for tensor in graph.initializer:
             marks = {p.key: p.value for p in tensor.metadata_props}

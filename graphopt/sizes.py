@@ -9,7 +9,6 @@ stream (bits/8, rounded up) plus the codebook (and offsets) bytes; every other t
 from __future__ import annotations
 
 import heapq
-import lzma
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from graphopt.bench import disk_bytes, file_sizes
+from graphopt.modelio import proto_graphs
 
 
 def huffman_code_lengths(counts: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -51,17 +53,6 @@ def huffman_bits(symbols: np.ndarray) -> int:
         return 0
     counts = np.bincount(flat)
     return int(np.dot(counts, huffman_code_lengths(counts)))
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
 
 
 def _raw_bytes(tensor: onnx.TensorProto) -> int:
@@ -101,30 +92,15 @@ def codebook_layers(graph: onnx.GraphProto) -> list[tuple[str, str, list[str]]]:
 def model_sizes(path: str | os.PathLike, lzma_preset: int = 6, with_lzma: bool = True) -> dict[str, Any]:
     """bytes on disk (with external data), lzma bytes of those, huffman bytes, raw tensor bytes, codebooks."""
     path = Path(path)
-    files = [path]
-    proto = onnx.load(str(path), load_external_data=False)
-    for graph in _graphs(proto.graph):
-        for t in graph.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                location = {e.key: e.value for e in t.external_data}.get("location")
-                if location and (path.parent / location) not in files:
-                    files.append(path.parent / location)
-    if len(files) > 1:
-        onnx.load_external_data_for_model(proto, str(path.parent))
-    size = sum(f.stat().st_size for f in files)
-    lzma_bytes = None
+    proto = onnx.load(str(path))  # with external data: the index streams are counted below
     if with_lzma:
-        compressor = lzma.LZMACompressor(preset=lzma_preset)
-        lzma_bytes = 0
-        for f in files:
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    lzma_bytes += len(compressor.compress(chunk))
-        lzma_bytes += len(compressor.flush())
+        size, lzma_bytes = file_sizes(path, lzma_preset)
+    else:
+        size, lzma_bytes = disk_bytes(path), None
 
     raw = huffman = 0
     layers = 0
-    for graph in _graphs(proto.graph):
+    for graph in proto_graphs(proto.graph):
         inits = {t.name: t for t in graph.initializer}
         coded: set[str] = set()
         for book, idx, extra in codebook_layers(graph):

@@ -22,37 +22,27 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import capture
-from graphopt.errors import DataError, GraphoptError
+from graphopt.errors import GraphoptError
 
 Range = tuple[float, float]
 METHODS = ("minmax", "percentile", "entropy", "mse")
 LEVELS = 255  # uint8/int8 asymmetric activations: 256 values, 255 steps
 
 
-class RangeStats(capture.TensorStats):
-    """TensorStats without the per-channel sums: calibration needs none, and axis 1 may vary between feeds
-    (sequence models with dynamic widths put time on axis 1), which TensorStats' channel sums refuse."""
-
-    def __init__(self, bins: int = 4096) -> None:
-        super().__init__(bins, signed=True)
-
-    def _update_channels(self, x: np.ndarray) -> None:  # noqa: ARG002 - deliberately not tracked
-        return
+def range_stats(bins: int = 4096) -> capture.TensorStats:
+    """Statistics for calibration: signed histogram, no per-channel sums (calibration needs none, and axis 1
+    may vary between feeds: sequence models with dynamic widths put time there)."""
+    return capture.TensorStats(bins, signed=True, channels=False)
 
 
 def collect(model: ir.Model, names: Iterable[str], dataset, threads: int = 1, max_samples: int | None = None,
-            bins: int = 4096, progress: bool = False) -> dict[str, RangeStats]:
+            bins: int = 4096, progress: bool = False) -> dict[str, capture.TensorStats]:
     """Running statistics of the named main-graph values over the calibration feeds."""
-    stats = {name: RangeStats(bins) for name in dict.fromkeys(names)}
-    if not stats:
-        return stats
-    for acts in capture.stream(model, list(stats), dataset, threads, max_samples, progress):
-        for name, s in stats.items():
-            try:
-                s.update(acts[name])
-            except DataError as err:
-                raise DataError(f"value {name!r}: {err}") from None
-    return stats
+    names = list(dict.fromkeys(names))
+    if not names:
+        return {}
+    return capture.tensor_stats(model, names, dataset, threads, max_samples, bins, signed=True, progress=progress,
+                                channels=False)
 
 
 def abs_histogram(stats: capture.TensorStats) -> tuple[np.ndarray, np.ndarray]:

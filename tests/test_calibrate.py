@@ -12,8 +12,8 @@ from graphopt.passes import calibrate as C
 from tests.helpers import make_proto, tensor_info
 
 
-def _stats(*arrays: np.ndarray) -> C.RangeStats:
-    s = C.RangeStats()
+def _stats(*arrays: np.ndarray) -> C.capture.TensorStats:
+    s = C.range_stats()
     for a in arrays:
         s.update(a)
     return s
