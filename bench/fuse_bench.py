@@ -5,13 +5,17 @@ HardSwish forms for opset 13 (x*HardSigmoid(x) vs upgrading to opset 14 for a Ha
 defaults; rec is also measured upgraded to opset 17 (LayerNorm needs it). Families the PP-OCR models lack
 (GELU, Mish) are timed on a synthetic [1, 64, 56, 56] graph. Feeds: rendered text from bench/ocr.py.
 Latency: graphopt.bench.benchmark (interleaved rounds, median). Run:
-``python bench/fuse_bench.py [--repeats 50] [--models det,rec,cls]``. Prints a Markdown table.
+``python bench/fuse_bench.py [--repeats 50] [--models det,rec,cls] [--out bench/results]``. Prints a Markdown
+table and writes it to bench/results/fuse_bench.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +26,7 @@ from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.fuse import FAMILIES, Fuse
 from graphopt.runtime import make_session
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"det": (1, 3, 480, 640), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
 
 
@@ -86,9 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--models", default="det,rec,cls")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    print("| model | variant | sites | median ms | ratio | max abs diff | rel diff |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    table = ["| model | variant | sites | median ms | ratio | max abs diff | rel diff |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    print("\n".join(table))
     for key, path in _models(args.models.split(",")).items():
         base = modelio.load_model(path)
         Canonicalize()(base)
@@ -101,13 +108,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row, model in zip(rows, models):
             sites = variants[row.label][1] if row.label in variants else 0
             abs_d, rel_d = _max_diff(ref, make_session(model).run(None, feeds[0]))
-            print(f"| {key} | {row.label} | {sites} | {row.median_ms:.2f} | {row.ratio:.3f} | {abs_d:.2e} | "
-                  f"{rel_d:.2e} |", flush=True)
-    _synthetic(args.repeats)
+            _emit(table, f"| {key} | {row.label} | {sites} | {row.median_ms:.2f} | {row.ratio:.3f} | {abs_d:.2e} | "
+                  f"{rel_d:.2e} |")
+    _synthetic(args.repeats, table)
+    _write(args, table)
     return 0
 
 
-def _synthetic(repeats: int) -> None:
+def _emit(table: list[str], line: str) -> None:
+    table.append(line)
+    print(line, flush=True)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    info = Path("/proc/cpuinfo")
+    for line in info.read_text().splitlines() if info.exists() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()}-core {cpu}, onnxruntime at 1 thread"
+
+
+def _write(args: argparse.Namespace, table: list[str]) -> None:
+    command = f"python bench/fuse_bench.py --repeats {args.repeats} --models {args.models}"
+    text = ["## Float fusions on the PP-OCR models (fuse)", "",
+            f"Machine: {_machine()}. Command: `{command}`.", "",
+            "Each variant is the canonicalized model with one fusion family (`fuse:only=[family]`) or the defaults; "
+            "families that fire nowhere are left out. median ms: 1-thread latency (graphopt.bench.benchmark, "
+            "interleaved rounds, median), ratio to the canonicalized original; diffs: the first feed's outputs "
+            "against the original. Feeds: rendered text from bench/ocr.py (det 480x640 page, rec 48-px line, "
+            "cls 48x192). GELU and Mish do not occur in PP-OCR: timed on a synthetic [1, 64, 56, 56] graph.", "",
+            *table, ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fuse_bench.md").write_text("\n".join(text))
+
+
+def _synthetic(repeats: int, table: list[str]) -> None:
     """GELU (opset 20) and Mish (opset 18) spelled out on a [1, 64, 56, 56] tensor vs fused."""
     from onnx import helper
 
@@ -133,8 +170,8 @@ def _synthetic(repeats: int) -> None:
         rows = bench.benchmark([base, fused], feeds, repeats=repeats, labels=["original", name])
         abs_d, rel_d = _max_diff(make_session(base).run(None, feeds[0]), make_session(fused).run(None, feeds[0]))
         for row, n in zip(rows, (0, sites)):
-            print(f"| synthetic {name} | {row.label} | {n} | {row.median_ms:.3f} | {row.ratio:.3f} | "
-                  f"{abs_d if n else 0:.2e} | {rel_d if n else 0:.2e} |", flush=True)
+            _emit(table, f"| synthetic {name} | {row.label} | {n} | {row.median_ms:.3f} | {row.ratio:.3f} | "
+                  f"{abs_d if n else 0:.2e} | {rel_d if n else 0:.2e} |")
 
 
 if __name__ == "__main__":

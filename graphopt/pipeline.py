@@ -66,6 +66,7 @@ class Pipeline:
         self._bench_feeds: list = []
         self._shapes: dict | None = None
         self.model: ir.Model | None = None  # the model as it stands, while execute() runs
+        self.in_place = False  # the caller's ir.Model: rewritten in place, rollbacks from in-memory snapshots
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
                 report: Report) -> ir.Model:
@@ -84,14 +85,15 @@ class Pipeline:
                 f"no class-score output: the gate is worst-channel SNR >= {self.gate.min_snr:g} dB")
         teacher = None
         with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
-            self._checkpoints = Checkpoints(Path(tmp), modelio.tensor_bytes(model) > LARGE_BYTES, reference)
+            # An in-memory model from the caller is rewritten in place, so its state is never swapped for reloads.
+            large = modelio.tensor_bytes(model) > LARGE_BYTES and not self.in_place
+            self._checkpoints = Checkpoints(Path(tmp), large, reference)
             self.model, model = model, None  # only self.model may hold it: large runs free it while verifying
             for step in self.steps:
                 self._step(step, teacher, calib, evaluator, reference, report)
                 if step.name == "canonicalize" and not calib.synthetic:
                     teacher = self.model.clone()  # the original as later passes see models; tensors are shared
             model, self.model = _in_memory(self.model), None
-        self._final_latency(model, reference, report)
         report.final = self.current.to_dict()
         report.passed = self.gate.failure(self.current, self.gate.max_drop) is None
         return model
@@ -177,18 +179,17 @@ class Pipeline:
         second = bench.benchmark([candidate], self._bench_feeds, **timing)[0].median_ms
         return second, second / first
 
-    def _final_latency(self, model: ir.Model, reference: Any, report: Report) -> None:
-        """The final model against the original, always (per-pass timing skips large models)."""
+    def final_latency(self, reference: Any, final: Any, heavy: bool, report: Report) -> None:
+        """The final model (a file, or a proto) against the original; always, since per-pass timing skips
+        large models. Large models are timed one after the other: two sessions would not fit together."""
         last = report.passes[-1]
         if not self.run.latency or last.latency_ms is not None or len(report.passes) < 2:
             return
-        with tempfile.TemporaryDirectory(prefix="graphopt-final-") as tmp:
-            mat = Materialized(model, Path(tmp))
-            latency = self._latency(reference, mat.handle, interleaved=not mat.heavy)
+        latency = self._latency(reference, final, interleaved=not heavy)
         if latency is not None:
             last.latency_ms, last.latency_ratio = round(latency[0], 4), round(latency[1], 4)
             last.notes.append("latency: the final model against the original"
-                              + ("" if not mat.heavy else ", one after the other (too large for two sessions)"))
+                              + (", one after the other" if heavy else ""))
 
     def _params_macs(self, model: ir.Model) -> tuple[int, int | None]:
         try:
@@ -241,8 +242,9 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     """Optimize ``model`` with a recipe and write ``output`` atomically; returns the report.
 
     ``passes`` uses the recipe grammar (CLI string or list), ``recipe`` a YAML/JSON file. ``calib``/``data``:
-    an .npz file, a folder of .npz feeds, a CalibrationDataReader or a graphopt.data.Dataset. An in-memory
-    ``model`` is rewritten in place; a model given by path is never touched.
+    an .npz file, a folder of .npz feeds, a CalibrationDataReader or a graphopt.data.Dataset. A model given
+    by path is never touched. An in-memory ``model`` may be modified; the optimized ir.Model is
+    ``report.optimized`` (a rollback replaces the model object, so read it there).
     """
     run = run or RunOptions()
     steps = resolve(passes, recipe)  # recipe errors before any work
@@ -265,6 +267,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
                     synthetic=eval_ds.synthetic, metric=metric, max_drop=max_drop, min_snr=min_snr, passes=[],
                     machine=machine_line())
     pipeline = Pipeline(steps, Gate(metric, max_drop, min_snr), run)
+    pipeline.in_place = isinstance(model, ir.Model)
     with tempfile.TemporaryDirectory(prefix="graphopt-ref-") as tmp:
         if isinstance(model, ir.Model):  # the original must outlive the in-place rewrites
             original = Materialized(loaded, Path(tmp))
@@ -274,10 +277,19 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
         holder = [loaded]
         del loaded  # execute() owns the model now: large runs swap it for checkpoint reloads and free this one
         final = pipeline.execute(holder.pop(), reference, calib_ds, eval_ds, report)
-    report.passes[0].file_bytes = original_bytes
-    if output is not None:
-        modelio.save_model(final, output)
-        report.passes[-1].file_bytes = modelio.saved_bytes(output)
+        report.optimized = final if pipeline.in_place else None  # not a field: never serialized
+        report.passes[0].file_bytes = original_bytes
+        heavy = 4 * bench.count_params(final) > LARGE_BYTES
+        if output is not None:
+            modelio.save_model(final, output)
+            report.passes[-1].file_bytes = modelio.saved_bytes(output)
+            if not isinstance(model, ir.Model):
+                del final  # time the written file, without the in-memory copy beside onnxruntime's
+                release_memory()
+            pipeline.final_latency(reference, str(output), heavy, report)
+        else:
+            with tempfile.TemporaryDirectory(prefix="graphopt-final-") as final_tmp:
+                pipeline.final_latency(reference, Materialized(final, Path(final_tmp)).handle, heavy, report)
     if report_path is not None:
         report.write_json(report_path)
         report.write_markdown(Path(report_path).with_suffix(".md"))

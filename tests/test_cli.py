@@ -203,3 +203,15 @@ def test_rollback_with_checkpoints_on_disk(tmp_path, capsys, fake_passes, monkey
     assert "BatchNormalization" not in {n.op_type for n in saved.graph.node}  # the kept pass survived
     fc2 = [t for t in saved.graph.initializer if "fc2" in t.name]
     assert fc2 and all(np.abs(onnx.numpy_helper.to_array(t)).max() > 0 for t in fc2)
+
+
+def test_python_api_in_memory_model_with_rollback(fake_passes):
+    from graphopt import modelio
+
+    model = modelio.load_model(MODEL)
+    report = graphopt.optimize(model, passes="fold_batchnorm; zero_head", calib=str(CALIB), data=str(TEST),
+                               run=graphopt.pipeline.RunOptions(latency=False, progress=False))
+    assert [r.status for r in report.passes[1:]] == ["no change", "kept", "rolled back", "no change"]
+    ops = {n.op_type for n in report.optimized.graph}
+    assert "BatchNormalization" not in ops  # the kept pass is in the returned model, the rolled back one not
+    assert "optimized" not in report.to_dict()
