@@ -20,15 +20,19 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import bench
-from graphopt.capture import layer_moments, stream_pair, tensor_stats
+from graphopt.capture import layer_moments, stream, stream_pair, tensor_stats
 from graphopt.errors import GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channel_deps import Group, Slot, analyze, label
 from graphopt.passes.channel_importance import KINDS, group_scores, needed_values
-from graphopt.passes.channel_rewrite import apply_fixups, apply_slots, drop_unused, forget_shapes
+from graphopt.passes.channel_rewrite import (apply_bias_deltas, apply_fixups, apply_slots, drop_unused, forget_shapes,
+                                             input_channel_axis, mean_deltas)
 from graphopt.refit import refit_layer
+
+
+MIN_ROWS_PER_INPUT = 4  # a ridge refit with fewer calibration rows per input column overfits
 
 
 def legal_keep(n: int, keep: int, min_channels: int, round_to: int) -> int:
@@ -68,6 +72,9 @@ class ChannelPrune(GraphoptPass):
         repair_rounds: int = option(8, "data passes for the repair (layers are refit in graph order, "
                                        "split over this many passes)", low=1)
         skip_nodes: list[str] = option([], "producer/member node names whose groups are never pruned")
+        compensate: bool = option(True, "with calibration data, fold each removed input channel's mean "
+                                        "contribution into the consumer layer's bias (removed channels are "
+                                        "rarely zero: biases and affine blocks make them constants)")
 
         def check(self) -> None:
             if isinstance(self.ratio, dict) and self.scope == "global":
@@ -98,13 +105,21 @@ class ChannelPrune(GraphoptPass):
             notes.append("no channel removed")
             return self.result(model, [], notes)
 
-        costs_before = _costs(model)
+        input_shapes = _feed_shapes(model, data)
+        costs_before = _costs(model, input_shapes)
         slot_removed, value_removed = _removals(prunable, plan)
+        deltas = {}
+        if opts.compensate and data is not None:
+            deltas = mean_deltas(slot_removed, self._means(model, slot_removed, data))
         dropped = apply_slots(slot_removed, self.mark)
         apply_fixups(analysis.fixups, value_removed, _opset(model), self.mark)
+        if deltas:
+            out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
+            notes.append(f"mean compensation: {apply_bias_deltas(deltas, out_removed, self.mark)} consumer "
+                         "layer(s) took the removed channels' mean contribution into their bias")
         forget_shapes(value_removed)
         drop_unused(model.graph, dropped)
-        costs_after = _costs(model)
+        costs_after = _costs(model, input_shapes)
 
         refits: dict[str, tuple[float, float]] = {}
         repair = opts.repair if opts.repair is not None else data is not None
@@ -137,8 +152,9 @@ class ChannelPrune(GraphoptPass):
             })
         total_b, total_a = sum(costs_before.values()), sum(costs_after.values())
         removed = sum(r["channels_before"] - r["channels_after"] for r in rows)
-        notes.append(f"{len(rows)} group(s) pruned, {removed} channel(s) removed; MACs {total_b:,} -> {total_a:,} "
-                     f"({1 - total_a / max(total_b, 1):.1%} fewer)")
+        at = " at the first calibration feed's shapes" if input_shapes else ""
+        notes.append(f"{len(rows)} group(s) pruned, {removed} channel(s) removed; MACs{at} {total_b:,} -> "
+                     f"{total_a:,} ({1 - total_a / max(total_b, 1):.1%} fewer)")
         return self.result(model, rows, notes)
 
     # ------------------------------------------------------------------------------------------------
@@ -190,6 +206,22 @@ class ChannelPrune(GraphoptPass):
                      f"target {opts.ratio:g})")
         return plan
 
+    def _means(self, model: ir.Model, slot_removed: dict[Slot, np.ndarray], data) -> dict[str, np.ndarray]:
+        """Per-channel calibration mean of each consumer input that loses channels (one data pass)."""
+        axes = {s.node.inputs[0].name: input_channel_axis(s.node) for s, r in slot_removed.items()
+                if s.role == "consumer" and len(r)}
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = defaultdict(int)
+        for acts in stream(model, list(axes), data, self.context.threads, self.options.max_samples):
+            for name, axis in axes.items():
+                x = np.moveaxis(np.asarray(acts[name], dtype=np.float64), axis, -1)
+                x = x.reshape(-1, x.shape[-1])
+                if name in sums and sums[name].size != x.shape[1]:
+                    raise GraphoptError(f"value {name!r}: the channel count changes between calibration feeds")
+                sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
+                counts[name] += x.shape[0]
+        return {name: total / max(counts[name], 1) for name, total in sums.items()}
+
     # ------------------------------------------------------------------------------------------------
     def _repair(self, model: ir.Model, original: ir.Model, slot_removed: dict[Slot, np.ndarray], data,
                 notes: list[str]) -> dict[str, tuple[float, float]]:
@@ -209,15 +241,24 @@ class ChannelPrune(GraphoptPass):
         target_model, targets = self._targets(original, [(lay.output.name, lay, rem) for lay, rem in layers],
                                               data)
         results: dict[str, tuple[float, float]] = {}
+        starved: list[str] = []
         per_round = max(1, math.ceil(len(layers) / opts.repair_rounds))
         for i in range(0, len(layers), per_round):
             chunk = [lay for lay, _ in layers[i:i + per_round]]
             moments = layer_moments(model, chunk, data, {lay.name: targets[lay.name] for lay in chunk},
                                     target_model, self.context.threads, opts.max_samples)
             for lay in chunk:
+                if moments[lay.name].rows < MIN_ROWS_PER_INPUT * (lay.d_in + 1):
+                    starved.append(label(lay.node))  # e.g. SE convs after GlobalAveragePool: 1 row per sample
+                    continue
                 res = refit_layer(lay, moments[lay.name], lam=opts.lam)
                 results[label(lay.node)] = (res.error_before, res.error_after if res.changed else res.error_before)
                 self.mark(lay.node)
+        if starved:
+            notes.append(f"repair: {len(starved)} layer(s) left as pruned (fewer than {MIN_ROWS_PER_INPUT} calibration "
+                         f"rows per weight column: a refit would memorize the data): {', '.join(starved[:6])}")
+        if not results:
+            return results
         better = sum(1 for b, a in results.values() if a < b)
         notes.append(f"repair: {len(results)} consumer layer(s) refit, {better} improved "
                      f"(mean relative error {np.mean([b for b, _ in results.values()]):.4f} -> "
@@ -308,9 +349,17 @@ def _removals(groups: list[Group], plan: dict[int, np.ndarray]):
     return ({k: as_array(v) for k, v in slot_removed.items()}, {k: as_array(v) for k, v in value_removed.items()})
 
 
-def _costs(model: ir.Model) -> dict[str, int]:
+def _feed_shapes(model: ir.Model, data) -> dict[str, tuple[int, ...]] | None:
+    """The first calibration feed's input shapes (dynamic dims make the MAC count of a bare model meaningless)."""
+    if data is None or not len(data):
+        return None
+    names = {v.name for v in model.graph.inputs}
+    return {k: tuple(int(d) for d in np.shape(v)) for k, v in data.feeds[0].items() if k in names} or None
+
+
+def _costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
     try:
-        return {c.node: c.macs for c in bench.layer_costs(model)}
+        return {c.node: c.macs for c in bench.layer_costs(model, input_shapes)}
     except Exception:  # noqa: BLE001 - MACs are informative only
         return {}
 

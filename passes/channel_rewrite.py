@@ -136,3 +136,103 @@ def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
         todo.extend(inputs)
+
+
+# --- mean compensation: removed inputs are replaced by their calibration mean, folded into the bias ---------
+
+
+def input_channel_axis(node: ir.Node) -> int:
+    """Axis of a consumer's data input that holds the channels it reads (Conv: 1, Gemm/MatMul: last)."""
+    return 1 if node.op_type == "Conv" else -1
+
+
+def _output_axis(node: ir.Node) -> int | None:
+    op = node.op_type
+    if op == "Conv" and int(node.attributes["group"].value if "group" in node.attributes else 1) == 1:
+        return 0
+    if op == "Gemm":
+        trans_b = node.attributes.get("transB")
+        return 0 if trans_b is not None and trans_b.value else 1
+    if op == "MatMul":
+        return 1
+    return None  # ConvTranspose: a constant input does not give a constant output (stride phases)
+
+
+def mean_deltas(slot_removed: dict[Slot, np.ndarray], means: dict[str, np.ndarray]) -> dict[ir.Node, np.ndarray]:
+    """Per consumer layer, the bias change (over its ORIGINAL outputs) that keeps the removed inputs' mean
+    contribution: Σ_removed W[:, e] · mean(x_e), kernel taps summed (exact away from the padded border when
+    the removed channel is constant). Removed channels are rarely zero: a bias or a learnable affine
+    (x·s + b after an activation) makes them a non-zero constant, which plain slicing drops."""
+    deltas: dict[ir.Node, np.ndarray] = {}
+    for slot, removed in slot_removed.items():
+        node = slot.node
+        out_axis = _output_axis(node)
+        if slot.role != "consumer" or slot.index != 1 or not len(removed) or out_axis is None:
+            continue
+        mean = means.get(node.inputs[0].name)
+        w = const_array(node.inputs[1])
+        if mean is None or w is None or mean.size != slot.channels * slot.block:
+            continue
+        entries = expand(removed, slot.block)
+        part = np.take(w.astype(np.float64), entries, axis=slot.axis)
+        shape = [1] * part.ndim
+        shape[slot.axis] = len(entries)
+        part = part * mean[entries].reshape(shape)
+        delta = np.moveaxis(part, out_axis, 0).reshape(part.shape[out_axis], -1).sum(axis=1)
+        if node.op_type == "Gemm":
+            alpha, beta = (float(node.attributes[k].value) if k in node.attributes else 1.0 for k in ("alpha", "beta"))
+            if beta == 0.0:
+                continue
+            delta *= alpha / beta
+        deltas[node] = deltas[node] + delta if node in deltas else delta
+    return deltas
+
+
+def apply_bias_deltas(deltas: dict[ir.Node, np.ndarray], out_removed: dict[ir.Node, np.ndarray],
+                      mark: Callable[[ir.Node], object]) -> int:
+    """Add each delta (minus the layer's own removed outputs) to the layer's bias, creating it if needed
+    (MatMul: the following bias Add, or a new Add). Returns how many layers changed."""
+    changed = 0
+    for node, delta in deltas.items():
+        removed = out_removed.get(node)
+        if removed is not None and len(removed):
+            delta = np.delete(delta, removed)
+        dtype = const_array(node.inputs[1]).dtype
+        graph = node.graph
+        assert isinstance(graph, ir.Graph)
+        if node.op_type in ("Conv", "Gemm"):
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                bias = const_array(node.inputs[2])
+                if bias is None:
+                    continue
+                _write_input(node, 2, np.ascontiguousarray((bias + delta).astype(dtype)))
+            else:
+                if len(node.inputs) < 3:
+                    node.resize_inputs(3)
+                node.replace_input_with(2, set_initializer(graph, f"{label(node)}_bias", delta.astype(dtype)))
+        elif not _matmul_bias(node, delta.astype(dtype)):
+            continue
+        mark(node)
+        changed += 1
+    return changed
+
+
+def _matmul_bias(node: ir.Node, delta: np.ndarray) -> bool:
+    out = node.outputs[0]
+    graph = node.graph
+    assert isinstance(graph, ir.Graph)
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add" and not out.is_graph_output():
+        add, idx = uses[0].node, uses[0].idx
+        bias = const_array(add.inputs[1 - idx])
+        if bias is not None and bias.shape[-1:] in ((delta.size,), (1,)) and bias.ndim <= 1:
+            _write_input(add, 1 - idx, np.ascontiguousarray((bias + delta).astype(delta.dtype)))
+            return True
+    if out.is_graph_output():
+        return False
+    bias = set_initializer(graph, f"{label(node)}_bias", delta)
+    add = ir.Node("", "Add", [out, bias], name=f"{label(node)}_bias_add")
+    graph.insert_after(node, add)
+    for use in uses:
+        use.node.replace_input_with(use.idx, add.outputs[0])
+    return True

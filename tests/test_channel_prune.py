@@ -189,7 +189,8 @@ def test_repair_reduces_output_error_on_digits() -> None:
     assert errors[True] < 0.5 * errors[False]
     assert accs[True] >= float(np.mean(ref.argmax(1) == test["labels"])) - 0.02
     assert any("with repair" in n for n in result.notes)
-    assert all(r["refit_error_after"] <= r["refit_error_before"] for r in result.rows)
+    refit = [r for r in result.rows if r["refit_error_after"] is not None]  # starved layers are not refit
+    assert refit and all(r["refit_error_after"] <= r["refit_error_before"] for r in refit)
 
 
 def test_no_data_skips_repair_with_a_note() -> None:
@@ -221,3 +222,54 @@ def test_light_models_stay_consistent(name: str) -> None:
 @pytest.mark.parametrize("name", ["resnet50", "vgg19", "densenet121", "inception_v1", "inception_v2"])
 def test_light_models_stay_consistent_slow(name: str) -> None:
     _light(name)
+
+
+def _calib(model, shape, seed=5):
+    return datamod.from_arrays({"x": randn(shape, seed)}, datamod.input_specs(model), batch_size=shape[0] // 4)
+
+
+def _constant_channels_model():
+    """PP-LCNet-like block where the pruned channels are zero at the conv but a non-zero CONSTANT after it:
+    HardSwish, a learnable affine (x·1.3 + 0.7, scalars), an unpadded depthwise conv with a bias, and an SE
+    block whose Mul rescales the trunk. Dropping such channels without compensation changes the output."""
+    inits: dict = {"s1": np.array([1.3], np.float32), "b1": np.array([0.7], np.float32),
+                   "dw_w": randn([8, 1, 3, 3], 7), "dw_b": randn([8], 8)}
+    inits["dw_b"][[1, 5]] = 1.0
+    nodes = [_conv("a", "x", "a", 3, 8, inits, 1, (1, 5)),
+             helper.make_node("HardSigmoid", ["a"], ["hs"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["a", "hs"], ["hw"]), helper.make_node("Mul", ["hw", "s1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["lab"]),
+             helper.make_node("Conv", ["lab", "dw_w", "dw_b"], ["d"], name="dw", group=8),
+             helper.make_node("Relu", ["d"], ["rd"]), helper.make_node("GlobalAveragePool", ["rd"], ["g"]),
+             _conv("se1", "g", "e1", 8, 4, inits, 11, k=1), helper.make_node("Relu", ["e1"], ["r1"]),
+             _conv("se2", "r1", "e2", 4, 8, inits, 12, (1, 5), k=1),
+             helper.make_node("HardSigmoid", ["e2"], ["s"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["rd", "s"], ["t"]), _conv("c", "t", "y", 8, 3, inits, 3, k=1)]
+    return make_model(nodes, [X], [Y], inits)
+
+
+def test_constant_channels_mean_compensated_exactly() -> None:
+    diffs = {}
+    for compensate in (False, True):
+        model = _constant_channels_model()
+        before, calib = clone(model), _calib(model, [8, 3, 8, 8])
+        result = _prune(model, PassContext(calib=calib), ratio={"a": 0.25}, repair=False, compensate=compensate)
+        assert [(r["channels_before"], r["channels_after"]) for r in result.rows] == [(8, 6)]
+        out_a, out_b = run_model(before, FEED)["y"], run_model(model, FEED)["y"]
+        diffs[compensate] = float(np.abs(out_a - out_b).max())
+    assert diffs[False] > 0.05  # the removed channels were constants, not zeros
+    assert diffs[True] < 1e-4  # their mean (here: the constant) now sits in the consumers' biases
+    assert any("mean compensation: 2 consumer" in n for n in result.notes)  # se1 (through the pool) and c
+
+
+def test_matmul_consumer_without_bias_gets_an_add() -> None:
+    w1, b1, w2 = randn([6, 8], 1), randn([8], 2), randn([8, 3], 3)
+    w1[:, [2, 6]], b1[[2, 6]] = 0.0, 0.5  # channels 2 and 6: Relu(0.5), a constant
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Tanh", ["z"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", np.float32, [4, 6])], [Y2], {"w1": w1, "b1": b1, "w2": w2})
+    before = clone(model)
+    _prune(model, PassContext(calib=_calib(model, [16, 6])), ratio=0.25, repair=False)
+    assert [n.op_type for n in model.graph][-3:] == ["MatMul", "Add", "Tanh"]
+    assert_same_outputs(before, model, {"x": randn([4, 6], 9)}, rtol=1e-5, atol=1e-5)
