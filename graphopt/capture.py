@@ -50,7 +50,12 @@ def _check_names(model: ir.Model, names: Iterable[str]) -> dict[str, ir.Value]:
 
 
 def with_outputs(model: ir.Model, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` (as a proto) whose graph outputs also include the named values; ``model`` is untouched.
+    """``exposed(model, names)`` as a proto."""
+    return modelio.to_proto(exposed(model, names))
+
+
+def exposed(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy of ``model`` whose graph outputs also include the named values; ``model`` is untouched.
 
     Graph inputs, initializers and values that already are outputs are left as they are (stream() reads
     inputs from the feed and initializers from the model). Exposed values keep their element type but lose
@@ -67,7 +72,7 @@ def with_outputs(model: ir.Model, names: list[str]) -> onnx.ModelProto:
         value.shape = None
         copy.graph.outputs.append(value)
         outputs.add(name)
-    return modelio.to_proto(copy)
+    return copy
 
 
 class _Runner:
@@ -80,7 +85,8 @@ class _Runner:
                        if v.is_initializer() and not v.is_graph_input() and v.const_value is not None}
         self.inputs = {v.name for v in model.graph.inputs}
         self.fetch = [n for n in self.names if n not in self.consts and n not in self.inputs]
-        self.session = make_session(with_outputs(model, self.fetch), threads=threads)
+        # From the ir copy, not a proto: make_session takes models with external tensors through a file.
+        self.session = make_session(exposed(model, self.fetch), threads=threads)
         self.feed_names = [i.name for i in self.session.get_inputs()]
         # Inputs that are also initializers (old exporters) have a default and need no data.
         self.required = [n for n in self.feed_names if n not in model.graph.initializers]

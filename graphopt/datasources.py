@@ -54,7 +54,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             raise DataError(f"input '{value.name}' has no element type in the model")
         shape = None
         if value.shape is not None:
-            shape = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+            # A literal -1 (some exporters write it) is a dynamic dimension, like a symbol.
+            shape = tuple((d if d >= 0 else None) if isinstance(d, int) else d.value for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
     return specs
 

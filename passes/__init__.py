@@ -12,6 +12,7 @@ from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.lowrank import LowRank
 from graphopt.passes.prune import Prune
+from graphopt.passes.quant_dynamic import QuantizeDynamic
 from graphopt.passes.quantize import Quantize
 
 # The one registry: recipe names → pass classes. A new pass family adds its classes here.
@@ -28,6 +29,7 @@ REGISTRY = {
         Gap,
         Distill,
         Quantize,
+        QuantizeDynamic,
         Cleanup,
     )
 }

@@ -6,13 +6,16 @@ teacher's value of the same name as the layer's output; W, b = argmin ||XW + b �
 graphopt.refit). The fit works on raw tensors, so any output type is fine: logits, regression values,
 detection or segmentation maps.
 
-Layers: ``layers=last`` (default) takes, for each graph output, the last linear layers before it: walking
-back from the output through elementwise ops (activations, Add/Mul/…, Dropout, Identity, Cast), Softmax/
-LogSoftmax, shape ops (Reshape, Flatten, Transpose, Squeeze, Unsqueeze) and Concat; of the Convs found only
-1×1 ones are taken (name a k×k Conv explicitly to refit it). Or a list of node names (any supported layer).
-When the teacher has no value of the layer's output name, the teacher's graph output that the layer feeds
-through Identity/Dropout (Gemm/MatMul also Reshape/Flatten/Squeeze/Unsqueeze) is used; else the layer is
-skipped with a note. Layers whose weights are encoded (codebook, int8) are skipped: run distill before
+Layers: ``layers=last`` (default) takes, for each graph output, the nearest refittable layers before it:
+walking back from the output over producers through ANY ops (breadth first over non-constant inputs), each
+path stops at the first Gemm/MatMul/Conv (any kernel size) that can be refit — a float constant weight (Conv:
+groups=1) in the main graph whose output the teacher also has (below) with the same channel count. A layer
+that cannot be refit (e.g. its output was shrunk by channel_prune, a depthwise Conv, an encoded weight) is
+walked past to the layers before it, with a note. So a classifier gets its last Gemm, and a segmentation head
+ending in ConvTranspose → Sigmoid gets the Conv before the ConvTranspose layers. Or a list of node names.
+Target: the teacher's value of the layer's output name; when the teacher has none, the teacher's graph output
+that the layer feeds through Identity/Dropout (Gemm/MatMul also Reshape/Flatten/Squeeze/Unsqueeze); else
+the layer is skipped. Layers whose weights are encoded (codebook, int8) are skipped: run distill before
 kmeans/quantize. A pruned layer keeps its zeros (mask = weight != 0). A layer is written only when the refit
 lowers its calibration error (graphopt.refit.refit_layer). Chosen layers that feed one another are refit in
 order, upstream first, each on activations captured after the previous refit.
@@ -21,6 +24,8 @@ order, upstream first, each on activations captured after the previous refit.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -33,40 +38,42 @@ from graphopt.weights import all_nodes, encoding_of
 
 LAST = "last"
 _LINEAR = ("Gemm", "MatMul", "Conv")
-_ELEMENTWISE = frozenset({
-    "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where",
-    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
-    "Softplus", "Softsign", "Gelu", "Mish", "Clip", "Exp", "Log", "Neg", "Abs", "Sqrt", "Erf",
-    "Dropout", "Identity", "Cast", "Softmax", "LogSoftmax", "Concat"})
-_SHAPE = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})  # data is input 0
 _IDENTITY = frozenset({"Identity", "Dropout"})
 _ROW_SHAPE = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})  # keep a Gemm's rows of d_out values
+_MAX_NOTED = 6  # walked-past layers named in the notes; the rest are counted
 
 
 def _is_const(value: ir.Value | None) -> bool:
     return value is None or value.is_initializer() or ir.convenience.get_const_tensor(value) is not None
 
 
-def last_linear_nodes(graph: ir.Graph) -> list[ir.Node]:
-    """Gemm/MatMul/Conv nodes whose output reaches a graph output through elementwise/shape ops only."""
+def last_linear_nodes(graph: ir.Graph, refuse: Callable[[ir.Node], str | None] | None = None,
+                      passed: list[tuple[ir.Node, str]] | None = None) -> list[ir.Node]:
+    """The nearest Gemm/MatMul/Conv nodes before each graph output, walking back through any ops.
+
+    Breadth first over producers (non-constant inputs only, main graph only); each path stops at the first
+    linear node that ``refuse`` accepts (returns None). A refused one is appended with its reason to ``passed``
+    and walked past through its data input (a MatMul also through a non-constant right side)."""
     found: list[ir.Node] = []
     seen: set[int] = set()
-    stack = [v for v in graph.outputs]
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
+    queue = deque(graph.outputs)
+    while queue:
+        value = queue.popleft()
         node = value.producer()
-        if node is None or node.graph is not graph or node.domain not in ("", "ai.onnx"):
+        if node is None or id(node) in seen or node.graph is not graph:
             continue
-        if node.op_type in _LINEAR:
-            if node not in found:
+        seen.add(id(node))
+        if node.op_type in _LINEAR and node.domain in ("", "ai.onnx"):
+            why = refuse(node) if refuse is not None else None
+            if why is None:
                 found.append(node)
-        elif node.op_type in _SHAPE:
-            stack.append(node.inputs[0])
-        elif node.op_type in _ELEMENTWISE:
-            stack.extend(v for v in node.inputs if not _is_const(v))
+                continue
+            if passed is not None:
+                passed.append((node, why))
+            data = node.inputs[:2] if node.op_type == "MatMul" else node.inputs[:1]
+        else:
+            data = node.inputs
+        queue.extend(v for v in data if not _is_const(v))
     return found
 
 
@@ -106,6 +113,58 @@ def _rounds(layers: list[LinearLayer]) -> list[list[LinearLayer]]:
     return rounds
 
 
+def _refittable(model: ir.Model, node: ir.Node) -> tuple[LinearLayer | None, str]:
+    """The node as a refittable layer, or None and why not."""
+    layer = as_linear(node)
+    if layer is None:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        kind = encoding_of(weight)
+        return None, (f"weight is {kind}-encoded; run distill before kmeans/quantize" if kind else
+                      "not a Gemm/MatMul/Conv (groups=1) with a constant float weight")
+    if node.graph is not model.graph:
+        return None, "inside a subgraph (its activations cannot be captured)"
+    return layer, ""
+
+
+class _Teacher:
+    """The teacher's values by name, and their channel counts (inferred once, weight-less, when missing)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.values = {o.name: o for n in model.graph for o in n.outputs}
+        self.values.update({v.name: v for v in model.graph.inputs})
+        self.outputs = {v.name for v in model.graph.outputs}
+        self._inferred: dict[str, tuple] | None = None
+
+    def _dims(self, name: str) -> tuple | None:
+        value = self.values.get(name)
+        if value is not None and value.shape is not None and len(value.shape) > 0:
+            return tuple(d if isinstance(d, int) else None for d in value.shape)
+        if self._inferred is None:
+            from graphopt.costs import infer_shapes
+
+            try:
+                self._inferred = infer_shapes(self.model)
+            except Exception:  # noqa: BLE001 - shapes are a check here; the capture still verifies them
+                self._inferred = {}
+        dims = self._inferred.get(name)
+        return tuple(dims) if dims else None
+
+    def target(self, layer: LinearLayer) -> tuple[str | None, str]:
+        """The teacher value ``layer`` is refit to, or None and why there is none."""
+        name = layer.output.name
+        if name not in self.values:
+            name = _graph_output_through_identity(layer)
+            if name is None or name not in self.outputs:
+                return None, (f"the teacher has no value {layer.output.name!r} and the layer does not feed a graph "
+                              "output unchanged")
+        dims = self._dims(name)
+        channels = None if dims is None else dims[1 if layer.kind == "conv" and len(dims) > 1 else -1]
+        if channels is not None and channels != layer.d_out:
+            return None, f"the teacher's {name!r} has {channels} channels, the layer {layer.d_out} (pruned?)"
+        return name, ""
+
+
 class Distill(GraphoptPass):
     """Refit chosen linear layers of the current model so their outputs match the original model's."""
 
@@ -116,7 +175,7 @@ class Distill(GraphoptPass):
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
         layers: list[str] = option([LAST], "node names of the Gemm/MatMul/Conv layers to refit, or 'last': the "
-                                           "last linear layer(s) before each graph output")
+                                           "nearest refittable linear layer(s) before each graph output")
         ridge: float = option(1e-4, "ridge λ (relative to the mean input energy of the layer)", low=0.0)
         max_samples: int = option(256, "calibration samples captured", low=1)
 
@@ -131,28 +190,10 @@ class Distill(GraphoptPass):
             raise GraphoptError("pass 'distill' needs the original model as teacher (run it through "
                                 "graphopt.optimize, or give PassContext(teacher=...))")
         notes: list[str] = []
-        layers = self._choose(model, notes)
-        teacher_values = {o.name: o for n in teacher.graph for o in n.outputs}
-        teacher_values.update({v.name: v for v in teacher.graph.inputs})
-        teacher_outputs = {v.name for v in teacher.graph.outputs}
-        targets: dict[str, str] = {}
-        usable = []
-        for layer in layers:
-            name = layer.output.name
-            if name not in teacher_values:
-                name = _graph_output_through_identity(layer)
-                if name is None or name not in teacher_outputs:
-                    notes.append(f"{layer.name}: the teacher has no value {layer.output.name!r} and the layer does "
-                                 "not feed a graph output unchanged; skipped")
-                    continue
-            if not self._shape_fits(layer, teacher_values.get(name)):
-                notes.append(f"{layer.name}: the teacher's {name!r} has another shape than the layer's output "
-                             f"({layer.d_out} channels); skipped")
-                continue
-            targets[layer.name] = name
-            usable.append(layer)
+        chosen = self._choose(model, _Teacher(teacher), notes)
+        targets = {layer.name: target for layer, target in chosen}
         rows = []
-        for batch in _rounds(usable):
+        for batch in _rounds([layer for layer, _ in chosen]):
             try:
                 moments = layer_moments_for(self, model, batch, calib, targets, teacher)
             except DataError as err:
@@ -167,48 +208,46 @@ class Distill(GraphoptPass):
                          f"{len(changed)} layer(s) refit to the teacher")
         return self.result(model, rows, notes, modified=bool(changed))
 
-    def _choose(self, model: ir.Model, notes: list[str]) -> list[LinearLayer]:
+    def _choose(self, model: ir.Model, teacher: _Teacher, notes: list[str]) -> list[tuple[LinearLayer, str]]:
+        """(layer, teacher value name) pairs to refit: the nearest ones before the outputs and/or named ones."""
         wanted = list(dict.fromkeys(self.options.layers))
-        nodes: list[ir.Node] = []
+        picked: list[tuple[LinearLayer, str]] = []
         if LAST in wanted:
-            for node in last_linear_nodes(model.graph):
-                w = node.inputs[1] if len(node.inputs) > 1 else None
-                if node.op_type == "Conv" and w is not None and w.shape is not None and \
-                        any(d != 1 for d in list(w.shape)[2:]):
-                    notes.append(f"{node.name}: last layer is a k×k Conv; name it in layers= to refit it")
-                    continue
-                nodes.append(node)
+            chosen: dict[int, tuple[LinearLayer, str]] = {}
+
+            def refuse(node: ir.Node) -> str | None:
+                layer, why = _refittable(model, node)
+                target, why = (None, why) if layer is None else teacher.target(layer)
+                if layer is not None and target is not None:
+                    chosen[id(node)] = (layer, target)
+                    return None
+                return why
+
+            passed: list[tuple[ir.Node, str]] = []
+            picked = [chosen[id(node)] for node in last_linear_nodes(model.graph, refuse, passed)]
+            if passed:
+                named = "; ".join(f"{node.name or node.outputs[0].name}: {why}" for node, why in passed[:_MAX_NOTED])
+                more = f" ({len(passed) - _MAX_NOTED} more not named)" if len(passed) > _MAX_NOTED else ""
+                notes.append(f"walked past {len(passed)} layer(s) that cannot be refit{more}: {named}")
+            if not picked:
+                notes.append("no refittable linear layer found before the graph outputs")
         names = [n for n in wanted if n != LAST]
         if names:
             by_name = {node.name: node for node in all_nodes(model) if node.name}
             missing = [n for n in names if n not in by_name]
             if missing:
                 raise GraphoptError(f"pass 'distill': layers names no node: {', '.join(missing)}")
-            nodes += [by_name[n] for n in names if by_name[n] not in nodes]
-        layers = []
-        for node in nodes:
-            layer = as_linear(node)
-            weight = node.inputs[1] if len(node.inputs) > 1 else None
-            if layer is None:
-                kind = encoding_of(weight)
-                why = (f"weight is {kind}-encoded; run distill before kmeans/quantize" if kind else
-                       "not a Gemm/MatMul/Conv (groups=1) with a constant float weight")
-                notes.append(f"{node.name}: {why}; skipped")
-            elif node.graph is not model.graph:
-                notes.append(f"{node.name}: inside a subgraph (its activations cannot be captured); skipped")
-            else:
-                layers.append(layer)
-        if not layers and not notes:
-            notes.append("no linear layer found before the graph outputs")
-        return layers
-
-    @staticmethod
-    def _shape_fits(layer: LinearLayer, value: ir.Value | None) -> bool:
-        """False only when the teacher's value is known to have another channel count."""
-        if value is None or value.shape is None or len(value.shape) == 0:
-            return True
-        dim = value.shape[1 if layer.kind == "conv" else -1]
-        return not isinstance(dim, int) or dim == layer.d_out
+            for name in names:
+                node = by_name[name]
+                if any(layer.node is node for layer, _ in picked):
+                    continue
+                layer, why = _refittable(model, node)
+                target, why = (None, why) if layer is None else teacher.target(layer)
+                if layer is None or target is None:
+                    notes.append(f"{name}: {why}; skipped")
+                else:
+                    picked.append((layer, target))
+        return picked
 
     def _refit(self, layer: LinearLayer, moments, target: str) -> dict:
         from graphopt.refit import refit_layer

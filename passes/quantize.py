@@ -7,8 +7,10 @@ The pass runs in four separable steps, so placement and accuracy budgets can rep
    once ranges are known). Nodes inside If/Loop bodies get weight-only int8 (their activations cannot be
    captured as graph outputs, so they cannot be calibrated).
 2. :meth:`Quantize.calibrate` measures the ranges of the tensors the plan needs (:mod:`.calibrate`).
-3. :meth:`Quantize.select` narrows the plan (default: keep it) — the hook for latency-aware placement and the
-   sensitivity budget.
+3. :func:`select` narrows the plan: MatMul/Gemm/LSTM that run faster in dynamic int8 go to
+   :mod:`.quant_dynamic` (``dynamic``), ops whose int8 kernel or int8 region is measured slower than float stay
+   float (``target=latency``, :mod:`.quant_placement`), the most sensitive ops stay float until ``max_drop``
+   holds on calibration data, and the whole model is timed against float and backed off until it is faster.
 4. :func:`.qdq.emit` writes exactly the chosen nodes with the given ranges.
 """
 
@@ -23,6 +25,8 @@ from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
+from graphopt.passes import quant_dynamic as qd
+from graphopt.passes import quant_placement as qp
 from graphopt.weights import all_graphs, constant_array, encoding_of
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
@@ -40,8 +44,16 @@ class QuantizeOptions(BaseOptions):
     activation_type: str = option("uint8", "activation integer type (uint8 is what x86 runs fast)",
                                   choices=("uint8", "int8"))
     per_channel: bool = option(True, "one weight scale per output channel (false: per tensor)")
-    target: str = option("latency", "what placement optimises (stored; placement is not measured yet)",
-                         choices=("latency", "size"))
+    target: str = option("latency", "latency: int8 only where measured faster than float on this machine, never "
+                         "a slower model; size: every op that can be int8", choices=("latency", "size"))
+    dynamic: str = option("auto", "MatMul/Gemm/LSTM in dynamic int8: auto (where measured fastest; LSTM always), "
+                          "on (every MatMul/Gemm/LSTM), off (static QDQ only)", choices=("auto", "on", "off"))
+    latency_budget_s: float = option(90.0, "seconds spent timing ops and the whole model (target=latency)", low=0.0)
+    sensitivity_budget_s: float = option(120.0, "seconds spent measuring each op's accuracy effect", low=0.0)
+    sensitivity_samples: int = option(16, "calibration samples per single-op sensitivity measurement", low=1)
+    budget_samples: int = option(256, "calibration samples for checking a whole selection against max_drop",
+                                 low=1)
+    min_snr_db: float = option(30.0, "the accuracy budget when the gate metric is snr (no score output)")
     exclude_nodes: list[str] = option([], "node names kept float")
     exclude_ops: list[str] = option([], "op types kept float")
     quantize_outputs: bool = option(False, "also put Q/DQ on the model's outputs")
@@ -56,6 +68,7 @@ class Plan:
 
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)
     weight_only: list[ir.Node] = dataclasses.field(default_factory=list)
+    dynamic: list[ir.Node] = dataclasses.field(default_factory=list)  # MatMul/Gemm/LSTM in dynamic int8
     skipped: dict[ir.Node, str] = dataclasses.field(default_factory=dict)
 
     def tensors(self, quantize_outputs: bool = False) -> list[str]:
@@ -208,9 +221,14 @@ class Quantize(GraphoptPass):
                                threads=self.context.threads, max_samples=self.options.calib_samples,
                                progress=self.context.progress)
 
+    layer_timer = None  # tests inject fake timings (see quant_placement.LayerTimer / ModelTimer)
+    model_timer = None
+
     def select(self, model: ir.Model, plan: Plan, ranges: dict[str, calib.Range]) -> Plan:
-        """Narrow the plan before emission (placement, budgets); the default keeps every planned node."""
-        return plan
+        """Latency placement, dynamic int8 and the accuracy budget (:func:`select`)."""
+        final, rows, notes = select(self, model, plan, ranges)
+        self._select_rows, self._select_notes = rows, notes
+        return final
 
     def config(self, model: ir.Model) -> qdq.QdqConfig:
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
@@ -236,7 +254,9 @@ class Quantize(GraphoptPass):
         ranges: dict[str, calib.Range] = {}
         if first.nodes:
             ranges = self.calibrate(model, first.tensors(self.options.quantize_outputs))
+        self._select_rows, self._select_notes = [], []
         final = self.select(model, self.plan(model, ranges), ranges)
+        notes += self._select_notes
         cfg = self.config(model)
         if self.options.per_channel and not cfg.per_channel:
             notes.append("opset < 13: per-axis DequantizeLinear needs 13 (run canonicalize); weights per tensor")
@@ -244,6 +264,8 @@ class Quantize(GraphoptPass):
                         for n, r in final.skipped.items()]
         rows = qdq.emit(model, final.nodes, ranges, cfg, self.mark) if final.nodes else []
         rows += qdq.emit_weights_only(final.weight_only, cfg, self.mark)
+        if final.dynamic:
+            rows += qd.emit_dynamic(model, final.dynamic, cfg.per_channel, self.mark)
         modified = bool(rows)
         counts = collections.Counter(r["op"] for r in rows if r["action"] == "int8")
         if counts:
@@ -257,4 +279,123 @@ class Quantize(GraphoptPass):
             notes.append(f"{len(skipped_rows)} node(s) stay float (see rows for the reason)")
         if not modified:
             notes.append("nothing to quantize")
-        return self.result(model, rows + skipped_rows, notes, modified=modified)
+        return self.result(model, rows + skipped_rows + self._select_rows, notes, modified=modified)
+
+
+
+def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, calib.Range]
+           ) -> tuple[Plan, list[dict], list[str]]:
+    """Narrow ``planned`` for :class:`~graphopt.passes.quantize.Quantize`: dynamic int8 for MatMul/Gemm/LSTM, latency
+    placement, accuracy budget, whole-model check. Returns (final plan, rows, notes)."""
+    opts, ctx = qpass.options, qpass.context
+    cfg = qpass.config(model)
+    qp._name_nodes(model)
+    rows: list[dict] = []
+    notes: list[str] = []
+    reasons: dict[str, str] = {}  # node name → why it went back to float (or dynamic)
+    user_skip = set(opts.exclude_nodes)
+    dyn: set[str] = set()
+    if opts.dynamic != "off":
+        dyn |= {n.name for n in model.graph if n.op_type == "LSTM" and n.name not in user_skip
+                and "LSTM" not in opts.exclude_ops and qd.dynamic_reason(n) is None}
+    if opts.dynamic == "on":
+        dyn |= {n.name for n in planned.nodes if n.op_type in ("MatMul", "Gemm") and qd.dynamic_reason(n) is None}
+
+    def replan(m: ir.Model, excluded: set[str]) -> Plan:
+        return plan(m, dataclasses.replace(opts, exclude_nodes=[*opts.exclude_nodes, *sorted(excluded)]),
+                         dict(ranges))
+
+    for name in dyn:
+        reasons[name] = "dynamic int8"
+    measure = opts.target == "latency"
+    placer = qp.Placement(ctx.threads, opts.latency_budget_s, qpass.layer_timer, qpass.model_timer)
+    data = ctx.calib
+    current = replan(model, set(reasons))
+    shapes: dict[str, tuple] = {}
+    if measure and data is not None:
+        anchors = qp.weight_anchors(current.nodes)
+        shapes = qp.capture_shapes(model, current.tensors(opts.quantize_outputs), data, ctx.threads)
+        timed = placer.time_layers(model, anchors, ranges, cfg, shapes, dynamic=opts.dynamic == "auto")
+        rows += [t.row() for t in timed.values()]
+        for node in anchors:
+            t = timed.get(node.name)
+            if t is None:
+                continue
+            if (t.dynamic_ms is not None and qd.dynamic_reason(node) is None and t.dynamic_ms < qp.MARGIN * t.float_ms
+                    and t.dynamic_ms < t.int8_ms + t.boundary_ms):
+                dyn.add(node.name)
+                reasons[node.name] = (f"dynamic int8: {t.dynamic_ms:.3f} ms vs static {t.int8_ms + t.boundary_ms:.3f}"
+                                      f" ms alone, float {t.float_ms:.3f} ms")
+            elif t.int8_ms > qp.MARGIN * t.float_ms:
+                reasons[node.name] = f"int8 kernel measured slower: {t.int8_ms:.3f} ms vs {t.float_ms:.3f} ms float"
+        current = replan(model, set(reasons))
+        price = qp.boundary_price(placer.timings)
+        for _ in range(4):  # regions whose kernel gain does not pay for their entry Q / exit DQ go float
+            losing = [r for r in qp.regions(current.nodes, opts.quantize_outputs)
+                      if any(n.name in placer.timings for n in r)
+                      and qp.region_gain(r, placer.timings, shapes, price, opts.quantize_outputs) <= 0]
+            if not losing:
+                break
+            for region in losing:
+                gain = qp.region_gain(region, placer.timings, shapes, price, opts.quantize_outputs)
+                for node in region:
+                    reasons[node.name] = f"its int8 region does not pay for its Q/DQ (est. {gain:+.3f} ms)"
+            current = replan(model, set(reasons))
+    pool = {n.name for n in current.nodes} | dyn
+
+    def build(m: ir.Model, keep: set[str]) -> None:
+        p = replan(m, (pool - keep) | set(reasons) | dyn)
+        if p.nodes:
+            qdq.emit(m, p.nodes, ranges, cfg)
+        qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel)
+
+    # the accuracy budget: every own-scale op and weight op is a candidate (shape ops follow their input)
+    if ctx.max_drop is not None and data is not None and pool:
+        cands = [n.name for n in current.nodes if n.op_type not in qdq.SHARED_SCALE_OPS] + sorted(dyn)
+
+        def build_one(m: ir.Model, keep: set[str]) -> None:
+            if keep == set(cands) or len(keep) != 1:
+                build(m, keep | (pool - set(cands)))
+                return
+            name = next(iter(keep))
+            if name in dyn:
+                qd.emit_dynamic(m, [n for n in m.graph if n.name == name], cfg.per_channel)
+            else:
+                qdq.emit(m, [n for n in m.graph if n.name == name], ranges, cfg)
+
+        budget = qp.accuracy_budget(ctx, model, cands, build_one, ctx.max_drop, opts.min_snr_db,
+                                 opts.sensitivity_samples, opts.sensitivity_budget_s)
+        notes += budget.notes
+        rows += budget.rows
+        for name in budget.excluded:
+            reasons[name] = "kept float for the accuracy budget (sensitive on calibration data)"
+            dyn.discard(name)
+        current = replan(model, set(reasons) | dyn)
+        pool = {n.name for n in current.nodes} | dyn
+    elif ctx.max_drop is None:
+        notes.append("no max_drop in the context: accuracy budget not applied (the pipeline gate still checks)")
+    if measure and pool and data is not None:
+        price = qp.boundary_price(placer.timings)
+        groups = [(qp.region_gain(r, placer.timings, shapes, price, opts.quantize_outputs), {n.name for n in r})
+                  for r in qp.regions(current.nodes, opts.quantize_outputs)]
+        groups += [(placer.timings[n].float_ms - (placer.timings[n].dynamic_ms or 0.0)
+                    if n in placer.timings else 0.0, {n}) for n in dyn]
+        keep, ratio = placer.back_off(model, groups, build, data)
+        if ratio is not None:
+            notes.append(f"whole model measured at {ratio:.2f}x float latency" + ("" if keep else
+                         ": int8 is not faster here, nothing quantized"))
+        for name in pool - keep:
+            reasons.setdefault(name, "back to float: the whole model was not faster with it")
+            dyn.discard(name)
+        current = replan(model, (pool - keep) | set(reasons) | dyn)
+    notes += placer.notes
+    current.dynamic = [n for n in model.graph if n.name in dyn]
+    for node in list(current.skipped):
+        if node.name in reasons and node.name not in dyn:
+            current.skipped[node] = reasons[node.name]
+    current.skipped = {n: r for n, r in current.skipped.items() if n.name not in dyn}
+    current.weight_only = planned.weight_only
+    float_list = [n for n, r in reasons.items() if n not in dyn]
+    if float_list:
+        notes.append("kept float by measurement (latency or accuracy): exclude_nodes=" + "|".join(float_list))
+    return current, rows, notes

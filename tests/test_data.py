@@ -288,3 +288,14 @@ def test_load_data_dispatch_dict_list_dataset():
         gd.load_data(ListReader([{"x": np.zeros((1, 3))}, {}]), specs)
     with pytest.raises(DataError, match="cannot read data from a int"):
         gd.load_data(3, specs)
+
+
+def test_literal_minus_one_dimension_is_dynamic():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    (spec,) = gd.input_specs(model)
+    assert spec.shape == (None, 3)
+    data = gd.load_data({"x": np.zeros((5, 3), np.float32)}, [spec])
+    assert data.num_samples == 5

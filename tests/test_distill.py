@@ -107,6 +107,75 @@ def test_conv_output_map_is_distilled():
     assert_same_outputs(teacher, student, {"x": randn([2, 3, 6, 6], 7)}, rtol=1e-4, atol=1e-4)
 
 
+def _seg_head(mid: int = 4, w1: np.ndarray | None = None, wt: np.ndarray | None = None):
+    """x [N,3,8,8] → conv0 3×3 (3→6) → Relu → conv1 3×3 (6→mid) → Relu → ConvTranspose 2×2/2 (mid→1) → Add → Sigmoid,
+    like the PP-OCR det head. Intermediate shapes are left to inference."""
+    inits = {"w0": randn([6, 3, 3, 3], 1) * 0.3, "b0": randn([6], 2) * 0.1,
+             "w1": randn([mid, 6, 3, 3], 3) * 0.3 if w1 is None else w1, "b1": randn([mid], 4) * 0.1,
+             "wt": randn([mid, 1, 2, 2], 5) if wt is None else wt, "bt": np.array([0.1], np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1], name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("ConvTranspose", ["r1", "wt"], ["up"], strides=[2, 2], name="up"),
+             helper.make_node("Add", ["up", "bt"], ["upb"], name="bias"),
+             helper.make_node("Sigmoid", ["upb"], ["map"], name="sig")]
+    return make_model(nodes, [tensor_info("x", np.float32, ["N", 3, 8, 8])], ["map"], inits)
+
+
+def _seg_calib(feeds: int = 6, seed: int = 50) -> Dataset:
+    return Dataset(feeds=[{"x": randn([2, 3, 8, 8], seed + i)} for i in range(feeds)])
+
+
+def _map_mse(teacher, student, x) -> float:
+    return float(np.mean((run_model(student, {"x": x})["map"] - run_model(teacher, {"x": x})["map"]) ** 2))
+
+
+def test_last_finds_the_conv_before_conv_transpose_and_lowers_the_map_error():
+    """Segmentation head ending in ConvTranspose → Add → Sigmoid: layers=last takes the 3×3 conv1 and its refit
+    compensates an upstream perturbation (as lowrank would leave), on unseen inputs."""
+    teacher = _seg_head()
+    student = clone(teacher)
+    _set(student, "w0", _w(student, "w0") + randn([6, 3, 3, 3], 9) * 0.1)
+    assert [n.name for n in last_linear_nodes(student.graph)] == ["conv1"]
+    x = randn([4, 3, 8, 8], 777)
+    before = _map_mse(teacher, student, x)
+    result = _distill(student, teacher, _seg_calib())
+    (row,) = result.rows
+    assert row["layer"] == "conv1" and row["target"] == "c1" and row["changed"]
+    assert row["rel_error"] < row["rel_error_before"]
+    after = _map_mse(teacher, student, x)
+    assert before > 1e-5 and after < 0.8 * before
+    assert np.array_equal(_w(student, "w0"), _w(teacher, "w0") + randn([6, 3, 3, 3], 9) * 0.1)  # conv0 untouched
+
+
+def test_last_walks_past_a_layer_whose_output_was_pruned():
+    """conv1 lost an output channel (as channel_prune leaves it): the teacher's c1 has 4 channels, the student's 3,
+    so conv1 is walked past (with a note) and conv0, perturbed, is refit to the teacher's c0."""
+    teacher = _seg_head()
+    student = _seg_head(mid=3, w1=_w(teacher, "w1")[:3], wt=_w(teacher, "wt")[:3])
+    _set(student, "b1", _w(teacher, "b1")[:3])
+    _set(student, "w0", _w(teacher, "w0") * 1.3)
+    x = randn([4, 3, 8, 8], 778)
+    before = _map_mse(teacher, student, x)
+    result = _distill(student, teacher, _seg_calib(), ridge=1e-9)
+    assert [(r["layer"], r["target"], r["changed"]) for r in result.rows] == [("conv0", "c0", True)]
+    assert any("conv1" in n and "4 channels" in n for n in result.notes)
+    pruned_only = _seg_head(mid=3, w1=_w(teacher, "w1")[:3], wt=_w(teacher, "wt")[:3])
+    _set(pruned_only, "b1", _w(teacher, "b1")[:3])
+    np.testing.assert_allclose(_w(student, "w0"), _w(teacher, "w0"), atol=1e-3)  # the scale is undone
+    assert _map_mse(teacher, student, x) == pytest.approx(_map_mse(teacher, pruned_only, x), abs=1e-7)
+    assert _map_mse(teacher, student, x) < before
+
+
+def test_last_layer_that_matches_is_never_changed_in_a_segmentation_head():
+    teacher = _seg_head()
+    student = clone(teacher)
+    result = _distill(student, teacher, _seg_calib())
+    assert not result.modified and [r["layer"] for r in result.rows] == ["conv1"]
+    assert np.array_equal(_w(student, "w1"), _w(teacher, "w1"))
+
+
 def test_uses_the_graph_output_when_the_teacher_lacks_the_layer_value():
     teacher = _mlp()
     student = clone(teacher)
@@ -152,7 +221,8 @@ def test_codebook_encoded_layer_is_skipped_with_a_note():
     fc2.replace_input_with(1, gather.outputs[0])
     graph.initializers.pop("w2")
     result = _distill(student, teacher)
-    assert not result.modified and not result.rows
+    # fc2 is walked past (noted); fc1 already matches the teacher, so nothing changes.
+    assert not result.modified and [r["layer"] for r in result.rows] == ["fc1"]
     assert any("fc2" in n and "codebook" in n for n in result.notes)
 
 

@@ -1,0 +1,183 @@
+"""Latency placement (with injected, deterministic timings) and the accuracy budget of quantize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphopt import data as datamod
+from graphopt import metrics, modelio
+from graphopt.passbase import PassContext
+from graphopt.passes import quant_placement as qp
+from graphopt.passes.canonicalize import Canonicalize
+from graphopt.passes.quantize import Quantize, QuantizeOptions
+from tests.helpers import make_proto, run_model, tensor_info
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape: int) -> np.ndarray:
+    return (RNG.normal(size=shape) * 0.3).astype(np.float32)
+
+
+def _two_convs(separated: bool):
+    """x → conv1 → Relu → [Sigmoid] → conv2 → Relu → Sigmoid → y; with ``separated`` the Sigmoid between
+    them (a float op) makes two int8 regions."""
+    mid = [helper.make_node("Sigmoid", ["r1"], ["s1"], name="sig1")] if separated else []
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), *mid,
+             helper.make_node("Conv", ["s1" if separated else "r1", "W2", "B2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"), helper.make_node("Sigmoid", ["r2"], ["y"])]
+    inits = {"W1": _w(8, 4, 3, 3), "B1": _w(8), "W2": _w(8, 8, 1, 1), "B2": _w(8)}
+    proto = make_proto(nodes, [tensor_info("x", np.float32, ["N", 4, 8, 8])], [tensor_info("y", np.float32, None)],
+                       inits)
+    feeds = [{"x": RNG.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    return proto, feeds
+
+
+def _fake_layers(times: dict[str, tuple[float, float]]):
+    """A LayerTimer returning (float ms, int8 kernel ms) per node; boundaries cost nothing."""
+    def timer(model, nodes, ranges, cfg, budget):
+        return {n.name: qp.LayerTiming(n.name, n.op_type, *times[n.name], 0.0, 1) for n in nodes if n.name in times}
+    return timer
+
+
+def _is_int8(model: ir.Model, name: str) -> bool:
+    node = next(n for n in model.graph if n.name == name)
+    producer = node.inputs[1].producer()  # an int8 weight sits behind a DequantizeLinear
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _run(proto, feeds, layer_timer, model_timer, **options):
+    model = ir.serde.deserialize_model(proto)
+    calib = datamod.load_data(feeds, datamod.input_specs(model))
+    q = Quantize(QuantizeOptions(**options), PassContext(calib=calib))
+    q.layer_timer, q.model_timer = layer_timer, model_timer
+    return model, q(model)
+
+
+def test_op_measured_slower_stays_float():
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 0.3), "conv2": (1.0, 1.5)})  # conv2's int8 kernel is slower
+    model, result = _run(proto, feeds, timer, lambda ref, cand: 0.5)
+    assert _is_int8(model, "conv1") and not _is_int8(model, "conv2")
+    reason = next(r["reason"] for r in result.rows if r.get("node") == "conv2" and r["action"] == "float")
+    assert "measured slower" in reason
+    assert any("exclude_nodes=conv2" in n for n in result.notes)
+    np.testing.assert_allclose(run_model(model, feeds[0])["y"], run_model(proto, feeds[0])["y"], atol=0.05)
+
+
+def test_whole_model_not_faster_backs_off_to_no_change():
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 0.3), "conv2": (1.0, 0.3)})
+    model, result = _run(proto, feeds, timer, lambda ref, cand: 1.2)  # int8 never faster as a whole
+    assert not result.modified
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
+    assert any("not faster" in n for n in result.notes)
+
+
+def test_back_off_drops_the_least_gain_region_first():
+    proto, feeds = _two_convs(separated=True)
+    timer = _fake_layers({"conv1": (1.0, 0.2), "conv2": (1.0, 0.9)})  # conv1 gains 0.8 ms, conv2 0.1 ms
+
+    def model_timer(ref: ir.Model, cand: ir.Model) -> float:  # conv2 in int8 costs more than it saves
+        return 1.05 if _is_int8(cand, "conv2") else 0.8
+
+    model, result = _run(proto, feeds, timer, model_timer)
+    assert _is_int8(model, "conv1") and not _is_int8(model, "conv2")
+    assert any("least-gain region" in n for n in result.notes)
+
+
+def test_region_that_does_not_pay_for_its_boundaries_stays_float():
+    proto, feeds = _two_convs(separated=True)
+
+    def timer(model, nodes, ranges, cfg, budget):  # kernels gain 0.5 ms; a Q or DQ costs 1 µs per element
+        return {n.name: qp.LayerTiming(n.name, n.op_type, 1.0, 0.5, 1.0, 1000) for n in nodes}
+
+    model, result = _run(proto, feeds, timer, lambda ref, cand: 0.5)
+    assert not result.modified
+    assert any("does not pay" in r.get("reason", "") for r in result.rows)
+
+
+def test_target_size_does_not_time():
+    proto, feeds = _two_convs(separated=False)
+
+    def boom(*args):
+        raise AssertionError("timed with target=size")
+
+    model, result = _run(proto, feeds, boom, boom, target="size")
+    assert _is_int8(model, "conv1") and _is_int8(model, "conv2")
+
+
+def _digits(metric: str, max_drop: float, **options):
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    Canonicalize()(model)
+    teacher = model.clone()
+    calib = datamod.load_data(DIGITS / "calib.npz", datamod.input_specs(model))
+    ctx = PassContext(calib=calib, teacher=teacher, metric=metric, max_drop=max_drop)
+    result = Quantize(QuantizeOptions(target="size", **options), ctx)(model)
+    return teacher, model, calib, result
+
+
+def test_budget_tight_snr_keeps_the_most_sensitive_float():
+    # The snr metric's budget is min_snr_db; 60 dB is beyond what int8 reaches on digits (about 40 dB), so the
+    # pass must keep ops float and the result must honour it on the calibration data it measured.
+    teacher, model, calib, result = _digits("snr", 0.0, min_snr_db=60.0)
+    note = next(n for n in result.notes if n.startswith("accuracy budget:"))
+    excluded = note.split("exclude_nodes=")[1].split("|")
+    assert excluded and excluded[0]
+    ranked = [r for r in result.rows if r["action"] == "sensitivity"]
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    assert ranked[0]["node"] == excluded[0]  # the most sensitive op is the first kept float
+    for name in excluded:
+        assert not _is_int8(model, name)
+    cmp = metrics.Evaluator(teacher, calib.head(256)).evaluate(model)
+    assert cmp.worst_snr_db >= 60.0
+
+
+def test_budget_on_digits_accuracy_within_max_drop():
+    teacher, model, calib, result = _digits("accuracy", 0.01)
+    assert result.modified
+    cmp = metrics.Evaluator(teacher, calib.head(256)).evaluate(model)
+    assert cmp.drop("accuracy") <= 0.01
+    test = np.load(DIGITS / "test.npz")
+    acc = {}
+    for label, m in (("float", teacher), ("int8", model)):
+        out = next(iter(run_model(m, {"input": test["input"]}).values()))
+        acc[label] = float((out.argmax(axis=1) == test["labels"]).mean())
+    assert acc["int8"] >= acc["float"] - 0.02, acc
+
+
+def test_regions_are_connected_int8_groups():
+    proto, _ = _two_convs(separated=True)
+    model = ir.serde.deserialize_model(proto)
+    nodes = [n for n in model.graph if n.op_type == "Conv"]
+    assert sorted(len(r) for r in qp.regions(nodes)) == [1, 1]
+    proto, _ = _two_convs(separated=False)
+    model = ir.serde.deserialize_model(proto)
+    assert [len(r) for r in qp.regions([n for n in model.graph if n.op_type == "Conv"])] == [2]
+
+
+def test_real_timing_on_dynamic_widths_gives_a_valid_model():
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Sigmoid", ["r"], ["y"])]
+    proto = make_proto(nodes, [tensor_info("x", np.float32, [1, 16, 16, "W"])], [tensor_info("y", np.float32, None)],
+                       {"W": _w(32, 16, 3, 3), "B": _w(32)})
+    feeds = [{"x": RNG.normal(size=(1, 16, 16, w)).astype(np.float32)} for w in (24, 40, 32)]
+    model = ir.serde.deserialize_model(proto)
+    calib = datamod.load_data(feeds, datamod.input_specs(model))
+    result = Quantize(QuantizeOptions(latency_budget_s=5.0), PassContext(calib=calib))(model)
+    onnx.checker.check_model(modelio.to_proto(model))
+    assert any(r["action"] == "timed" for r in result.rows) or any("not timed" in n for n in result.notes)
+    for feed in feeds:
+        np.testing.assert_allclose(run_model(model, feed)["y"], run_model(proto, feed)["y"], atol=0.05)
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
