@@ -25,11 +25,16 @@ RESULTS = ROOT / "bench" / "results"
 SCRIPTS = {
     "fuse_bench": "float fusions on the PP-OCR models",
     "quantize_vs_ort": "graphopt quantize against onnxruntime's quantizers",
-    "compress_bench": "prune + kmeans (Deep Compression without retraining)",
-    "channel_prune_bench": "structured channel pruning",
-    "lowrank_bench": "low-rank factorization",
+    "compress_bench": "prune + kmeans (Deep Compression without retraining): digits, PP-OCRv4 rec, VGG-19",
+    "channel_prune_bench": "structured channel pruning: digits, light zoo, ResNet-50 latency",
+    "channel_prune_ocr": "structured channel pruning on PP-OCRv4 rec",
+    "lowrank_bench": "low-rank factorization: digits, VGG-19, ResNet-50",
     "gap_distill_bench": "global-average-pooling heads and closed-form distillation",
+    "distill_det": "distillation after lossy passes on PP-OCRv4 det",
 }
+# Results files in the order of the scripts that write them (by file-name prefix).
+RESULT_PREFIXES = ["fuse_bench", "quantize_vs_ort", "compress_", "channel_prune", "lowrank", "gap_distill",
+                   "distill_det"]
 
 
 def machine() -> str:
@@ -70,13 +75,22 @@ def collect(codes: dict[str, int]) -> Path:
     for name, code in codes.items():
         if code:
             out.append(f"- **{name} exited with code {code}**: its section may be stale or missing")
-    known = [RESULTS / f"{stem}.md" for stem in SCRIPTS]
-    files = [p for p in known if p.exists()] + sorted(p for p in RESULTS.glob("*.md") if p not in known)
+    files: list[Path] = []
+    for prefix in RESULT_PREFIXES:
+        files += [p for p in sorted(RESULTS.glob(f"{prefix}*.md")) if p not in files]
+    files += [p for p in sorted(RESULTS.glob("*.md")) if p not in files]
     for path in files:
-        out += ["", path.read_text().strip(), ""]
+        out += ["", _as_section(path.read_text().strip()), ""]
     target = ROOT / "BENCHMARKS.md"
     target.write_text("\n".join(out).rstrip() + "\n")
     return target
+
+
+def _as_section(text: str) -> str:
+    """Demote a file that starts with a top-level '# ' title so every file is a '##' section."""
+    if not text.startswith("# "):
+        return text
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
 
 
 def main() -> int:
