@@ -108,9 +108,10 @@ def format_table(report: Report) -> str:
     for row in report.passes:
         if row.reason:
             out.append(f"  {row.step}: {row.status}: {row.reason}")
-    gate = f"gate: {report.metric} drop <= {report.max_drop:g}"
+    parts = [] if report.metric == "snr" else [f"{report.metric} drop <= {report.max_drop:g}"]
     if report.min_snr is not None:
-        gate += f", worst-channel SNR >= {report.min_snr:g} dB"
+        parts.append(f"worst-channel SNR >= {report.min_snr:g} dB")
+    gate = "gate: " + (", ".join(parts) or "none")
     out.append(f"{gate}: {'PASSED' if report.passed else 'FAILED'}")
     if report.output:
         out.append(f"wrote {report.output}")
@@ -121,9 +122,10 @@ def to_markdown(report: Report) -> str:
     out = [f"# graphopt report: {report.model}", "", f"- data: {report.data}"]
     if report.synthetic:
         out.append("- **synthetic inputs: the metrics say nothing about accuracy**")
-    out.append(f"- gate: {report.metric} drop ≤ {report.max_drop:g}"
-               + (f", worst-channel SNR ≥ {report.min_snr:g} dB" if report.min_snr is not None else "")
-               + f": **{'passed' if report.passed else 'failed'}**")
+    parts = [] if report.metric == "snr" else [f"{report.metric} drop ≤ {report.max_drop:g}"]
+    if report.min_snr is not None:
+        parts.append(f"worst-channel SNR ≥ {report.min_snr:g} dB")
+    out.append(f"- gate: {', '.join(parts) or 'none'}: **{'passed' if report.passed else 'failed'}**")
     if report.output:
         out.append(f"- output: `{report.output}`")
     if report.machine:
