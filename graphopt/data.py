@@ -33,6 +33,7 @@ from graphopt.datasources import (
 from graphopt.errors import DataError
 
 __all__ = [
+    "feed_shapes",
     "LABELS",
     "Dataset",
     "Feed",
@@ -119,3 +120,11 @@ def resolve(specs: list[InputSpec], data: Any = None, calib: Any = None,
         cal = load_data(calib, specs, batch_size)
         return cal, replace(cal, source=f"{cal.source} (calibration data reused for evaluation)")
     return (synthetic(specs, shapes, synthetic_samples, seed=0), synthetic(specs, shapes, synthetic_samples, seed=1))
+
+
+def feed_shapes(model, dataset) -> dict[str, tuple[int, ...]] | None:
+    """The first feed's input shapes: the MACs of a model with dynamic dims (text widths) mean nothing without."""
+    if dataset is None or not len(dataset):
+        return None
+    names = {v.name for v in model.graph.inputs}
+    return {k: tuple(int(d) for d in np.shape(v)) for k, v in dataset.feeds[0].items() if k in names} or None

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graphopt import bench
 from graphopt.capture import layer_moments, stream, stream_pair, tensor_stats
+from graphopt.data import feed_shapes
 from graphopt.errors import GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
@@ -105,7 +106,7 @@ class ChannelPrune(GraphoptPass):
             notes.append("no channel removed")
             return self.result(model, [], notes)
 
-        input_shapes = _feed_shapes(model, data)
+        input_shapes = feed_shapes(model, data)
         costs_before = _costs(model, input_shapes)
         slot_removed, value_removed = _removals(prunable, plan)
         deltas = {}
@@ -347,14 +348,6 @@ def _removals(groups: list[Group], plan: dict[int, np.ndarray]):
             value_removed[value].update((part - link.start + link.offset).tolist())
     as_array = lambda s: np.array(sorted(s), dtype=np.int64)  # noqa: E731
     return ({k: as_array(v) for k, v in slot_removed.items()}, {k: as_array(v) for k, v in value_removed.items()})
-
-
-def _feed_shapes(model: ir.Model, data) -> dict[str, tuple[int, ...]] | None:
-    """The first calibration feed's input shapes (dynamic dims make the MAC count of a bare model meaningless)."""
-    if data is None or not len(data):
-        return None
-    names = {v.name for v in model.graph.inputs}
-    return {k: tuple(int(d) for d in np.shape(v)) for k, v in data.feeds[0].items() if k in names} or None
 
 
 def _costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:

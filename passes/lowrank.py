@@ -171,12 +171,13 @@ class LowRank(GraphoptPass):
 
     def call(self, model: ir.Model) -> GraphoptResult:
         from graphopt.costs import infer_shapes
+        from graphopt.data import feed_shapes
 
         opts = self.options
         notes: list[str] = []
         layers = self._layers(model, notes)
         try:
-            shapes = infer_shapes(model)
+            shapes = infer_shapes(model, feed_shapes(model, self.context.calib))
         except Exception as err:  # noqa: BLE001 - costs fall back to per-row counts
             shapes, _ = {}, notes.append(f"shape inference failed ({err}); MACs counted per output row")
         whiteners = self._whiteners(model, layers, notes) if opts.data_aware else {}
