@@ -29,6 +29,7 @@ SCRIPTS = {
     "channel_prune_bench": "structured channel pruning: digits, light zoo, ResNet-50 latency",
     "channel_prune_ocr": "structured channel pruning on PP-OCRv4 rec",
     "lowrank_bench": "low-rank factorization: digits, VGG-19, ResNet-50",
+    "lowrank_ocr": "low-rank factorization on PP-OCRv4 rec, plain vs data-aware",
     "gap_distill_bench": "global-average-pooling heads and closed-form distillation",
     "distill_det": "distillation after lossy passes on PP-OCRv4 det",
 }
