@@ -258,7 +258,8 @@ class Distill(GraphoptPass):
         return {"layer": layer.name, "op": layer.node.op_type, "target": target, "rows": fit.rows,
                 "params": int(w.size), "kept_zeros": zeros,
                 "rel_error_before": float(f"{fit.error_before:.4g}"),
-                "rel_error": float(f"{min(fit.error_after, fit.error_before):.4g}"), "changed": fit.changed}
+                "rel_error": float(f"{min(fit.error_after, fit.error_before):.4g}"), "changed": fit.changed,
+                **({"reason": fit.reason} if fit.reason else {})}
 
 
 def layer_moments_for(pass_: Distill, model: ir.Model, layers: list[LinearLayer], calib, targets: dict[str, str],

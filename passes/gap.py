@@ -33,7 +33,7 @@ from graphopt.errors import DataError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_graphs, set_initializer
+from graphopt.weights import all_graphs, encoding_of, set_initializer
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 # Single-input elementwise ops that may sit between the fully connected layers that through=K swallows.
@@ -238,6 +238,10 @@ def find_heads(graph: ir.Graph, through: int, notes: list[str]) -> list[Head]:
         if out.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
             continue
         first = as_linear(uses[0].node) if uses[0].node.op_type in ("Gemm", "MatMul") else None
+        head_node = uses[0].node
+        if first is None and head_node.op_type in ("Gemm", "MatMul") and encoding_of(head_node.inputs[1]):
+            notes.append(f"head {head_node.name}: weight already in a compressed form "
+                         f"({encoding_of(head_node.inputs[1])}); skipped (run gap before kmeans/quantize)")
         if first is None or first.kind not in ("gemm", "matmul") or first.d_in != channels * int(np.prod(spatial)):
             continue
         layers, between = [first], []

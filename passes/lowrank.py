@@ -30,7 +30,7 @@ from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.lowrank_factor import Curve, Factorizer, Geometry, Whitener, pareto
-from graphopt.weights import all_graphs, all_nodes, constant_array, set_initializer
+from graphopt.weights import all_graphs, all_nodes, constant_array, encoding_of, set_initializer
 
 DEFAULT_ENERGY = 0.98
 _CONV_GEOMETRY = ("kernel_shape", "strides", "dilations", "pads", "auto_pad", "group")
@@ -230,8 +230,11 @@ class LowRank(GraphoptPass):
                 continue
             layer = as_linear(node)
             if layer is None:
-                if node.op_type == "Conv" and node.inputs[1] is not None and node.inputs[1].is_initializer():
-                    notes.append(f"{node.name}: grouped or compressed conv weight; not factorized")
+                form = encoding_of(node.inputs[1]) if len(node.inputs) > 1 else None
+                if form is not None:
+                    notes.append(f"{node.name}: weight already in a compressed form ({form}); skipped")
+                elif node.op_type == "Conv" and node.inputs[1] is not None and node.inputs[1].is_initializer():
+                    notes.append(f"{node.name}: grouped conv weight; not factorized")
                 continue
             if layer.weight.name in opts.skip_nodes:
                 continue

@@ -140,3 +140,19 @@ def test_refit_layer_with_removed_input_channels():
     # The naive cut (zeroing channels 1 and 3) is worse than the refit on channels 0 and 2.
     assert result.changed and result.error_after < result.error_before
     assert np.all(head.matrix()[[1, 3]] == 0)
+
+
+def test_refit_layer_refuses_fewer_rows_than_unknowns():
+    """Underdetermined refits fit the calibration rows exactly and generalize worse: left alone, said why."""
+    teacher = _two_layer(0)
+    student = clone(teacher)
+    w2 = student.graph.initializers["w2"]
+    replace_initializer(w2, (w2.const_value.numpy() + randn((3, 4, 1, 1), seed=9) * 0.5).astype(F32))
+    head = as_linear(next(n for n in student.graph if n.name == "head"))
+    data = Dataset([{"x": randn((1, 2, 2, 1), seed=20)}])  # a handful of rows for 4 inputs + bias
+    moments = layer_moments(student, [head], data, targets={"head": "y"}, target_model=teacher)
+    assert moments["head"].rows < 2 * (head.d_in + 1)
+    before = head.matrix().copy()
+    result = refit_layer(head, moments["head"], lam=1e-10)
+    assert not result.changed and "calibration rows" in result.reason
+    np.testing.assert_array_equal(head.matrix(), before)
