@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.weights import constant_array, encoding_of, is_sparse_marked, replace_initializer, set_initializer
+from graphopt.weights import constant_array, encoding_of, set_initializer, write_input
 
 _FLOAT_KINDS = "f"
 
@@ -206,16 +206,9 @@ def _graph_of(node: ir.Node) -> ir.Graph:
 
 
 def _write(node: ir.Node, index: int, value: ir.Value, array: np.ndarray) -> ir.Value:
-    """Give ``node``'s input ``index`` new contents; a private copy when the initializer is shared."""
-    users = {use.node for use in value.uses()}
-    if users == {node} and not value.is_graph_output() and not value.is_graph_input():
-        replace_initializer(value, array, keep_marks=True)
-        return value
-    copy = set_initializer(_graph_of(node), f"{value.name}_{node.name or node.op_type}", array)
-    if is_sparse_marked(value):
-        copy.const_value.metadata_props.update(value.const_value.metadata_props)
-    node.replace_input_with(index, copy)
-    return copy
+    """Give ``node``'s input ``index`` (``value``) new contents; a private copy when the initializer is shared."""
+    assert node.inputs[index] is value
+    return write_input(node, index, array)
 
 
 # --- recognising layers --------------------------------------------------------------------------------

@@ -91,3 +91,21 @@ def owned_initializer(node: ir.Node, index: int) -> ir.Value | None:
     if users != {node} or value.is_graph_output():
         return None
     return value
+
+
+def write_input(node: ir.Node, index: int, array: np.ndarray, suffix: str | None = None) -> ir.Value:
+    """Give ``node``'s input ``index`` new contents: in place when it is an initializer only this node uses,
+    else a private copy that keeps the original's storage marks (a sparse weight stays sparse)."""
+    value = node.inputs[index]
+    users = {use.node for use in value.uses()}
+    if value.is_initializer() and users == {node} and not value.is_graph_output() and not value.is_graph_input():
+        replace_initializer(value, array, keep_marks=True)
+        return value
+    graph = node.graph
+    if not isinstance(graph, ir.Graph):
+        raise ValueError(f"node {node.name!r} is not in a graph")
+    copy = set_initializer(graph, f"{value.name}_{suffix or node.name or node.op_type}", array)
+    if value.const_value is not None:
+        copy.const_value.metadata_props.update(value.const_value.metadata_props)
+    node.replace_input_with(index, copy)
+    return copy

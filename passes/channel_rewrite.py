@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.passes.channel_deps import Slot, const_array, label
-from graphopt.weights import replace_initializer, set_initializer
+from graphopt.weights import set_initializer, write_input
 
 
 def expand(removed: np.ndarray, block: int) -> np.ndarray:
@@ -36,17 +36,8 @@ def slice_array(array: np.ndarray, slot: Slot, removed: np.ndarray) -> np.ndarra
 
 
 def _write_input(node: ir.Node, index: int, array: np.ndarray) -> ir.Value:
-    """Give the node's input ``index`` new contents: in place when it is an initializer only it uses."""
-    value = node.inputs[index]
-    graph = node.graph
-    assert isinstance(graph, ir.Graph)
-    users = {use.node for use in value.uses()}
-    if value.is_initializer() and users == {node} and not value.is_graph_output() and not value.is_graph_input():
-        replace_initializer(value, array, keep_marks=True)
-        return value
-    new = set_initializer(graph, f"{value.name}_pruned", array)
-    node.replace_input_with(index, new)
-    return new
+    """Give the node's input ``index`` new contents (a private copy, marks kept, when it is shared)."""
+    return write_input(node, index, array, "pruned")
 
 
 def apply_slots(slot_removed: dict[Slot, np.ndarray], mark: Callable[[ir.Node], object]) -> list[ir.Value]:
