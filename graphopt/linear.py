@@ -28,14 +28,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.weights import constant_array, encoding_of, set_initializer, write_input
+from graphopt.weights import attr as _attr, constant_array, encoding_of, set_initializer, write_input
 
 _FLOAT_KINDS = "f"
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _float_const(value: ir.Value | None) -> np.ndarray | None:

@@ -18,6 +18,12 @@ from graphopt.modelio import SPARSE, STORAGE_KEY
 ENCODING_OPS = frozenset({"DequantizeLinear", "Gather", "Cast", "DynamicQuantizeLinear"})
 
 
+def attr(node: ir.Node, name: str, default):
+    """The value of a node attribute, or ``default`` when it is absent."""
+    found = node.attributes.get(name)
+    return default if found is None else found.value
+
+
 def all_graphs(model: ir.Model) -> list[ir.Graph]:
     """The main graph and every subgraph (If/Loop/Scan bodies), outermost first."""
     return [model.graph, *model.graph.subgraphs()]

@@ -15,16 +15,11 @@ import onnx_ir as ir
 
 from graphopt.options import BaseOptions
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import (all_graphs, constant_array, encoding_of, owned_initializer, replace_initializer,
-                              set_initializer)
+from graphopt.weights import (all_graphs, attr as _attr, constant_array, encoding_of, owned_initializer,
+                              replace_initializer, set_initializer)
 
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _FLOATS = (np.float16, np.float32, np.float64)
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:

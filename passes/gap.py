@@ -33,17 +33,12 @@ from graphopt.errors import DataError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_graphs, encoding_of, set_initializer
+from graphopt.weights import all_graphs, attr as _attr, encoding_of, set_initializer
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 # Single-input elementwise ops that may sit between the fully connected layers that through=K swallows.
 _BETWEEN = frozenset({"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Celu", "HardSigmoid",
                       "HardSwish", "Softplus", "Softsign", "Gelu", "Mish", "Clip", "Dropout", "Identity"})
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _dims(value: ir.Value | None) -> list | None:

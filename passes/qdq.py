@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.weights import constant_array, set_initializer
+from graphopt.weights import attr as _attr, constant_array, set_initializer
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -42,11 +42,6 @@ class QdqConfig:
     activation_type: str = "uint8"
     per_channel: bool = True
     quantize_outputs: bool = False
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def weight_index(node: ir.Node) -> int | None:

@@ -22,15 +22,10 @@ import onnx_ir as ir
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.qdq import quantize_weight
-from graphopt.weights import constant_array, set_initializer
+from graphopt.weights import attr as _attr, constant_array, set_initializer
 
 MS_DOMAIN = "com.microsoft"
 Mark = Callable[[ir.Node], ir.Node]
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def dynamic_reason(node: ir.Node) -> str | None:
