@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from graphopt import bench, modelio  # noqa: E402
+from graphopt.errors import first_line  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line, optimize  # noqa: E402
 from graphopt.runtime import make_session  # noqa: E402
 
@@ -54,8 +55,7 @@ class _Reader:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:160]
+    return first_line(err, limit=160)
 
 
 def ort_variants(src: Path, calib: list[dict], tmp: Path) -> dict[str, tuple[Path | None, float, str]]:
@@ -175,30 +175,6 @@ def setup(name: str, tmp: Path) -> dict[str, Any]:
                 optimize=dict(calib=cal, data=ev, metric="snr", min_snr=15.0), passes_opts="min_snr_db=15")
 
 
-def direct_build(src: Path, out: Path, cfg: dict, opts: str | None) -> str:
-    """canonicalize, fold_batchnorm, fuse, quantize called as passes (the pipeline without its gate)."""
-    from graphopt import data as datamod
-    from graphopt.options import build_options
-    from graphopt.passbase import PassContext
-    from graphopt.passes.canonicalize import Canonicalize
-    from graphopt.passes.fold_batchnorm import FoldBatchNorm
-    from graphopt.passes.fuse import Fuse
-    from graphopt.passes.quantize import Quantize, QuantizeOptions
-
-    model = modelio.load_model(src)
-    Canonicalize()(model)
-    teacher = model.clone()
-    FoldBatchNorm()(model)
-    Fuse()(model)
-    raw = {k: float(v) for k, v in (kv.split("=") for kv in opts.split(","))} if opts else {}
-    options = build_options(QuantizeOptions, raw, "quantize")
-    calib = datamod.load_data(cfg["calib"], datamod.input_specs(model))
-    ctx = PassContext(calib=calib, teacher=teacher, metric=cfg["optimize"].get("metric", "agreement"), max_drop=0.01)
-    result = Quantize(options, ctx)(model)
-    modelio.save_model(model, out)
-    return "; ".join(n[:160] for n in result.notes if "whole model" in n or "int8 (" in n)
-
-
 def run_model(name: str, repeats: int, lines: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix=f"qbench-{name}-") as tmpdir:
         tmp = Path(tmpdir)
@@ -219,9 +195,6 @@ def run_model(name: str, repeats: int, lines: list[str]) -> None:
             picked = [n for n in q.notes if "exclude_nodes=" in n or "whole model" in n]
             if picked:
                 note += "; " + "; ".join(n[:200] for n in picked)
-            if q.status == "failed" and "External data" in (q.reason or ""):
-                note = (f"optimize's quantize failed in the core ({q.reason[:90]}...); built with the same passes "
-                        "called directly: " + direct_build(src, out, cfg, opts))
             variants["graphopt"] = (out, time.perf_counter() - start, "")
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from graphopt.channel_stats import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
-from graphopt.errors import DataError, GraphoptError
+from graphopt.errors import DataError, GraphoptError, first_line
 from graphopt.runtime import make_session
 
 __all__ = [
@@ -272,11 +272,6 @@ def split_labels(
     return list(np.split(flat, np.cumsum(counts)[:-1]))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class Evaluator:
     """Runs the reference once on the evaluation Dataset, caches its outputs, and compares candidates."""
 
@@ -327,11 +322,11 @@ def _session(model: Any, threads: int, role: str):
     except GraphoptError:
         raise
     except Exception as err:  # onnxruntime raises several unrelated types for a bad model
-        raise GraphoptError(f"{role} model does not load in onnxruntime: {_first_line(err)}") from None
+        raise GraphoptError(f"{role} model does not load in onnxruntime: {first_line(err, limit=None, with_type=False)}") from None
 
 
 def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int, role: str) -> list[np.ndarray]:
     try:
         return session.run(names, dict(feed))
     except Exception as err:
-        raise GraphoptError(f"{role} model failed on evaluation feed {index}: {_first_line(err)}") from None
+        raise GraphoptError(f"{role} model failed on evaluation feed {index}: {first_line(err, limit=None, with_type=False)}") from None

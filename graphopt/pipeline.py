@@ -20,12 +20,12 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import bench, data as datamod, modelio
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, first_line
 from graphopt.metrics import Comparison, Evaluator
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
-from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, first_line, release_memory
+from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, release_memory
 
 DEFAULT_MAX_DROP = 0.01
 # When no class-score output exists (regression, detection maps), the gate is the worst-channel SNR.

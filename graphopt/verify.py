@@ -78,10 +78,6 @@ def release_memory() -> None:
         pass
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
-
 
 class Checkpoints:
     """The state a failed pass rolls back to.
