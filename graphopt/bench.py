@@ -31,7 +31,6 @@ from graphopt.costs import (
     stored_tensors,
 )
 from graphopt.errors import DataError, GraphoptError
-from graphopt.modelio import proto_graphs as _proto_graphs  # every GraphProto level, subgraphs included
 
 __all__ = [
     "DATA_PROP_OPSET",
@@ -68,20 +67,7 @@ LZMA_FAST_ABOVE = 200 * 1024 * 1024
 
 
 def _external_files(path: Path) -> list[Path]:
-    proto = onnx.load(str(path), load_external_data=False)
-    files: dict[Path, None] = {}
-    for graph in _proto_graphs(proto.graph):
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
-        for sparse in graph.sparse_initializer:
-            tensors += [sparse.values, sparse.indices]
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                location = {e.key: e.value for e in tensor.external_data}.get("location")
-                if location and (path.parent / location).is_file():
-                    files[(path.parent / location).resolve()] = None
-    return list(files)
+    return modelio.external_files(onnx.load(str(path), load_external_data=False), path.parent)
 
 
 def lzma_preset(total_bytes: int) -> int:

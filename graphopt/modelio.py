@@ -34,17 +34,22 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     proto = load_proto(path)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(Path(path).resolve().parent))
-    model.graph.meta[SOURCE_BYTES] = Path(path).stat().st_size + _external_bytes(proto, Path(path))
+    folder = Path(path).resolve().parent
+    model.graph.meta[SOURCE_BYTES] = Path(path).stat().st_size + sum(
+        f.stat().st_size for f in external_files(proto, folder))
     return model
 
 
-def _external_bytes(proto: onnx.ModelProto, path: Path) -> int:
-    files = set()
+def external_files(proto: onnx.ModelProto, base_dir: Path) -> list[Path]:
+    """The distinct existing files the model's external tensors point to, in first-use order."""
+    files: dict[Path, None] = {}
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            files.add((path.resolve().parent / location).resolve())
-    return sum(f.stat().st_size for f in files if f.is_file())
+            target = (base_dir / location).resolve()
+            if location and target.is_file():
+                files[target] = None
+    return list(files)
 
 
 def load_proto(path: str | os.PathLike) -> onnx.ModelProto:

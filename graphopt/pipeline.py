@@ -25,7 +25,7 @@ from graphopt.metrics import Comparison, Evaluator
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
-from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, release_memory
+from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, is_heavy, release_memory
 
 DEFAULT_MAX_DROP = 0.01
 # When no class-score output exists (regression, detection maps), the gate is the worst-channel SNR.
@@ -279,7 +279,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
         final = pipeline.execute(holder.pop(), reference, calib_ds, eval_ds, report)
         report.optimized = final if pipeline.in_place else None  # not a field: never serialized
         report.passes[0].file_bytes = original_bytes
-        heavy = 4 * bench.count_params(final) > LARGE_BYTES
+        heavy = is_heavy(final)
         if output is not None:
             modelio.save_model(final, output)
             report.passes[-1].file_bytes = modelio.saved_bytes(output)

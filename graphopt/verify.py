@@ -42,12 +42,18 @@ class Gate:
         return None
 
 
+def is_heavy(model: ir.Model) -> bool:
+    """Too large for two onnxruntime sessions side by side: large on disk, or large once onnxruntime has
+    expanded compressed weights (a codebook model is small on disk, full size at run time)."""
+    return modelio.tensor_bytes(model) > LARGE_BYTES or 4 * costs.count_params(model) > LARGE_BYTES
+
+
 class Materialized:
     """A model serialized once for the checker, onnxruntime and the size column."""
 
     def __init__(self, model: ir.Model, tmp: Path, to_file: bool = False):
         self.large = modelio.tensor_bytes(model) > LARGE_BYTES
-        self.heavy = self.large or 4 * costs.count_params(model) > LARGE_BYTES
+        self.heavy = is_heavy(model)
         self.path: Path | None = None
         if self.large or to_file:
             self.path = path = tmp / "model.onnx"
