@@ -18,8 +18,6 @@ Writes compress_vgg.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from graphopt import bench
 from graphopt import data as datamod
 from graphopt import modelio
 from graphopt.options import build_options
@@ -110,7 +109,7 @@ def write(out: Path, rows: list[dict], orig: dict) -> None:
     base = rows[0]
     lines = [
         "## prune + kmeans on digits (no retraining)", "",
-        f"Machine: {machine()}. Command: `{COMMAND.format(part='digits')}`.", "",
+        f"Machine: {bench.machine_summary()}. Command: `{COMMAND.format(part='digits')}`.", "",
         f"Original digits.onnx: {orig['bytes']:,} bytes, lzma {orig['lzma_bytes']:,}. Every setting starts from "
         "it after canonicalize + fold_batchnorm; ratios are against the BN-folded float model below. Test "
         f"accuracy on test.npz ({len(np.load(DIGITS / 'test.npz')['labels'])} samples); sensitivity and "
@@ -150,15 +149,6 @@ def write(out: Path, rows: list[dict], orig: dict) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "compress_digits.png", dpi=130)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{os.cpu_count()}-core {cpu}, onnxruntime at 1 thread"
 
 
 # ---------------------------------------------------------------- PP-OCRv4 rec (real model)
@@ -227,7 +217,7 @@ def write_ocr(out: Path, rows: list[dict]) -> None:
     base = rows[0]
     lines = [
         "## prune + kmeans on PP-OCRv4 rec (real model, no retraining)", "",
-        f"Machine: {machine()}. Command: `{COMMAND.format(part='ocr')}`.", "",
+        f"Machine: {bench.machine_summary()}. Command: `{COMMAND.format(part='ocr')}`.", "",
         f"Model: ch_PP-OCRv4_rec_infer.onnx (rapidocr-onnxruntime 1.4.4). Each setting is one "
         f"`graphopt.optimize(rec, out, passes=RECIPE, calib=C, data=C, max_drop={OCR_MAX_DROP})` call, C = "
         f"{OCR_CALIB[0]} rendered lines (seed {OCR_CALIB[1]}); the recipe is in the first column. CER and exact-line "
@@ -297,7 +287,7 @@ def write_vgg(out: Path, row: dict, command: str) -> None:
     o = row["out"]
     lines = [
         "## prune + kmeans at scale: VGG-19 (575 MB)", "",
-        f"Machine: {machine()}. Command: `{COMMAND.format(part='vgg')}`, which runs "
+        f"Machine: {bench.machine_summary()}. Command: `{COMMAND.format(part='vgg')}`, which runs "
         f"`/usr/bin/time -v {command}` (synthetic samples, --max-drop 1: the optimizer's own time and memory, "
         "not accuracy; the model is graphopt's seeded light VGG-19).", "",
         "| file bytes | wall s | peak RSS (MiB) | RSS / file | out bytes | out lzma bytes | out huffman bytes |",

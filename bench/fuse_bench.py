@@ -12,8 +12,6 @@ table and writes it to bench/results/fuse_bench.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -120,20 +118,10 @@ def _emit(table: list[str], line: str) -> None:
     print(line, flush=True)
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    for line in info.read_text().splitlines() if info.exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{os.cpu_count()}-core {cpu}, onnxruntime at 1 thread"
-
-
 def _write(args: argparse.Namespace, table: list[str]) -> None:
     command = f"python bench/fuse_bench.py --repeats {args.repeats} --models {args.models}"
     text = ["## Float fusions on the PP-OCR models (fuse)", "",
-            f"Machine: {_machine()}. Command: `{command}`.", "",
+            f"Machine: {bench.machine_summary()}. Command: `{command}`.", "",
             "Each variant is the canonicalized model with one fusion family (`fuse:only=[family]`) or the defaults; "
             "families that fire nowhere are left out. median ms: 1-thread latency (graphopt.bench.benchmark, "
             "interleaved rounds, median), ratio to the canonicalized original; diffs: the first feed's outputs "

@@ -39,17 +39,11 @@ RESULT_PREFIXES = ["fuse_bench", "quantize_vs_ort", "compress_", "channel_prune"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
+    from graphopt.bench import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
 
 
 def run(names: list[str]) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,6 +62,25 @@ __all__ = [
 LZMA_PRESET = 6
 LZMA_FAST_PRESET = 1
 LZMA_FAST_ABOVE = 200 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- machine
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's machine type where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_summary() -> str:
+    """'2-core <CPU>, onnxruntime at 1 thread': the machine line of the benchmark sections."""
+    return f"{os.cpu_count()}-core {cpu_name()}, onnxruntime at 1 thread"
 
 
 # ---------------------------------------------------------------- file sizes
