@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.passes.channel_deps import Slot, const_array, label
-from graphopt.weights import set_initializer, write_input
+from graphopt.weights import attr, set_initializer, write_input
 
 
 def expand(removed: np.ndarray, block: int) -> np.ndarray:
@@ -142,8 +142,7 @@ def _output_axis(node: ir.Node) -> int | None:
     if op == "Conv" and int(node.attributes["group"].value if "group" in node.attributes else 1) == 1:
         return 0
     if op == "Gemm":
-        trans_b = node.attributes.get("transB")
-        return 0 if trans_b is not None and trans_b.value else 1
+        return 0 if attr(node, "transB", 0) else 1
     if op == "MatMul":
         return 1
     return None  # ConvTranspose: a constant input does not give a constant output (stride phases)

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.weights import attr
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 TOL = 1e-6
 
@@ -81,8 +83,7 @@ def pairs(node: ir.Node) -> list[tuple[ir.Value, ir.Value]]:
 
 
 def attr_float(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.value)
+    return float(attr(node, name, default))
 
 
 # ---------------------------------------------------------------- building blocks

@@ -22,7 +22,7 @@ from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.kmeans1d import HIST_MIN_SIZE, INITS, kmeans1d, kmeans1d_hist
 from graphopt.passes.prune import Target, find_targets
-from graphopt.weights import set_initializer
+from graphopt.weights import attr, set_initializer
 
 UINT4_OPSET = 21
 
@@ -137,8 +137,7 @@ def importance_of(target: Target, mean_square: np.ndarray) -> np.ndarray:
     in_axis = target.in_axis % w.ndim
     h = np.asarray(mean_square, np.float64).reshape(-1)
     if target.node.op_type == "Conv":
-        attr = target.node.attributes.get("group")
-        group = 1 if attr is None else int(attr.value)
+        group = int(attr(target.node, "group", 1))
         per = w.shape[1]
         out_per = w.shape[0] // group
         h = h.reshape(group, per)[np.arange(w.shape[0]) // out_per]  # [O, C/g]
@@ -157,8 +156,7 @@ def _input_channel_axis(target: Target) -> int:
     if op in ("Conv", "ConvTranspose"):
         return 1
     if op == "Gemm":
-        attr = target.node.attributes.get("transA")
-        return 0 if attr is not None and int(attr.value) else 1
+        return 0 if int(attr(target.node, "transA", 0)) else 1
     return -1 if target.index == 1 else -2  # MatMul: x @ W contracts x's last axis; W @ x contracts x's rows
 
 

@@ -20,16 +20,11 @@ from graphopt.errors import GraphoptError
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_nodes, constant_array, encoding_of, owned_initializer, replace_initializer
+from graphopt.weights import all_nodes, attr, constant_array, encoding_of, owned_initializer, replace_initializer
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOATS = (np.float16, np.float32, np.float64)
 SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
-
-
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else int(attr.value)
 
 
 def weight_axes(node: ir.Node) -> tuple[int, int, int] | None:
@@ -44,7 +39,7 @@ def weight_axes(node: ir.Node) -> tuple[int, int, int] | None:
     if op == "ConvTranspose":
         return 1, 1, 0
     if op == "Gemm":
-        return (1, 0, 1) if _attr(node, "transB", 0) else (1, 1, 0)
+        return (1, 0, 1) if attr(node, "transB", 0) else (1, 1, 0)
     for index, out_axis, in_axis in ((1, -1, -2), (0, -2, -1)):
         w = constant_array(node.inputs[index])
         if w is not None and w.ndim >= 2:
