@@ -27,7 +27,7 @@ from graphopt.modelio import tensor_bytes
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.canonicalize import adopt, serialize_loaded
-from graphopt.weights import all_graphs, all_nodes, is_sparse_marked
+from graphopt.weights import all_graphs, all_nodes, constant_tensor, is_sparse_marked
 
 # Storage dtypes of compressed weights: a node reading one of these constants decompresses it.
 LOW_BIT = frozenset({
@@ -40,7 +40,8 @@ DEQUANT_OPS = frozenset({"DequantizeLinear", "DynamicQuantizeLinear"})
 
 
 def _const_initializer(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is not None and value.is_initializer()
+    """A stored constant; a graph input's default is not one (nothing folds it, the user may replace it)."""
+    return constant_tensor(value, nodes=False) is not None
 
 
 def held_out_reason(node: ir.Node) -> str | None:

@@ -34,7 +34,7 @@ from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_nodes, encoding_of
+from graphopt.weights import all_nodes, encoding_of, is_constant
 
 LAST = "last"
 _LINEAR = ("Gemm", "MatMul", "Conv")
@@ -44,7 +44,7 @@ _MAX_NOTED = 6  # walked-past layers named in the notes; the rest are counted
 
 
 def _is_const(value: ir.Value | None) -> bool:
-    return value is None or value.is_initializer() or ir.convenience.get_const_tensor(value) is not None
+    return value is None or is_constant(value)
 
 
 def last_linear_nodes(graph: ir.Graph, refuse: Callable[[ir.Node], str | None] | None = None,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.weights import attr
+from graphopt.weights import attr, constant_array
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 TOL = 1e-6
@@ -52,11 +52,8 @@ def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
 
 
 def const(value: ir.Value | None) -> np.ndarray | None:
-    """The value of an initializer or Constant output, else None."""
-    if value is None or value.is_graph_input():  # an input with a default can be overridden at run time
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    """The value of a constant initializer or Constant output (never a graph input's default), else None."""
+    return constant_array(value, nodes=True)
 
 
 def is_scalar(value: ir.Value | None, target: float) -> bool:

@@ -33,7 +33,7 @@ from graphopt.errors import DataError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_graphs, attr as _attr, encoding_of, set_initializer
+from graphopt.weights import all_graphs, attr as _attr, constant_array, encoding_of, set_initializer
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 # Single-input elementwise ops that may sit between the fully connected layers that through=K swallows.
@@ -49,8 +49,8 @@ def _dims(value: ir.Value | None) -> list | None:
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
+    array = constant_array(value, nodes=True)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
 
 
 def _is_float(value: ir.Value) -> bool:

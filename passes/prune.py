@@ -20,31 +20,11 @@ from graphopt.errors import GraphoptError
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_nodes, attr, constant_array, encoding_of, owned_initializer, replace_initializer
+from graphopt.weights import (all_nodes, constant_array, encoding_of, owned_initializer, replace_initializer,
+                              weight_layout)
 
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOATS = (np.float16, np.float32, np.float64)
 SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
-
-
-def weight_axes(node: ir.Node) -> tuple[int, int, int] | None:
-    """(weight input index, output-channel axis, input-channel axis) of a linear node, or None.
-
-    MatMul takes whichever input is a constant initializer (input 1 first)."""
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in LAYER_OPS or len(node.inputs) < 2:
-        return None
-    if op == "Conv":
-        return 1, 0, 1
-    if op == "ConvTranspose":
-        return 1, 1, 0
-    if op == "Gemm":
-        return (1, 0, 1) if attr(node, "transB", 0) else (1, 1, 0)
-    for index, out_axis, in_axis in ((1, -1, -2), (0, -2, -1)):
-        w = constant_array(node.inputs[index])
-        if w is not None and w.ndim >= 2:
-            return index, out_axis, in_axis
-    return None
 
 
 @dataclasses.dataclass
@@ -69,10 +49,10 @@ def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], mi
     targets = []
     skipped_small = 0
     for node in all_nodes(model):
-        axes = weight_axes(node)
-        if axes is None:
+        layout = weight_layout(node, constant_a=True)  # MatMul: either side, a rank >= 2 constant
+        if layout is None or layout.out_axis is None or layout.in_axis is None:
             continue
-        index, out_axis, in_axis = axes
+        index, out_axis, in_axis = layout.index, layout.out_axis, layout.in_axis
         value = node.inputs[index]
         name = node.name or ""
         if name in skip_nodes or (value is not None and value.name in skip_nodes) or node.op_type in skip_ops:

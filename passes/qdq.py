@@ -2,7 +2,7 @@
 
 Given an explicit set of nodes and calibrated ranges, :func:`emit` writes
 - DequantizeLinear on weights: int8 symmetric initializers, per output channel (Conv axis 0, ConvTranspose
-  axis 1, Gemm transB=1 axis 0 / transB=0 axis 1, MatMul [K, N] axis 1) or per tensor;
+  axis 1, Gemm transB=1 axis 0 / transB=0 axis 1, MatMul [K, N] axis 1: weights.weight_layout) or per tensor;
 - int32 bias behind DequantizeLinear with scale = input scale × weight scale, zero point 0;
 - QuantizeLinear → DequantizeLinear on every activation input and on each node's output — after a following
   Relu/Clip when that is the output's only consumer (onnxruntime removes the Relu/Clip into the Q's range);
@@ -24,9 +24,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.weights import attr as _attr, constant_array, set_initializer
+from graphopt.weights import LINEAR_OPS, attr as _attr, constant_array, set_initializer, weight_layout
 
-WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+WEIGHT_OPS = frozenset(LINEAR_OPS)
 OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
 SHARED_SCALE_OPS = frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
                               "Slice", "Split"})
@@ -45,26 +45,9 @@ class QdqConfig:
 
 
 def weight_index(node: ir.Node) -> int | None:
-    """Input index of the constant weight, if the op takes one (MatMul: B when it is an initializer)."""
-    if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2:
-        return None
-    if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
-        return None
-    return 1
-
-
-def weight_axis(node: ir.Node, rank: int) -> int | None:
-    """The output-channel axis of the weight (None: per tensor only)."""
-    op = node.op_type
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    if op == "MatMul":
-        return 1 if rank == 2 else None  # batched constant B: per tensor (keeps DQ's axis meaning simple)
-    return None
+    """Input index of the constant weight, if the op takes one (MatMul: B when it is a constant initializer)."""
+    layout = weight_layout(node)
+    return None if layout is None else layout.index
 
 
 def activation_inputs(node: ir.Node) -> list[int]:
@@ -198,12 +181,12 @@ class _Emitter:
 
     def weight(self, node: ir.Node) -> np.ndarray | None:
         """Replace the node's weight by int8 + DQ; returns the weight scales (None: nothing done)."""
-        index = weight_index(node)
-        if index is None:
-            return None
-        value, graph = node.inputs[index], node.graph
-        w = constant_array(value)
-        axis = weight_axis(node, w.ndim) if self.cfg.per_channel else None
+        layout = weight_layout(node)
+        w = None if layout is None else constant_array(node.inputs[layout.index])
+        if w is None:
+            return None  # no weight, or a computed / overridable one: it stays float
+        index, value, graph = layout.index, node.inputs[layout.index], node.graph
+        axis = layout.channel_axis if self.cfg.per_channel else None  # batched MatMul B: per tensor
         key = (id(value), id(graph), axis)
         if key not in self.weight_dq:
             q, scale = quantize_weight(w, axis)
@@ -293,8 +276,8 @@ def emit(model: ir.Model, nodes: Iterable[ir.Node], ranges: Mapping[str, Range],
     for node in order:
         for i in activation_inputs(node):
             value = node.inputs[i]
-            if value.const_value is not None and value.is_initializer():
-                arr = constant_array(value)
+            arr = constant_array(value)
+            if arr is not None:
                 const_inputs.append((node, i, (float(arr.min(initial=0.0)), float(arr.max(initial=0.0)))))
                 continue
             if value not in em.params:
