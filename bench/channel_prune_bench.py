@@ -3,6 +3,7 @@
     python bench/channel_prune_bench.py [--skip-zoo] [--skip-latency] [--skip-digits] [--models a,b]
 
 Prints markdown tables; the digits curve goes to bench/results/channel_prune_digits.png (+ .md tables).
+Sections that were not run keep their previous text in bench/results/channel_prune.md.
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ def zoo(names: list[str]) -> str:
         make_session(modelio.to_proto(model))  # onnxruntime loads the result
         after = bench.count_macs(model)
         rows.append([name, str(len(groups)), str(len(ok)), str(sum(len(g.producers) > 1 for g in ok)),
+                     str(sum(g.unit_sizes is not None for g in ok)),
                      bench.human(before), bench.human(after), f"{1 - after / before:.1%}", f"{seconds:.1f}"])
-    return bench.table(["model", "groups", "prunable", "coupled (>1 producer)", "MACs before", "MACs after",
-                        "MACs removed", "pass s"], rows)
+    return ("`python bench/channel_prune_bench.py --skip-digits --skip-latency` (ratio 0.3, scope global, l1, no "
+            "data; seeded random weights; MACs at the model's input shape). *grouped*: groups whose removal units "
+            "are channel sets (grouped convs / channel shuffle: equal counts per conv group).\n\n"
+            + bench.table(["model", "groups", "prunable", "coupled (>1 producer)", "grouped", "MACs before",
+                           "MACs after", "MACs removed", "pass s"], rows))
 
 
 def latency(ratio: float = 0.3, round_to: int = 8) -> str:
@@ -130,8 +135,26 @@ def main(argv: list[str]) -> int:
         parts.append("## ResNet-50 fp32 latency\n\n" + latency())
     text = "\n\n".join(parts)
     print(text)
-    (RESULTS / "channel_prune.md").write_text(text + "\n")
+    path = RESULTS / "channel_prune.md"
+    (path).write_text(merge_sections(path.read_text() if path.exists() else "", parts) + "\n")
     return 0
+
+
+def merge_sections(old: str, new: list[str]) -> str:
+    """``old`` with each section (``## title`` ...) replaced by the new one of the same title; new titles
+    are appended."""
+    def split(text: str) -> list[str]:
+        return ["## " + p.strip() for p in ("\n" + text).split("\n## ")[1:]]
+
+    sections = split(old)
+    titles = [s.splitlines()[0] for s in sections]
+    for part in new:
+        title = part.splitlines()[0]
+        if title in titles:
+            sections[titles.index(title)] = part.strip()
+        else:
+            sections.append(part.strip())
+    return "\n\n".join(sections)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,27 @@
 """Channel dependency groups for structured pruning (analysis only: nothing here edits the model).
 
-Model (after Torch-Pruning's DepGraph, redone for ONNX graphs): every prunable layer (Conv group=1,
-ConvTranspose group=1, Gemm, MatMul with a constant weight) creates an *atom*: its output channels. A value
-that carries channels has a :class:`Chan` state: a list of segments (atom, start, length) laid out along its
-channel axis (Concat appends segments, Split cuts them), the axis counted from the end (broadcasting aligns
-from the right) and a ``block`` (Flatten of C×H×W makes every channel a block of H·W features). Residual
-joins (Add/Sum/Mul/Sub/…) unite the atoms meeting there (union-find): one group prunes the same indices.
+Model (after Torch-Pruning's DepGraph, redone for ONNX graphs): every prunable layer (Conv, ConvTranspose
+group=1, Gemm, MatMul with a constant weight) creates an *atom*: its output channels. A value that carries
+channels has a :class:`Chan` state: a list of segments (atom, start, length) laid out along its channel axis
+(Concat appends segments, Split/Slice cut them, a channel shuffle permutes them), the axis counted from the
+end (broadcasting aligns from the right) and a ``block`` (Flatten of C×H×W makes every channel a block of
+H·W features). Residual joins (Add/Sum/Mul/Sub/…) unite the atoms meeting there (union-find): one group
+prunes the same indices. Grouped convs and shuffles add constraints (equal counts per conv group, shuffle
+columns removed whole) that :mod:`channel_units` solves into removal units of several channels.
 
 Every tensor that must shrink is a :class:`Slot` (a constant input of a node and its axis); each atom records
 :class:`Link` s telling where its channels land in each slot. Anything that cannot be proven (an unknown op,
-a channel shuffle, a graph output, a grouped conv) *blocks* the atoms it touches, with the reason.
+a graph output, a reshape that moves the channel axis) *blocks* the atoms it touches, with the reason.
+Op-specific rules live in :mod:`channel_ops`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
-import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes import channel_ops as ops
+from graphopt.passes.channel_types import Atom, Chan, Group, Link, Seg, Slot, const_array, label
+from graphopt.passes.channel_units import build_groups
 from graphopt.weights import attr as _attr, encoding_of
 
 UNARY = frozenset({
@@ -31,111 +33,7 @@ POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
 PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
-
-def label(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name if node.outputs else "") or node.op_type
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """A plain float/int constant behind ``value``: an initializer, a Constant node, or Unsqueeze/Reshape/
-    Squeeze/Identity of one (the per-channel constants old exporters apply through Unsqueeze)."""
-    if value is None:
-        return None
-    if value.const_value is not None and encoding_of(value) is None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type == "Constant":
-        attr = node.attributes.get("value")
-        return None if attr is None else np.asarray(attr.value.numpy())
-    if node.op_type in ("Identity", "Unsqueeze", "Squeeze", "Reshape"):
-        data = const_array(node.inputs[0])
-        if data is None:
-            return None
-        if node.op_type == "Identity":
-            return data
-        second = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if node.op_type == "Reshape":
-            return None if second is None or np.any(second <= 0) else data.reshape(second.astype(int))
-        axes = second if second is not None else _attr(node, "axes", None)
-        if axes is None:
-            return np.squeeze(data) if node.op_type == "Squeeze" else None
-        axes = [int(a) for a in np.asarray(axes).reshape(-1)]
-        if node.op_type == "Squeeze":
-            return np.squeeze(data, axis=tuple(a % data.ndim for a in axes))
-        rank = data.ndim + len(axes)
-        return np.expand_dims(data, tuple(sorted(a % rank for a in axes)))
-    return None
-
-
-@dataclass(eq=False)
-class Slot:
-    """A constant input of ``node`` (``index``) whose ``axis`` runs over ``channels`` × ``block`` entries."""
-
-    node: ir.Node
-    index: int
-    axis: int
-    channels: int
-    block: int = 1
-    role: str = "member"  # producer | member | consumer
-
-
-@dataclass
-class Link:
-    slot: Slot
-    offset: int  # slot channel of the atom's channel ``start``
-    start: int
-    length: int
-
-
-@dataclass
-class Seg:
-    atom: int
-    start: int
-    length: int
-
-
-@dataclass
-class Chan:
-    segs: list[Seg]
-    axis: int  # negative: counted from the end
-    block: int = 1
-
-    @property
-    def total(self) -> int:
-        return sum(s.length for s in self.segs)
-
-
-@dataclass
-class Atom:
-    id: int
-    size: int
-    producers: list[ir.Node] = field(default_factory=list)
-    links: list[Link] = field(default_factory=list)
-    values: list[tuple[ir.Value, Link]] = field(default_factory=list)  # where channels appear (slot unused)
-    reasons: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Group:
-    """Atoms that must lose the same channel indices (one union-find class)."""
-
-    id: int
-    size: int
-    producers: list[ir.Node]
-    links: list[Link]
-    values: list[tuple[ir.Value, Link]]
-    reasons: list[str]
-
-    @property
-    def prunable(self) -> bool:
-        return not self.reasons
-
-    def members(self) -> list[str]:
-        names = [label(n) for n in self.producers]
-        names += [label(k.slot.node) for k in self.links if label(k.slot.node) not in names]
-        return list(dict.fromkeys(names))
+Element = tuple[int, int]  # (atom, channel)
 
 
 class Analysis:
@@ -145,6 +43,8 @@ class Analysis:
         self.parent: list[int] = []
         self.state: dict[ir.Value, Chan] = {}
         self.fixups: dict[ir.Node, dict] = {}  # nodes whose attributes/shape inputs follow the pruning
+        self.colorings: list[tuple[str, list[list[Element]]]] = []  # removal takes equal counts per colour
+        self.ties: list[list[Element]] = []  # channels removed together
 
     # --- union-find ------------------------------------------------------------------------------------
     def find(self, a: int) -> int:
@@ -208,7 +108,8 @@ class Analysis:
                                 self.block(self.state.get(v), f"used inside the subgraph of {label(node)!r}")
         return self.groups()
 
-    def groups(self) -> list[Group]:
+    def base_groups(self) -> dict[int, Group]:
+        """One group per union-find class, in atom order (keyed by root atom)."""
         by_root: dict[int, Group] = {}
         for atom in self.atoms:
             root = self.find(atom.id)
@@ -217,7 +118,10 @@ class Analysis:
             group.links += atom.links
             group.values += atom.values
             group.reasons += [r for r in atom.reasons if r not in group.reasons]
-        return list(by_root.values())
+        return by_root
+
+    def groups(self) -> list[Group]:
+        return build_groups(self.base_groups(), self.find, self.colorings, self.ties)
 
     def visit(self, node: ir.Node) -> None:
         ins = [self.state.get(v) if v is not None else None for v in node.inputs]
@@ -243,26 +147,34 @@ class Analysis:
         elif op in BINARY or op == "PRelu":
             self.elementwise(node, ins)
         elif op in ("BatchNormalization", "InstanceNormalization"):
-            last = 5 if op == "BatchNormalization" else 3
-            if ins[0] is None or any(c is not None for c in ins[1:]):
-                self.block(chan, f"{op} {label(node)!r} normalizes a channel-mixed tensor")
-                return
-            if any(const_array(v) is None for v in node.inputs[1:last]) or len(node.outputs) > 1 and any(
-                    o.uses() for o in node.outputs[1:] if o is not None):
-                self.block(chan, f"{op} {label(node)!r} parameters are not constants")
-                return
-            for i in range(1, last):
-                self.link(node, i, 0, chan, "member")
-            self.set_state(out, chan)
+            self.normalization(node, ins, chan)
         elif op == "Concat":
-            self.concat(node, ins)
+            ops.concat(self, node, ins)
         elif op == "Split":
-            self.split(node, chan)
-        elif op in ("Flatten", "Reshape"):
-            self.reshape(node, chan)
+            ops.split(self, node, chan)
+        elif op in ("Flatten", "Reshape") and ins[0] is not None:
+            ops.reshape(self, node, chan)
+        elif op == "Slice" and ins[0] is not None and not any(ins[1:]):
+            ops.slice_(self, node, chan)
+        elif op in ("Squeeze", "Unsqueeze") and ins[0] is not None and not any(ins[1:]):
+            ops.squeeze(self, node, chan)
         else:
             for c in ins:
                 self.block(c, f"{op} {label(node)!r} is not channel-preserving (or not supported)")
+
+    def normalization(self, node: ir.Node, ins: list[Chan | None], chan: Chan) -> None:
+        op = node.op_type
+        last = 5 if op == "BatchNormalization" else 3
+        if ins[0] is None or any(c is not None for c in ins[1:]):
+            self.block(chan, f"{op} {label(node)!r} normalizes a channel-mixed tensor")
+            return
+        if any(const_array(v) is None for v in node.inputs[1:last]) or len(node.outputs) > 1 and any(
+                o.uses() for o in node.outputs[1:] if o is not None):
+            self.block(chan, f"{op} {label(node)!r} parameters are not constants")
+            return
+        for i in range(1, last):
+            self.link(node, i, 0, chan, "member")
+        self.set_state(node.outputs[0], chan)
 
     def layer(self, node: ir.Node, ins: list[Chan | None]) -> None:
         op = node.op_type
@@ -287,6 +199,8 @@ class Analysis:
                     self.link(node, 2, 0, x, "member")
                 self.fixups[node] = {"kind": "depthwise", "value": node.inputs[0]}
                 self.set_state(node.outputs[0], x)
+            elif w.shape[1] > 1 or w.shape[0] > group:
+                ops.grouped_conv(self, node, x, w, group)
             else:
                 self.block(x, f"grouped Conv {label(node)!r} (group={group}) ties channels within groups")
             return
@@ -331,7 +245,7 @@ class Analysis:
         chans = [c for c in ins if c is not None]
         first = chans[0]
         for other in chans[1:]:
-            if not self.merge(first, other):
+            if not self.merge(first, other) and not self.tie(first, other):
                 reason = f"{node.op_type} {label(node)!r} joins tensors whose channels do not line up"
                 for c in chans:
                     self.block(c, reason)
@@ -359,97 +273,36 @@ class Analysis:
         self.set_state(node.outputs[0], first)
 
     def merge(self, a: Chan, b: Chan) -> bool:
-        if a.axis != b.axis or a.block != b.block or len(a.segs) != len(b.segs):
+        if a.axis != b.axis or a.block != b.block or a.total != b.total:
             return False
-        for sa, sb in zip(a.segs, b.segs):
-            if sa.length != sb.length:
-                return False
-            if self.find(sa.atom) == self.find(sb.atom) and sa.start == sb.start:
+        pairs = list(zip(a.elements(), b.elements()))
+        if len(a.segs) == len(b.segs) and all(sa.length == sb.length for sa, sb in zip(a.segs, b.segs)):
+            if all(self.find(sa.atom) == self.find(sb.atom) and sa.start == sb.start for sa, sb in zip(a.segs, b.segs)):
+                return True
+        # Whole atoms meeting index for index unite; otherwise the same channels must already be one.
+        atoms: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for (xa, ia), (xb, ib) in pairs:
+            if self.find(xa) == self.find(xb) and ia == ib:
                 continue
-            whole = all(s.start == 0 and s.length == self.atoms[s.atom].size for s in (sa, sb))
-            if not whole:
+            atoms.setdefault((xa, xb), []).append((ia, ib))
+        for (xa, xb), idx in atoms.items():
+            if len(idx) != self.atoms[xa].size or self.atoms[xa].size != self.atoms[xb].size or any(
+                    i != j for i, j in idx):
                 return False
-        for sa, sb in zip(a.segs, b.segs):
-            self.union(sa.atom, sb.atom)
+        for xa, xb in atoms:
+            self.union(xa, xb)
         return True
 
-    def concat(self, node: ir.Node, ins: list[Chan | None]) -> None:
-        dims = self.dims(node.outputs[0])
-        axis = int(_attr(node, "axis", 1))
-        rank = len(dims) if dims else 0
-        known = [c for c in ins if c is not None]
-        if not rank or any(c is None for c in ins):
-            for c in known:
-                self.block(c, f"Concat {label(node)!r} joins a tensor whose channels are not tracked")
-            return
-        if (axis - rank if axis >= 0 else axis) != known[0].axis:
-            self.elementwise(node, ins)  # joined along another axis: channels must line up
-            return
-        if any(c.axis != known[0].axis or c.block != 1 for c in known):
-            for c in known:
-                self.block(c, f"Concat {label(node)!r} mixes channel layouts")
-            return
-        segs = [Seg(s.atom, s.start, s.length) for c in known for s in c.segs]
-        self.set_state(node.outputs[0], Chan(segs, known[0].axis))
 
-    def split(self, node: ir.Node, chan: Chan) -> None:
-        dims = self.dims(node.inputs[0])
-        rank = len(dims) if dims else 0
-        axis = int(_attr(node, "axis", 0))
-        if not rank or (axis - rank if axis >= 0 else axis) != chan.axis or chan.block != 1:
-            self.block(chan, f"Split {label(node)!r} is not on the channel axis")
-            return
-        sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        sizes = list(np.asarray(sizes if sizes is not None else _attr(node, "split", []), dtype=int).reshape(-1))
-        if not sizes:
-            n = len(node.outputs)
-            if chan.total % n:
-                self.block(chan, f"Split {label(node)!r}: uneven split")
-                return
-            sizes = [chan.total // n] * n
-        start = 0
-        for out, size in zip(node.outputs, sizes):
-            self.set_state(out, Chan(_cut(chan.segs, start, start + size), chan.axis))
-            start += size
-        self.fixups[node] = {"kind": "split", "value": node.inputs[0], "sizes": sizes}
-
-    def reshape(self, node: ir.Node, chan: Chan) -> None:
-        src, dst = self.dims(node.inputs[0]), self.dims(node.outputs[0])
-        why = f"{node.op_type} {label(node)!r} moves the channel axis (cannot be proven)"
-        if not src or not dst or None in src[1:] or None in dst[1:] or chan.axis != 1 - len(src):
-            self.block(chan, why)
-            return
-        if node.op_type == "Flatten" and int(_attr(node, "axis", 1)) != 1:
-            self.block(chan, why)
-            return
-        # Provable layouts: [N, C, *S] -> [N, C·prod(S)] (flatten) and [N, C] -> [N, C, 1, ...] (unflatten).
-        spatial = math.prod(src[2:])
-        if len(dst) == 2 and dst[1] == src[1] * spatial:
-            out = Chan(chan.segs, -1, chan.block * spatial)
-        elif len(src) == 2 and dst[1] == src[1] and all(d == 1 for d in dst[2:]):
-            out = Chan(chan.segs, 1 - len(dst), chan.block)
-        else:
-            self.block(chan, why)
-            return
-        if node.op_type == "Reshape":
-            shape = const_array(node.inputs[1])
-            if shape is None:
-                self.block(chan, f"Reshape {label(node)!r} shape is computed")
-                return
-            self.fixups[node] = {"kind": "reshape", "value": node.inputs[0], "shape": shape,
-                                 "unit": out.block if len(dst) == 2 else chan.block}
-        self.set_state(node.outputs[0], out)
-
-
-def _cut(segs: list[Seg], lo: int, hi: int) -> list[Seg]:
-    """The segments covering channels [lo, hi) of a value."""
-    out, pos = [], 0
-    for s in segs:
-        a, b = max(lo, pos), min(hi, pos + s.length)
-        if a < b:
-            out.append(Seg(s.atom, s.start + a - pos, b - a))
-        pos += s.length
-    return out
+    def tie(self, a: Chan, b: Chan) -> bool:
+        """Channels that line up position by position but not atom by atom (a residual Add of a conv and a
+        Concat): tie each pair; :mod:`channel_units` removes tied channels together."""
+        if a.axis != b.axis or a.block != b.block or a.total != b.total:
+            return False
+        for (xa, ia), (xb, ib) in zip(a.elements(), b.elements()):
+            if self.find(xa) != self.find(xb) or ia != ib:
+                self.ties.append([(xa, ia), (xb, ib)])
+        return True
 
 
 def analyze(model: ir.Model, shapes: dict[str, tuple]) -> tuple[Analysis, list[Group]]:

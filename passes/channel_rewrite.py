@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.passes.channel_deps import Slot, const_array, label
+from graphopt.passes.channel_types import Slot, const_array, label
 from graphopt.weights import attr, set_initializer, write_input
 
 
@@ -24,7 +24,27 @@ def expand(removed: np.ndarray, block: int) -> np.ndarray:
     return (removed[:, None] * block + np.arange(block)[None, :]).reshape(-1)
 
 
+def slice_grouped(array: np.ndarray, slot: Slot, removed: np.ndarray) -> np.ndarray:
+    """Input-channel axis of a grouped Conv weight [Cout, Cin/g, ...]: group k's rows lose group k's removed
+    input channels (each group its own columns; the analysis makes the counts equal)."""
+    g, per = slot.groups, slot.channels // slot.groups
+    if array.shape[slot.axis] != per or array.shape[0] % g:
+        raise GraphoptError(f"{label(slot.node)!r}: weight {array.shape} does not match {slot.channels} input "
+                            f"channels in {g} groups")
+    rows = array.shape[0] // g
+    parts, counts = [], set()
+    for k in range(g):
+        mine = removed[(removed >= k * per) & (removed < (k + 1) * per)] - k * per
+        counts.add(len(mine))
+        parts.append(np.delete(array[k * rows:(k + 1) * rows], mine, axis=slot.axis))
+    if len(counts) != 1:
+        raise GraphoptError(f"{label(slot.node)!r}: unequal channel removal across its {g} groups")
+    return np.concatenate(parts, axis=0)
+
+
 def slice_array(array: np.ndarray, slot: Slot, removed: np.ndarray) -> np.ndarray:
+    if slot.groups > 1:
+        return slice_grouped(array, slot, removed)
     size = array.shape[slot.axis]
     if size == 1 and slot.channels * slot.block != 1:
         return array  # broadcast along the channel axis
@@ -95,12 +115,38 @@ def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.n
                 _int64_input(node, 1, new, f"{label(node)}_split")
             else:
                 node.attributes["split"] = ir.AttrInt64s("split", new)
+        elif kind == "shuffle":
+            _fix_shuffle(node, fix, removed, mark)
+        elif kind == "slice":
+            lo, hi, i = fix["lo"], fix["hi"], fix["index"]
+            for index, bound in ((1, lo), (2, hi)):
+                array = np.array(const_array(node.inputs[index])).reshape(-1)
+                array[i] = bound - int(np.count_nonzero(removed < bound))
+                _write_input(node, index, array)
         elif kind == "reshape":
             shape = np.asarray(fix["shape"], dtype=np.int64).copy()
             if shape[1] > 0:
                 shape[1] -= len(removed) * int(fix["unit"])
             _int64_input(node, 1, list(shape), f"{label(node)}_shape")
         mark(node)
+
+
+def _fix_shuffle(first: ir.Node, fix: dict, removed: np.ndarray, mark: Callable[[ir.Node], object]) -> None:
+    """Channel shuffle: [N, a, b, *S] loses whole columns (b shrinks), the flat [N, C, *S] loses them all."""
+    a = int(fix["a"])
+    if len(removed) % a:
+        raise GraphoptError(f"channel shuffle at {label(first)!r}: {len(removed)} channels is not whole columns of {a}")
+    shape = np.asarray(fix["first_shape"], dtype=np.int64).copy()
+    shape[2] -= len(removed) // a
+    _int64_input(first, 1, list(shape), f"{label(first)}_shape")
+    last = fix["last"]
+    shape = np.asarray(fix["last_shape"], dtype=np.int64).copy()
+    if shape[1] > 0:
+        shape[1] -= len(removed)
+    _int64_input(last, 1, list(shape), f"{label(last)}_shape")
+    for value in fix["between"]:
+        value.shape = None  # inference redoes it
+    mark(last)
 
 
 def forget_shapes(value_removed: dict[ir.Value, np.ndarray]) -> None:

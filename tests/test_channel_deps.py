@@ -51,14 +51,26 @@ def test_concat_gives_offsets_into_the_consumer() -> None:
         assert [(k.offset, k.slot.channels) for k in links] == [(offset, 10)]
 
 
-def test_channel_shuffle_and_mismatched_join_are_blocked() -> None:
+def _shuffle_model(perm: list[int]):
     inits: dict = {"shape5": np.array([1, 2, 2, 8, 8], np.int64), "shape4": np.array([1, 4, 8, 8], np.int64)}
     nodes = [_conv("a", "x", "a", 3, 4, inits, 1),
              helper.make_node("Reshape", ["a", "shape5"], ["r"]),
-             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3, 4]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=perm),
              helper.make_node("Reshape", ["t", "shape4"], ["u"]), _conv("c", "u", "y", 4, 2, inits, 3)]
-    groups = _by_producer(_groups(make_model(nodes, [X], ["y"], inits)))
-    assert not groups[("a",)].prunable and "Reshape" in groups[("a",)].reasons[0]
+    return _by_producer(_groups(make_model(nodes, [X], ["y"], inits)))
+
+
+def test_channel_shuffle_ties_columns_and_other_transposes_are_blocked() -> None:
+    group = _shuffle_model([0, 2, 1, 3, 4])[("a",)]
+    # output channel j*2 + k is input channel k*2 + j; unit j = channel j of both halves: {0, 2} and {1, 3}
+    assert group.prunable and group.unit_sizes == [2, 2]
+    rows = {u: sorted(k.offset + u - k.start for k in group.links if k.slot.node.name == "a" and k.slot.index == 1
+                      and k.start <= u < k.start + k.length) for u in range(2)}
+    cols = {u: sorted(k.offset + u - k.start for k in group.links if k.slot.node.name == "c"
+                      and k.start <= u < k.start + k.length) for u in range(2)}
+    assert rows == {0: [0, 2], 1: [1, 3]} and cols == {0: [0, 1], 1: [2, 3]}
+    blocked = _shuffle_model([0, 1, 2, 4, 3])[("a",)]
+    assert not blocked.prunable and "Reshape" in blocked.reasons[0]
 
 
 def test_flatten_gemm_block_and_depthwise_member() -> None:
