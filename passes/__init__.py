@@ -12,6 +12,7 @@ from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.lowrank import LowRank
 from graphopt.passes.prune import Prune
+from graphopt.passes.quant_correct import BiasCorrect
 from graphopt.passes.quant_dynamic import QuantizeDynamic
 from graphopt.passes.quantize import Quantize
 
@@ -30,6 +31,7 @@ REGISTRY = {
         Distill,
         Quantize,
         QuantizeDynamic,
+        BiasCorrect,
         Cleanup,
     )
 }

@@ -206,3 +206,47 @@ def test_rows_are_json_safe():
     data = json.loads(json.dumps(table.to_rows()))
     assert data[0]["setting"] == [0.5, "int8"] and data[0]["status"] == "ok"
     assert data[0]["drop"] == pytest.approx(table[0].drop)
+
+
+def _chain() -> ir.Model:
+    """h = relu(x @ W1) (also a model output), y = (h @ W2) @ W3: edits of W2/W3 leave the first layer clean."""
+    rng = np.random.default_rng(1)
+    inits = {f"W{i}": rng.standard_normal((4, 4)).astype(np.float32) for i in (1, 2, 3)}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="mm1"), helper.make_node("Relu", ["m1"], ["h"]),
+             helper.make_node("MatMul", ["h", "W2"], ["m2"], name="mm2"),
+             helper.make_node("MatMul", ["m2", "W3"], ["y"], name="mm3")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                       helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def _noise(name: str, scale: float) -> Candidate:
+    def apply(model: ir.Model) -> None:
+        value = model.graph.initializers[name]
+        w = value.const_value.numpy()
+        replace_initializer(value, (w + scale * np.sign(w)).astype(np.float32))
+    return Candidate(f"{name}+{scale}", name, scale, apply)
+
+
+def test_suffix_runs_give_the_same_rows_as_whole_clones(monkeypatch):
+    from graphopt import sensitivity_suffix
+
+    cands = [_noise("W1", 0.3), _noise("W2", 0.3), _noise("W3", 0.05), _noise("W3", 0.5)]
+    ctx = PassContext(calib=dataset(), teacher=_chain(), metric="agreement")
+    whole = measure(ctx, _chain(), cands, reuse_prefix=False)
+    sizes = []
+    real = sensitivity_suffix.evaluate
+
+    def spy(suffix, cache, evaluator):
+        sizes.append((len(list(suffix.model.graph)), suffix.frontier, suffix.clean_outputs))
+        return real(suffix, cache, evaluator)
+
+    monkeypatch.setattr(sensitivity_suffix, "evaluate", spy)
+    fast = measure(ctx, _chain(), cands)
+    assert [r.key for r in fast] == [r.key for r in whole]
+    for a, b in zip(fast, whole):
+        assert a.drop == pytest.approx(b.drop, abs=1e-12) and a.worst_snr_db == pytest.approx(b.worst_snr_db, abs=1e-6)
+    assert whole[-1].drop > 0  # the candidates do differ, so equal rows mean something
+    # W2/W3 edits ran 2 and 1 nodes on captured values of the clean first layer; its output h came from the cache.
+    assert sorted(s[0] for s in sizes) == [1, 1, 2, 4]
+    assert (2, ["h"], ["h"]) in sizes and (1, ["m2"], ["h"]) in sizes

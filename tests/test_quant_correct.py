@@ -1,0 +1,225 @@
+"""bias_correct: empirical bias correction after quantize, checked against onnxruntime float outputs."""
+
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphopt import data as datamod
+from graphopt import modelio
+from graphopt.errors import GraphoptError
+from graphopt.options import build_options
+from graphopt.passbase import PassContext
+from graphopt.passes.quant_correct import BiasCorrect, BiasCorrectOptions, apply_shift, correct_biases, find_sites
+from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.runtime import make_session
+from tests.helpers import make_proto, run_model, tensor_info
+
+C = 8
+
+
+def _net(seed: int = 0, bias: bool = True) -> tuple[onnx.ModelProto, list[dict], dict]:
+    """Four depthwise 3x3 + pointwise blocks with Relu; each channel's weights hold one outlier, so per-channel
+    int8 steps are coarse and the rounding error of the 9 depthwise taps does not average out: a mean shift."""
+    rng = np.random.default_rng(seed)
+    nodes, init, x = [], {}, "x"
+    for i in range(4):
+        d = (rng.normal(size=(C, 1, 3, 3)) * 0.3).astype(np.float32)
+        d[:, 0, 0, 0] = 3.0
+        p = (rng.normal(size=(C, C, 1, 1)) * 0.4).astype(np.float32)
+        p[:, 0] = 2.0
+        init.update({f"D{i}": d, f"P{i}": p})
+        d_in = [x, f"D{i}"] + ([f"DB{i}"] if bias else [])
+        if bias:
+            init[f"DB{i}"] = np.zeros(C, np.float32)
+        init[f"PB{i}"] = (rng.normal(size=C) * 0.1).astype(np.float32)
+        nodes += [helper.make_node("Conv", d_in, [f"d{i}"], group=C, pads=[1, 1, 1, 1], name=f"dw{i}"),
+                  helper.make_node("Relu", [f"d{i}"], [f"r{i}"]),
+                  helper.make_node("Conv", [f"r{i}", f"P{i}", f"PB{i}"], [f"p{i}"], name=f"pw{i}"),
+                  helper.make_node("Relu", [f"p{i}"], [f"q{i}"])]
+        x = f"q{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["y"]))
+    proto = make_proto(nodes, [tensor_info("x", np.float32, [None, C, 16, 16])], ["y"], init)
+    feeds = [{"x": np.abs(rng.normal(size=(4, C, 16, 16))).astype(np.float32) + 0.5} for _ in range(8)]
+    test = {"x": np.abs(rng.normal(size=(32, C, 16, 16))).astype(np.float32) + 0.5}
+    return proto, feeds, test
+
+
+def _quantized(proto, feeds):
+    model = ir.serde.deserialize_model(proto)
+    data = datamod.load_data(feeds, datamod.input_specs(model))
+    opts = build_options(QuantizeOptions, {"target": "size"}, "quantize")
+    Quantize(opts, PassContext(calib=data))(model)  # no max_drop: every planned op int8
+    return model, data
+
+
+def _optimized_ops(model: ir.Model) -> collections.Counter:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "opt.onnx")
+        make_session(modelio.to_proto(model), optimized_path=path)
+        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.mark.parametrize("waves", [0, 4])
+def test_correction_reduces_mean_output_error(waves):
+    proto, feeds, test = _net()
+    model, data = _quantized(proto, feeds)
+    teacher = ir.serde.deserialize_model(proto)
+    ref = run_model(proto, test)["y"].astype(np.float64)
+    before = run_model(model, test)["y"] - ref
+    result = BiasCorrect(BiasCorrectOptions(waves=waves), PassContext(calib=data, teacher=teacher))(model)
+    after = run_model(model, test)["y"] - ref
+    assert result.modified
+    corrected = [r for r in result.rows if r["action"] == "bias corrected"]
+    assert len(corrected) == 8 and all(r["bias"] == "int32" for r in corrected)
+    # Held-out data (not the calibration feeds): measured 5.7 -> 1.8 (waves=0) and 2.6 (waves=4).
+    assert np.mean(np.abs(after)) < 0.6 * np.mean(np.abs(before)), (np.mean(np.abs(before)), np.mean(np.abs(after)))
+    assert np.all(np.abs(after.mean(axis=0)) <= np.abs(before.mean(axis=0)) + 0.5 * np.abs(before).mean())
+    # Still integer kernels after the edit: every Conv runs as QLinearConv.
+    ops = _optimized_ops(model)
+    assert ops["QLinearConv"] == 8 and not ops["Conv"], ops
+
+
+def test_int32_bias_requantized_exactly_with_same_scale():
+    proto, feeds, _ = _net()
+    model, _ = _quantized(proto, feeds)
+    sites, _ = find_sites(model)
+    site = sites[1]
+    dq = site.node.inputs[2].producer()
+    q_old = dq.inputs[0].const_value.numpy().copy()
+    scale = dq.inputs[1].const_value.numpy().copy()
+    steps = np.arange(C) - 3  # a shift of whole bias steps: the new integers are exactly old - steps
+    done, _ = apply_shift(site, steps * scale.astype(np.float64))
+    dq = site.node.inputs[2].producer()
+    q_new = dq.inputs[0].const_value.numpy()
+    assert done["bias"] == "int32" and q_new.dtype == np.int32
+    np.testing.assert_array_equal(q_new, q_old - steps)
+    np.testing.assert_array_equal(dq.inputs[1].const_value.numpy(), scale)
+    # A fractional shift rounds to the nearest step: the float bias is within half a step of the target.
+    target = q_new * scale.astype(np.float64) - 0.3 * scale
+    apply_shift(site, 0.3 * scale.astype(np.float64))
+    q2 = site.node.inputs[2].producer().inputs[0].const_value.numpy()
+    assert np.all(np.abs(q2 * scale.astype(np.float64) - target) <= scale / 2 + 1e-12)
+
+
+def test_conv_without_bias_gets_an_int32_bias_and_still_fuses():
+    proto, feeds, test = _net(bias=False)
+    model, data = _quantized(proto, feeds)
+    teacher = ir.serde.deserialize_model(proto)
+    rows, _ = correct_biases(teacher, model, data, samples=8, waves=0)
+    kinds = collections.Counter(r.get("bias") for r in rows if r["action"] == "bias corrected")
+    assert kinds == {"int32 (new)": 4, "int32": 4}, kinds
+    conv = next(n for n in model.graph if n.name == "dw0")
+    bias_dq = conv.inputs[2].producer()
+    sx = conv.inputs[0].producer().inputs[1].const_value.numpy()
+    sw = conv.inputs[1].producer().inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(bias_dq.inputs[1].const_value.numpy(), (sx * sw).astype(np.float32))
+    assert _optimized_ops(model)["QLinearConv"] == 8
+    ref = run_model(proto, test)["y"]
+    assert np.all(np.isfinite(run_model(model, test)["y"])) and ref.shape == (32, C, 1, 1)
+
+
+def test_a_different_tensor_under_the_same_name_is_left_alone():
+    proto, feeds, _ = _net()
+    model, data = _quantized(proto, feeds)
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    for init in other.graph.initializer:
+        if init.name == "P0":  # the teacher's "p0" is now a very different tensor
+            arr = onnx.numpy_helper.to_array(init) * -10.0
+            init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), "P0"))
+    rows, _ = correct_biases(ir.serde.deserialize_model(other), model, data, samples=8)
+    pw0 = next(r for r in rows if r["node"] == "pw0")
+    assert pw0["action"] == "bias kept" and "not this layer's weight" in pw0["reason"]
+    assert next(r for r in rows if r["node"] == "dw0")["action"] == "bias corrected"
+
+
+def _edited_teacher(proto: onnx.ModelProto, name: str, fn) -> ir.Model:
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    for init in other.graph.initializer:
+        if init.name == name:
+            arr = fn(onnx.numpy_helper.to_array(init)).astype(np.float32)
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+    return ir.serde.deserialize_model(other)
+
+
+def test_a_folded_add_under_the_same_name_is_caught_by_the_bias_check():
+    # fuse's conv_affine folds "Conv -> Add(c)" into the bias but keeps the Conv's output name: the teacher's
+    # tensor of that name lacks the +c. Correcting towards it would subtract c again.
+    proto, feeds, _ = _net()
+    model, data = _quantized(proto, feeds)
+    teacher = _edited_teacher(proto, "PB1", lambda b: b - 0.2)
+    rows, _ = correct_biases(teacher, model, data, samples=8)
+    pw1 = next(r for r in rows if r["node"] == "pw1")
+    assert pw1["action"] == "bias kept" and "not this layer's bias" in pw1["reason"]
+
+
+def test_a_wave_that_moves_outputs_away_from_float_is_undone():
+    # The teacher computes the same function, but its tensor "p1" is (Conv output + 10), made by an Add (another
+    # producer op: the weight check cannot tell) and taken back off by a Sub. Correcting towards it would add
+    # 10 to the quantized model. The output check measures the damage and undoes that layer's wave; the other
+    # layers keep their correction.
+    proto, feeds, _ = _net()
+    model, data = _quantized(proto, feeds)
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    for node in other.graph.node:
+        if node.output[0] == "p1":
+            node.output[0] = "p1_conv"
+        elif list(node.input) == ["p1"]:
+            node.input[0] = "p1_back"
+    other.graph.node.insert(7, helper.make_node("Add", ["p1_conv", "SHIFT"], ["p1"]))
+    other.graph.node.insert(8, helper.make_node("Sub", ["p1", "SHIFT"], ["p1_back"]))
+    other.graph.initializer.append(onnx.numpy_helper.from_array(np.full((1, C, 1, 1), 10.0, np.float32), "SHIFT"))
+    rows, notes = correct_biases(ir.serde.deserialize_model(other), model, data, samples=8, waves=0)
+    pw1 = next(r for r in rows if r["node"] == "pw1")
+    assert pw1["action"] == "bias kept" and "undone" in pw1["reason"], pw1
+    assert sum(r["action"] == "bias corrected" for r in rows) == 7, notes
+
+
+def test_needs_teacher_and_leaves_float_models_alone():
+    proto, feeds, _ = _net()
+    model = ir.serde.deserialize_model(proto)
+    data = datamod.load_data(feeds, datamod.input_specs(model))
+    with pytest.raises(GraphoptError, match="teacher"):
+        BiasCorrect(BiasCorrectOptions(), PassContext(calib=data))(model)
+    result = BiasCorrect(BiasCorrectOptions(), PassContext(calib=data, teacher=model.clone()))(model)
+    assert not result.modified and "run quantize" in result.notes[0]
+    opts = build_options(BiasCorrectOptions, {"waves": 2, "samples": 16}, "bias_correct")
+    assert (opts.waves, opts.samples) == (2, 16)
+
+
+def test_conv_affine_chain_is_followed_to_the_same_tensor():
+    # Teacher: pw1 -> Mul(c) -> Add(d) -> Relu. fuse folds the Mul/Add into pw1, which keeps the name "p1": the
+    # teacher's "p1" is the pre-affine tensor, the one to compare with is the Add's output.
+    from graphopt.passes.fuse import Fuse
+
+    proto, feeds, test = _net()
+    rng = np.random.default_rng(3)
+    for node in proto.graph.node:
+        if list(node.input) == ["p1"]:
+            node.input[0] = "p1_add"
+    proto.graph.node.insert(7, helper.make_node("Mul", ["p1", "CMUL"], ["p1_mul"]))
+    proto.graph.node.insert(8, helper.make_node("Add", ["p1_mul", "CADD"], ["p1_add"]))
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.uniform(0.5, 2.0, (C, 1, 1)).astype(np.float32), "CMUL"),
+        onnx.numpy_helper.from_array(rng.normal(size=(1, C, 1, 1)).astype(np.float32), "CADD")])
+    teacher = ir.serde.deserialize_model(proto)
+    fused = ir.serde.deserialize_model(proto)
+    assert Fuse()(fused).modified and not any(n.op_type in ("Mul", "Add") for n in fused.graph)
+    model, data = _quantized(modelio.to_proto(fused), feeds)
+    ref = run_model(proto, test)["y"]
+    before = np.mean(np.abs(run_model(model, test)["y"] - ref))
+    rows, _ = correct_biases(teacher, model, data, samples=32, waves=0)
+    pw1 = next(r for r in rows if r["node"] == "pw1")
+    assert pw1["action"] == "bias corrected" and pw1["float_tensor"] == "p1_add", pw1
+    assert sum(r["action"] == "bias corrected" for r in rows) == 8
+    assert np.mean(np.abs(run_model(model, test)["y"] - ref)) < 0.6 * before
