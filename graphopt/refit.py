@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt.capture import Moments
 from graphopt.errors import GraphoptError
@@ -103,10 +104,13 @@ class RefitResult:
     changed: bool  # the refit weights were written into the layer
     rows: int = 0  # calibration rows the moments came from
     reason: str = ""  # why the layer was left as it was, when it was
+    holdout_before: float | None = None  # relative error on held-out rows without / with the refit (holdout=)
+    holdout_after: float | None = None
 
 
 def refit_layer(layer: LinearLayer, moments: Moments, lam: float = 1e-4, keep: np.ndarray | None = None,
-                mask: np.ndarray | None = None, fit_bias: bool | None = None) -> RefitResult:
+                mask: np.ndarray | None = None, fit_bias: bool | None = None,
+                holdout: Moments | None = None) -> RefitResult:
     """Ridge-refit ``layer`` to the moments' targets; write it back only if the calibration error goes down.
 
     keep: input columns that stay (the rest become zero rows). mask: boolean [d_in, d_out] of weights allowed to
@@ -114,7 +118,9 @@ def refit_layer(layer: LinearLayer, moments: Moments, lam: float = 1e-4, keep: n
     zero (cost: one solve per distinct pattern). error_before is the error of the current weights with the
     removed/masked entries zeroed — what the layer would do without the refit.
     fit_bias: None = fit a bias when the layer has one or can take one without a new node (Gemm, Conv);
-    False keeps the current bias fixed."""
+    False keeps the current bias fixed.
+    holdout: moments (with targets) of rows the fit did not see; the refit is written only if it also lowers
+    the error there (a lower in-sample error alone can be overfitting)."""
     d_in, d_out = layer.d_in, layer.d_out
     if moments.d_in != d_in or moments.d_out != d_out or moments.xty is None:
         raise GraphoptError(f"layer {layer.name!r}: moments are {moments.d_in}x{moments.d_out}, the layer "
@@ -151,6 +157,33 @@ def refit_layer(layer: LinearLayer, moments: Moments, lam: float = 1e-4, keep: n
             b[outs] = b_g
     after = relative_error(moments, w, b)
     changed = bool(np.all(np.isfinite(w)) and after < before * (1.0 - 1e-9))
+    held: tuple[float | None, float | None] = (None, None)
+    reason = ""
+    if changed and holdout is not None and holdout.rows:
+        if holdout.d_in != d_in or holdout.d_out != d_out or holdout.xty is None:
+            raise GraphoptError(f"layer {layer.name!r}: held-out moments are {holdout.d_in}x{holdout.d_out}, the "
+                                f"layer {d_in}x{d_out} (or were captured without targets)")
+        held = (relative_error(holdout, np.where(allowed, w0, 0.0), b0), relative_error(holdout, w, b))
+        if not held[1] < held[0]:
+            changed = False
+            reason = f"held-out error {held[1]:.4g} with the refit, {held[0]:.4g} without: kept the current weights"
     if changed:
         layer.set_matrix(w, b if fit_bias or layer.bias is not None else None)
-    return RefitResult(before, after, changed, moments.rows)
+    return RefitResult(before, after, changed, moments.rows, reason, *held)
+
+
+def dependency_waves(model: ir.Model, nodes: list[ir.Node]) -> dict[ir.Node, int]:
+    """Dependency wave of each listed layer node: 1 + the largest wave of the listed layers upstream of it
+    (main graph). Layers of one wave can be refit from one data pass; a later wave needs the earlier ones
+    written first, else each layer learns to undo upstream damage that its repaired upstream no longer makes."""
+    wanted = set(nodes)
+    level: dict[ir.Value, int] = {}
+    waves: dict[ir.Node, int] = {}
+    for node in model.graph:
+        lvl = max((level.get(v, 0) for v in node.inputs if v is not None), default=0)
+        if node in wanted:
+            waves[node] = lvl
+            lvl += 1
+        for out in node.outputs:
+            level[out] = lvl
+    return {n: waves.get(n, 0) for n in nodes}

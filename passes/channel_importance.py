@@ -1,14 +1,20 @@
 """Channel importance of a dependency group: one score per channel, higher = keep.
 
-Every member of a group (a producer's filters, a BatchNorm's γ, a consumer's input activation) gives a
-vector over the group's channels; each vector is normalized by its mean and the vectors are summed, so a
+Every member of a group (a producer's filters, a BatchNorm's γ, a consumer's input activation) gives one
+vector over the group's removal units — the sum over the unit's channels in that tensor, all its links
+together (a unit of a channel-shuffle group is scattered over many one-channel links; normalizing each link
+alone would make every score 1) — each vector is normalized by its mean and the vectors are summed, so a
 group of three producers meeting at a residual Add weighs each producer alike (Torch-Pruning's group
-reduction). Kinds:
+reduction). The result is divided by the unit's channel count: units of different sizes compare by score
+per channel (else a bigger unit would always look more important). Kinds:
 - ``l1`` / ``l2``: norms of the producers' output filters (weight slices; biases excluded);
 - ``bn``: |γ| of the group's BatchNorms and per-channel Mul scales (network slimming); l1 when there are none;
 - ``activation``: mean |x| of the channel where consumer layers read it (calibration data);
 - ``reconstruction``: E[x²]·‖W_next[:, c]‖² summed over consumers — the first-order error of a consumer's
   output when channel c is removed.
+
+Between groups (channel_prune scope=sensitivity): :func:`sensitivity_loss` turns a measured sensitivity row
+(one group pruned alone) into a loss and :func:`allocate` spends a MAC budget on the cheapest losses.
 """
 
 from __future__ import annotations
@@ -50,27 +56,38 @@ def combine(vectors: list[np.ndarray], size: int) -> np.ndarray:
     return total
 
 
+def _per_slot(group: Group, parts: list[tuple[Link, np.ndarray, int]]) -> list[np.ndarray]:
+    """One vector per slot (tensor): its links' entries summed per unit, NaN where the slot has none."""
+    by_slot: dict[int, np.ndarray] = {}
+    for link, entries, block in parts:
+        v = _to_group(link, entries, block, group.size)
+        have = by_slot.get(id(link.slot))
+        by_slot[id(link.slot)] = v if have is None else np.where(
+            np.isnan(have) & np.isnan(v), np.nan, np.nan_to_num(have) + np.nan_to_num(v))
+    return list(by_slot.values())
+
+
 def _weight_vectors(group: Group, kind: str) -> list[np.ndarray]:
-    vectors = []
+    parts = []
     for link in group.links:
         slot = link.slot
         if slot.role == "producer" and slot.index == 1:
             w = const_array(slot.node.inputs[1])
             if w is not None:
-                vectors.append(_to_group(link, _per_entry(w, slot.axis, kind), slot.block, group.size))
-    return vectors
+                parts.append((link, _per_entry(w, slot.axis, kind), slot.block))
+    return _per_slot(group, parts)
 
 
 def _scale_vectors(group: Group) -> list[np.ndarray]:
-    vectors = []
+    parts = []
     for link in group.links:
         slot = link.slot
         op = slot.node.op_type
         if (op == "BatchNormalization" and slot.index == 1) or (op == "Mul" and slot.role == "member"):
             c = const_array(slot.node.inputs[slot.index])
             if c is not None:
-                vectors.append(_to_group(link, _per_entry(c, slot.axis, "abs"), slot.block, group.size))
-    return vectors
+                parts.append((link, _per_entry(c, slot.axis, "abs"), slot.block))
+    return _per_slot(group, parts)
 
 
 def consumer_links(group: Group) -> list[Link]:
@@ -84,34 +101,38 @@ def needed_values(groups: list[Group]) -> list[str]:
 
 
 def _data_vectors(group: Group, kind: str, stats: dict[str, TensorStats]) -> list[np.ndarray]:
-    vectors = []
-    recon = np.zeros(group.size)
-    seen = np.zeros(group.size, dtype=bool)
+    parts = []
     for link in consumer_links(group):
         slot = link.slot
         s = stats.get(slot.node.inputs[0].name)
         if s is None or s.channel_sum is None or s.channel_sum.size != slot.channels * slot.block:
             continue  # channel axis of the capture (1) is not this layout's
         if kind == "activation":
-            mean_abs = s.channel_mean_abs() / slot.block
-            vectors.append(_to_group(link, mean_abs, slot.block, group.size))
+            parts.append((link, s.channel_mean_abs() / slot.block, slot.block))
             continue
         w = const_array(slot.node.inputs[1])
         if w is None:
             continue
         col = _per_entry(w, slot.axis, "sq")  # ‖W[:, entry]‖² over outputs (and kernel taps)
-        msq = s.channel_sumsq / max(s.channel_count, 1)
-        v = _to_group(link, msq * col, slot.block, group.size)
-        part = np.isfinite(v)
-        recon[part] += v[part]
-        seen |= part
-    if kind == "reconstruction" and seen.any():
-        vectors.append(np.where(seen, recon, np.nan))
+        parts.append((link, s.channel_sumsq / max(s.channel_count, 1) * col, slot.block))
+    vectors = _per_slot(group, parts)
+    if kind == "reconstruction" and vectors:  # first-order errors of all consumers add up: one vector
+        stack = np.array(vectors)
+        seen = np.isfinite(stack).any(axis=0)
+        return [np.where(seen, np.nansum(stack, axis=0), np.nan)]
     return vectors
 
 
 def group_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None = None) -> tuple[np.ndarray, str]:
-    """(score per channel of the group, the kind actually used — falls back to l1 when the kind has no data)."""
+    """(score per channel of each removal unit of the group, the kind actually used — falls back to l1 when
+    the kind has no data)."""
+    scores, used = _unit_scores(group, kind, stats)
+    if group.unit_sizes is not None:
+        scores = scores / np.asarray(group.unit_sizes, dtype=np.float64)
+    return scores, used
+
+
+def _unit_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None) -> tuple[np.ndarray, str]:
     if kind in ("activation", "reconstruction") and stats is not None:
         vectors = _data_vectors(group, kind, stats)
         if vectors:
@@ -126,3 +147,45 @@ def group_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None =
 
 
 __all__ = ["KINDS", "combine", "group_scores", "needed_values"]
+
+
+def sensitivity_loss(row) -> float:
+    """Measured damage of one candidate: the gate metric's drop, the worst channel's noise ratio 10^(-SNR/10)
+    only breaking ties (on PP-OCRv4 rec it is set by one rare class of 6625 softmax channels and ranked the
+    groups badly); the noise ratio alone under the snr metric. Infinite when not measured (time budget, error),
+    so allocate never uses that level."""
+    if row is None or not row.measured:
+        return np.inf
+    snr = row.worst_snr_db
+    noise = 0.0 if snr is None or snr == np.inf else 10.0 ** (-float(snr) / 10.0)
+    if row.drop is None:
+        return noise
+    return max(0.0, float(row.drop)) + 1e-3 * noise
+
+
+def allocate(sizes: list[int], steps: list[list[float]], losses: list[list[float]], target: float) -> list[float]:
+    """Per-group ratios whose size-weighted mean reaches ``target``: greedily the step with the least added
+    loss per unit of size removed (as prune.allocate, but each group has its own ratio steps: channels are
+    whole). ``steps[g]`` ascending ratios, ``losses[g]`` their measured losses (inf: not measured). The last
+    step taken is cut back so the mean is not passed (the caller rounds each ratio down to whole channels)."""
+    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]  # loss never falls with the ratio
+    ladders = [np.array([0.0, *row]) for row in steps]
+    pos = [0] * len(sizes)
+    need, done, last = target * sum(sizes), 0.0, None
+    while done < need - 1e-9:
+        best, best_rate = None, np.inf
+        for g, (n, curve, ladder) in enumerate(zip(sizes, curves, ladders)):
+            nxt = next((j for j in range(pos[g] + 1, len(ladder)) if ladder[j] > ladder[pos[g]]), None)
+            if nxt is None or not np.isfinite(curve[nxt]):
+                continue
+            rate = (curve[nxt] - curve[pos[g]]) / (n * (ladder[nxt] - ladder[pos[g]]))
+            if rate < best_rate:
+                best, best_rate, best_next = g, rate, nxt
+        if best is None:
+            break
+        done += sizes[best] * (ladders[best][best_next] - ladders[best][pos[best]])
+        pos[best], last = best_next, best
+    result = [float(ladder[i]) for ladder, i in zip(ladders, pos)]
+    if last is not None and done > need:
+        result[last] -= (done - need) / sizes[last]
+    return result

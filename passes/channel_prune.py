@@ -1,12 +1,10 @@
 """channel_prune: remove whole channels with every coupled tensor, then (with data) refit the consumers.
 
 Pieces (as in Torch-Pruning): :mod:`channel_deps` finds the dependency groups, :mod:`channel_importance`
-scores their channels, :mod:`channel_rewrite` slices the tensors. This module chooses how many channels each
-group loses (ratio per layer or one global ratio over normalized importance, a floor, ``round_to``) and
-repairs: each consumer layer (the next Conv/Gemm/MatMul reading pruned channels) is refit by ridge least
-squares on calibration activations — X from the pruned model, Y the original model's output of that layer
-(its kept channels) — so it reproduces what it computed before (ThiNet; He et al. 2017). Layers are refit in
-graph order, a few per data pass, so later layers see their repaired inputs.
+scores their removal units, :mod:`channel_select` picks the units (widths in channels: ratio, floor,
+``round_to``), :mod:`channel_rewrite` slices the tensors and :mod:`channel_repair` refits the consumer layers
+on calibration data. This module decides how many channels each group loses: a ratio per layer, one global
+ratio over normalized importance, or per-group ratios from measured sensitivity.
 """
 
 from __future__ import annotations
@@ -20,28 +18,20 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import bench
-from graphopt.capture import layer_moments, stream, stream_pair, tensor_stats
+from graphopt.capture import tensor_stats
 from graphopt.data import feed_shapes
 from graphopt.errors import GraphoptError
-from graphopt.linear import LinearLayer, as_linear
+from graphopt.linear import as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channel_deps import Group, Slot, analyze, label
-from graphopt.passes.channel_importance import KINDS, group_scores, needed_values
+from graphopt.passes.channel_importance import KINDS, allocate, group_scores, needed_values, sensitivity_loss
+from graphopt.passes.channel_repair import channel_means, compare, repair as repair_layers
 from graphopt.passes.channel_rewrite import (apply_bias_deltas, apply_fixups, apply_slots, drop_unused, forget_shapes,
-                                             input_channel_axis, mean_deltas)
-from graphopt.refit import refit_layer
+                                             mean_deltas)
+from graphopt.passes.channel_select import choose, global_wanted, legal_keep, removed_channels
 
-
-MIN_ROWS_PER_INPUT = 4  # a ridge refit with fewer calibration rows per input column overfits
-
-
-def legal_keep(n: int, keep: int, min_channels: int, round_to: int) -> int:
-    """Kept width: at least ``min_channels`` (or n), rounded up to a multiple of ``round_to``, at most n."""
-    keep = max(keep, min(n, min_channels), 1)
-    if round_to > 1:
-        keep = math.ceil(keep / round_to) * round_to
-    return min(n, keep)
+__all__ = ["ChannelPrune", "legal_keep"]
 
 
 class ChannelPrune(GraphoptPass):
@@ -56,9 +46,16 @@ class ChannelPrune(GraphoptPass):
         ratio: float | dict[str, float] = option(
             0.3, "fraction of each group's channels removed: one value, or a mapping producer node name → "
                  "ratio ('*' for the rest)", low=0.0, high=1.0, high_open=True)
-        scope: Literal["layer", "global"] = option(
+        scope: Literal["layer", "global", "sensitivity"] = option(
             "layer", "layer: every group loses `ratio`; global: `ratio` of all channels, the least important "
-                     "by normalized score", choices=("layer", "global"))
+                     "by normalized score; sensitivity: each group pruned alone at `levels` is measured on "
+                     "calibration data, then groups get per-group ratios (cheapest output damage per MAC first) "
+                     "removing about `ratio` of the model's MACs", choices=("layer", "global", "sensitivity"))
+        levels: list[float] = option([0.05, 0.1, 0.25, 0.5], "scope=sensitivity: group ratios measured (and the "
+                                                        "largest one a group may get)")
+        sensitivity_samples: int = option(16, "scope=sensitivity: calibration samples per measurement", low=1)
+        time_budget: float = option(600.0, "scope=sensitivity: seconds for the measurements (groups not "
+                                           "reached keep all channels)", low=0.0, low_open=True)
         importance: Literal["l1", "l2", "bn", "activation", "reconstruction"] = option(
             "l1", "channel score: filter L1/L2 norm, BatchNorm |gamma|, mean |activation| (data), or the "
                   "consumer-output error of removing it (data)", choices=KINDS)
@@ -70,16 +67,22 @@ class ChannelPrune(GraphoptPass):
                                            "given)")
         max_samples: int = option(256, "calibration samples for importance and repair", low=1)
         lam: float = option(1e-4, "ridge strength of the repair (relative to the mean input energy)", low=0.0)
-        repair_rounds: int = option(8, "data passes for the repair (layers are refit in graph order, "
-                                       "split over this many passes)", low=1)
+        repair_rounds: int = option(0, "most data passes for the repair: pass k refits the layers whose "
+                                       "upstream refits are done (dependency wave k); layers of later waves are "
+                                       "left as pruned. 0 = as many passes as there are waves", low=0)
+        holdout: float = option(0.25, "fraction of the repair's calibration samples held out: a refit that does "
+                                      "not lower a layer's error on them is undone", low=0.0, high=1.0,
+                                high_open=True)
         skip_nodes: list[str] = option([], "producer/member node names whose groups are never pruned")
         compensate: bool = option(True, "with calibration data, fold each removed input channel's mean "
                                         "contribution into the consumer layer's bias (removed channels are "
                                         "rarely zero: biases and affine blocks make them constants)")
 
         def check(self) -> None:
-            if isinstance(self.ratio, dict) and self.scope == "global":
-                raise ValueError("scope=global takes one ratio, not a mapping")
+            if isinstance(self.ratio, dict) and self.scope != "layer":
+                raise ValueError(f"scope={self.scope} takes one ratio, not a mapping")
+            if not self.levels or any(not 0 < v < 1 for v in self.levels):
+                raise ValueError("levels must be ratios between 0 and 1 (exclusive)")
 
     # ------------------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> GraphoptResult:
@@ -101,25 +104,27 @@ class ChannelPrune(GraphoptPass):
         if opts.importance in ("activation", "reconstruction"):
             stats = tensor_stats(model, needed_values(prunable), data, self.context.threads, opts.max_samples)
         scored = {g.id: group_scores(g, opts.importance, stats) for g in prunable}
-        plan = self._plan(prunable, {k: v[0] for k, v in scored.items()}, notes)
+        input_shapes = feed_shapes(model, data)
+        costs_before = _costs(model, input_shapes)
+        means: dict[str, np.ndarray] = {}
+        if opts.compensate and data is not None:  # every prunable consumer input: one data pass
+            everything = _removals(prunable, {g.id: np.arange(g.size) for g in prunable})[0]
+            means = channel_means(model, everything, data, self.context.threads, opts.max_samples)
+        scores = {k: v[0] for k, v in scored.items()}
+        self._unmet: list[str] = []  # groups whose unit sizes allow no kept width that is a multiple of round_to
+        if opts.scope == "sensitivity":
+            plan = self._sensitivity_plan(model, shapes, prunable, scores, means, costs_before, notes)
+        else:
+            plan = self._plan(prunable, scores, notes)
+        if self._unmet:
+            notes.append(f"round_to={opts.round_to} not met in {len(self._unmet)} group(s) (no set of their removal "
+                         f"units leaves a multiple of it; the largest removal within the ratio was taken): "
+                         + ", ".join(self._unmet[:6]) + (" ..." if len(self._unmet) > 6 else ""))
         if not any(len(r) for r in plan.values()):
             notes.append("no channel removed")
             return self.result(model, [], notes)
 
-        input_shapes = feed_shapes(model, data)
-        costs_before = _costs(model, input_shapes)
-        slot_removed, value_removed = _removals(prunable, plan)
-        deltas = {}
-        if opts.compensate and data is not None:
-            deltas = mean_deltas(slot_removed, self._means(model, slot_removed, data))
-        dropped = apply_slots(slot_removed, self.mark)
-        apply_fixups(analysis.fixups, value_removed, _opset(model), self.mark)
-        if deltas:
-            out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
-            notes.append(f"mean compensation: {apply_bias_deltas(deltas, out_removed, self.mark)} consumer "
-                         "layer(s) took the removed channels' mean contribution into their bias")
-        forget_shapes(value_removed)
-        drop_unused(model.graph, dropped)
+        slot_removed = self._rewrite(model, analysis, prunable, plan, means, notes)
         costs_after = _costs(model, input_shapes)
 
         refits: dict[str, tuple[float, float]] = {}
@@ -128,8 +133,8 @@ class ChannelPrune(GraphoptPass):
             notes.append("repair skipped: no calibration data")
         elif repair:
             unrepaired = model.clone()
-            refits = self._repair(model, original, slot_removed, data, notes)
-            self._compare(original, unrepaired, model, data, notes)
+            refits = repair_layers(model, original, slot_removed, data, opts, self.context, self.mark, notes)
+            compare(original, unrepaired, model, data, self.context, opts.max_samples, notes)
         elif data is None:
             notes.append("repair off: no calibration data given (accuracy is not restored)")
 
@@ -142,9 +147,10 @@ class ChannelPrune(GraphoptPass):
             for m in members:
                 by_node[m].append(str(g.id))
             errs = [refits[m] for m in members if m in refits]
+            lost = removed_channels(g, plan[g.id])
             rows.append({
                 "group": g.id, "producers": [label(p) for p in g.producers], "members": members,
-                "channels_before": g.size, "channels_after": g.size - len(plan[g.id]),
+                "channels_before": g.channels, "channels_after": g.channels - lost,
                 "importance": scored[g.id][1],
                 "macs_before": sum(costs_before.get(m, 0) for m in members),
                 "macs_after": sum(costs_after.get(m, 0) for m in members),
@@ -152,7 +158,7 @@ class ChannelPrune(GraphoptPass):
                 "refit_error_after": round(float(np.mean([e[1] for e in errs])), 5) if errs else None,
             })
         total_b, total_a = sum(costs_before.values()), sum(costs_after.values())
-        removed = sum(r["channels_before"] - r["channels_after"] for r in rows)
+        removed = sum(r["channels_before"] - r["channels_after"] for r in rows)  # channels, not units
         at = " at the first calibration feed's shapes" if input_shapes else ""
         notes.append(f"{len(rows)} group(s) pruned, {removed} channel(s) removed; MACs{at} {total_b:,} -> "
                      f"{total_a:,} ({1 - total_a / max(total_b, 1):.1%} fewer)")
@@ -184,152 +190,105 @@ class ChannelPrune(GraphoptPass):
         if opts.scope == "layer":
             for g in groups:
                 r = self._ratio(g)
-                if r is None:
-                    continue
-                keep = legal_keep(g.size, g.size - int(math.floor(r * g.size + 1e-9)), opts.min_channels,
-                                  opts.round_to)
-                plan[g.id] = np.sort(np.argsort(scores[g.id], kind="stable")[: g.size - keep])
+                if r is not None:
+                    plan[g.id] = self._drop(g, scores[g.id], r, final=True)
             return plan
-        # global: one threshold over scores normalized by each group's mean
-        pool = [(s / (np.mean(s) or 1.0), g) for g in groups for s in [scores[g.id]]]
-        flat = np.concatenate([p for p, _ in pool]) if pool else np.zeros(0)
-        target = int(math.floor(float(opts.ratio) * flat.size))
-        if target == 0:
+        # global: one threshold over scores normalized by each group's mean (per channel)
+        wanted, total = global_wanted(groups, scores, float(opts.ratio))
+        if not wanted:
             return plan
-        threshold = np.sort(flat)[target - 1]
-        for norm, g in pool:
-            wanted = int(np.count_nonzero(norm <= threshold))
-            floor = int(math.ceil((1.0 - opts.max_ratio) * g.size))
-            keep = legal_keep(g.size, max(g.size - wanted, floor), opts.min_channels, opts.round_to)
-            plan[g.id] = np.sort(np.argsort(norm, kind="stable")[: g.size - keep])
-        done = sum(len(v) for v in plan.values())
-        notes.append(f"global: {done} of {flat.size} channels removed ({done / max(flat.size, 1):.1%}; "
+        for g in groups:
+            floor = int(math.ceil((1.0 - opts.max_ratio) * g.channels))
+            plan[g.id] = self._pick(g, scores[g.id], max(g.channels - wanted[g.id], floor), True)
+        done = sum(removed_channels(g, plan[g.id]) for g in groups)
+        notes.append(f"global: {done} of {total} channels removed ({done / max(total, 1):.1%}; "
                      f"target {opts.ratio:g})")
         return plan
 
-    def _means(self, model: ir.Model, slot_removed: dict[Slot, np.ndarray], data) -> dict[str, np.ndarray]:
-        """Per-channel calibration mean of each consumer input that loses channels (one data pass)."""
-        axes = {s.node.inputs[0].name: input_channel_axis(s.node) for s, r in slot_removed.items()
-                if s.role == "consumer" and len(r)}
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = defaultdict(int)
-        for acts in stream(model, list(axes), data, self.context.threads, self.options.max_samples):
-            for name, axis in axes.items():
-                x = np.moveaxis(np.asarray(acts[name], dtype=np.float64), axis, -1)
-                x = x.reshape(-1, x.shape[-1])
-                if name in sums and sums[name].size != x.shape[1]:
-                    raise GraphoptError(f"value {name!r}: the channel count changes between calibration feeds")
-                sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
-                counts[name] += x.shape[0]
-        return {name: total / max(counts[name], 1) for name, total in sums.items()}
+    def _rewrite(self, model: ir.Model, analysis, groups: list[Group], plan: dict[int, np.ndarray],
+                 means: dict[str, np.ndarray], notes: list[str]) -> dict[Slot, np.ndarray]:
+        """Remove the planned channels of ``groups`` (of ``analysis`` of this very model), with compensation."""
+        slot_removed, value_removed = _removals(groups, plan)
+        deltas = mean_deltas(slot_removed, means) if means else {}
+        dropped = apply_slots(slot_removed, self.mark)
+        apply_fixups(analysis.fixups, value_removed, _opset(model), self.mark)
+        if deltas:
+            out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
+            # apply_bias_deltas skips a MatMul whose output is a graph output (an Add would rename it);
+            # linear.set_matrix inserts the Add and moves the output name onto it.
+            at_output = {n: deltas.pop(n) for n in list(deltas) if n.op_type == "MatMul"
+                         and n.outputs[0].is_graph_output() and as_linear(n) is not None}
+            changed = apply_bias_deltas(deltas, out_removed, self.mark)
+            for node, delta in at_output.items():
+                layer = as_linear(node)
+                assert layer is not None
+                layer.set_matrix(layer.matrix(), delta if node not in out_removed else
+                                 np.delete(delta, out_removed[node]))
+                self.mark(node)
+                changed += 1
+            notes.append(f"mean compensation: {changed} consumer layer(s) took the removed channels' mean "
+                         f"contribution into their bias ({len(at_output)} through a new Add before a graph "
+                         "output)" if at_output else
+                         f"mean compensation: {changed} consumer layer(s) took the removed channels' mean "
+                         "contribution into their bias")
+        forget_shapes(value_removed)
+        drop_unused(model.graph, dropped)
+        return slot_removed
 
-    # ------------------------------------------------------------------------------------------------
-    def _repair(self, model: ir.Model, original: ir.Model, slot_removed: dict[Slot, np.ndarray], data,
-                notes: list[str]) -> dict[str, tuple[float, float]]:
+    def _sensitivity_plan(self, model: ir.Model, shapes, groups: list[Group], scores: dict[int, np.ndarray],
+                          means: dict[str, np.ndarray], costs: dict[str, int],
+                          notes: list[str]) -> dict[int, np.ndarray]:
+        """Per-group ratios from each group's measured damage alone (sensitivity.measure) at ``levels``,
+        allocated greedily by loss per MAC removed until about ``ratio`` of the model's MACs go."""
+        from graphopt.sensitivity import Candidate, measure
+
         opts = self.options
-        out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
-        consumers = {s.node for s, r in slot_removed.items() if s.role == "consumer" and len(r)}
-        order = [n for n in model.graph if n in consumers]
-        layers: list[tuple[LinearLayer, np.ndarray | None]] = []
-        for node in order:
-            layer = as_linear(node)
-            if layer is None:
-                notes.append(f"repair: {label(node)!r} is not a refittable linear layer")
-                continue
-            layers.append((layer, out_removed.get(node)))
-        if not layers:
-            return {}
-        target_model, targets = self._targets(original, [(lay.output.name, lay, rem) for lay, rem in layers],
-                                              data)
-        results: dict[str, tuple[float, float]] = {}
-        starved: list[str] = []
-        per_round = max(1, math.ceil(len(layers) / opts.repair_rounds))
-        for i in range(0, len(layers), per_round):
-            chunk = [lay for lay, _ in layers[i:i + per_round]]
-            moments = layer_moments(model, chunk, data, {lay.name: targets[lay.name] for lay in chunk},
-                                    target_model, self.context.threads, opts.max_samples)
-            for lay in chunk:
-                if moments[lay.name].rows < MIN_ROWS_PER_INPUT * (lay.d_in + 1):
-                    starved.append(label(lay.node))  # e.g. SE convs after GlobalAveragePool: 1 row per sample
-                    continue
-                res = refit_layer(lay, moments[lay.name], lam=opts.lam)
-                results[label(lay.node)] = (res.error_before, res.error_after if res.changed else res.error_before)
-                self.mark(lay.node)
-        if starved:
-            notes.append(f"repair: {len(starved)} layer(s) left as pruned (fewer than {MIN_ROWS_PER_INPUT} calibration "
-                         f"rows per weight column: a refit would memorize the data): {', '.join(starved[:6])}")
-        if not results:
-            return results
-        better = sum(1 for b, a in results.values() if a < b)
-        notes.append(f"repair: {len(results)} consumer layer(s) refit, {better} improved "
-                     f"(mean relative error {np.mean([b for b, _ in results.values()]):.4f} -> "
-                     f"{np.mean([a for _, a in results.values()]):.4f})")
-        return results
+        self.context.require_calib(self.name)
+        levels = sorted(set(opts.levels))
+        keys = {g.id: tuple(label(p) for p in g.producers) for g in groups}
+        candidates = [Candidate(key=f"{keys[g.id][0]}@{r:g}", layer=keys[g.id][0], setting=r,
+                                apply=self._pruner(shapes, keys[g.id], self._drop(g, scores[g.id], r), means))
+                      for g in groups for r in levels]
+        measured = measure(self.context, model, candidates, max_samples=opts.sensitivity_samples,
+                           time_budget_s=opts.time_budget)
+        notes.extend(f"sensitivity: {n}" for n in getattr(measured, "notes", []))
+        by_key = {row.key: row for row in measured}
+        # A level's real step is the fraction of channels it removes (floor, min_channels, round_to).
+        steps = [[removed_channels(g, self._drop(g, scores[g.id], r)) / g.channels for r in levels] for g in groups]
+        losses = [[sensitivity_loss(by_key.get(f"{keys[g.id][0]}@{r:g}")) for r in levels] for g in groups]
+        sizes = [sum(costs.get(m, 0) for m in g.members()) or g.channels for g in groups]
+        # ratio is a share of the whole model's MACs (a group's MACs: its members'; shared members count twice)
+        total = sum(costs.values()) or sum(sizes)
+        chosen = allocate(sizes, steps, losses, min(float(opts.ratio) * total / max(sum(sizes), 1), 1.0))
+        plan = {g.id: self._drop(g, scores[g.id], min(r, opts.max_ratio), final=True) for g, r in zip(groups, chosen)}
+        cut = sorted(((r, keys[g.id][0]) for g, r in zip(groups, chosen) if r > 0), reverse=True)
+        notes.append(f"sensitivity: {len(candidates)} measurement(s) ({len(groups)} groups x {len(levels)} "
+                     f"levels); per-group ratios " + ", ".join(f"{n} {r:.2f}" for r, n in cut[:8])
+                     + (f" (+{len(cut) - 8} more)" if len(cut) > 8 else ""))
+        return plan
 
-    def _targets(self, original: ir.Model, wanted: list[tuple[str, LinearLayer, np.ndarray | None]],
-                 data) -> tuple[ir.Model, dict[str, str]]:
-        """The model holding each layer's target (teacher if it agrees with this pass's input, else the input)
-        and the value name per layer — a Gather of the kept channels when the layer lost output channels."""
-        names = [w[0] for w in wanted]
-        source = original
-        teacher = self.context.teacher
-        if teacher is not None and _agrees(original, teacher, names, data, self.context.threads):
-            source = teacher
-        target = source.clone()
-        values = {out.name: out for node in target.graph for out in node.outputs}
-        targets: dict[str, str] = {}
-        for name, layer, removed in wanted:
-            if removed is None or not len(removed):
-                targets[layer.name] = name
-                continue
-            value = values[name]
-            axis = 1 if layer.kind == "conv" else -1
-            keep = np.setdiff1d(np.arange(layer.d_out + len(removed)), removed).astype(np.int64)
-            index = ir.Value(name=f"{name}__kept_idx", const_value=ir.tensor(keep, name=f"{name}__kept_idx"),
-                             shape=ir.Shape(keep.shape), type=ir.TensorType(ir.DataType.INT64))
-            target.graph.register_initializer(index)
-            gather = ir.Node("", "Gather", [value, index], attributes=[ir.AttrInt64("axis", axis)],
-                             name=f"{name}__kept")
-            gather.outputs[0].name = f"{name}__kept"
-            target.graph.append(gather)
-            targets[layer.name] = gather.outputs[0].name
-        return target, targets
+    def _drop(self, group: Group, scores: np.ndarray, ratio: float, final: bool = False) -> np.ndarray:
+        """The units of ``group`` that a ``ratio`` of its channels removes (after min_channels/round_to)."""
+        n = group.channels
+        return self._pick(group, scores, n - int(math.floor(ratio * n + 1e-9)), final)
 
-    def _compare(self, original: ir.Model, unrepaired: ir.Model, repaired: ir.Model, data,
-                 notes: list[str]) -> None:
-        """Calibration-set metrics of the pruned model without and with repair (in-sample for the repair)."""
-        try:
-            if self.context.teacher is not None:
-                evaluator = self.context.calib_evaluator()
-            else:
-                from graphopt.metrics import Evaluator
+    def _pick(self, group: Group, scores: np.ndarray, keep: int, final: bool) -> np.ndarray:
+        """Units to remove so that about ``keep`` channels stay (made legal); ``final``: note a missed round_to."""
+        choice = choose(group, scores, keep, self.options.min_channels, self.options.round_to)
+        if final and not choice.round_met:
+            self._unmet.append(label(group.producers[0]))
+        return choice.removed
 
-                evaluator = Evaluator(original, data.head(self.options.max_samples), threads=self.context.threads)
-            without, with_ = evaluator.evaluate(unrepaired), evaluator.evaluate(repaired)
-        except GraphoptError as err:
-            notes.append(f"repair comparison skipped: {err}")
-            return
-        notes.append(f"calibration data without repair: {without.summary()}")
-        notes.append(f"calibration data with repair: {with_.summary()}")
-
-
-def _agrees(a: ir.Model, b: ir.Model, names: list[str], data, threads: int) -> bool:
-    """True when the named values are the same in both models on the first feed (1% relative error)."""
-    have = {out.name for node in b.graph for out in node.outputs}
-    if any(n not in have for n in names):
-        return False
-    try:
-        for x, y in stream_pair(a, names, b, names, data, threads, max_samples=1):
-            for n in names:
-                if x[n].shape != y[n].shape:
-                    return False
-                err = np.linalg.norm((x[n] - y[n]).astype(np.float64))
-                if err > 1e-2 * (np.linalg.norm(y[n].astype(np.float64)) + 1e-12):
-                    return False
-            return True
-    except GraphoptError:
-        return False
-    return False
+    def _pruner(self, shapes, producers: tuple[str, ...], removed: np.ndarray, means: dict[str, np.ndarray]):
+        """A sensitivity candidate: on a clone, find the group by its producers' names and remove ``removed``."""
+        def apply(clone: ir.Model) -> None:
+            analysis, groups = analyze(clone, shapes)
+            match = [g for g in groups if tuple(label(p) for p in g.producers) == producers]
+            if len(match) != 1 or not match[0].prunable:
+                raise GraphoptError(f"group of {producers[0]!r} not found again on the clone")
+            if len(removed):
+                self._rewrite(clone, analysis, match, {match[0].id: removed}, means, [])
+        return apply
 
 
 def _removals(groups: list[Group], plan: dict[int, np.ndarray]):

@@ -75,7 +75,7 @@ def _zero_units_and_prune(model, inits, producer: str, units: list[int]):
         b[rows] = 0.0
         model.graph.initializers[f"{producer}_b"].const_value = onnx_ir_tensor(b)
     before = clone(model)
-    result = _prune(model, ratio={producer: len(units) / group.size})
+    result = _prune(model, ratio={producer: len(rows) / group.channels})  # ratios count channels
     onnx.checker.check_model(modelio.to_proto(model))
     assert_same_outputs(before, model, FEED, rtol=1e-5, atol=1e-5)
     assert count_macs(model) < count_macs(before)
@@ -145,7 +145,7 @@ def test_residual_stream_of_concat_and_grouped_convs_pruned_exactly(units: list[
                     np.moveaxis(array, slot.axis, 0)[k.offset + u - k.start] = 0.0
             init.const_value = onnx_ir_tensor(array)
     before = clone(model)
-    _prune(model, ratio={"stem": len(units) / group.size})
+    _prune(model, ratio={"stem": sum(group.unit_sizes[u] for u in units) / group.channels})
     onnx.checker.check_model(modelio.to_proto(model))
     assert_same_outputs(before, model, FEED, rtol=1e-5, atol=1e-5)
     assert count_macs(model) < count_macs(before)

@@ -273,3 +273,223 @@ def test_matmul_consumer_without_bias_gets_an_add() -> None:
     _prune(model, PassContext(calib=_calib(model, [16, 6])), ratio=0.25, repair=False)
     assert [n.op_type for n in model.graph][-3:] == ["MatMul", "Add", "Tanh"]
     assert_same_outputs(before, model, {"x": randn([4, 6], 9)}, rtol=1e-5, atol=1e-5)
+
+
+def _hswish(x: str, out: str) -> list:
+    """HardSwish (opset 14) as x·HardSigmoid(x), as exported by older converters."""
+    return [helper.make_node("HardSigmoid", [x], [out + "_g"], alpha=1 / 6, beta=0.5),
+            helper.make_node("Mul", [x, out + "_g"], [out])]
+
+
+def _rec_like(blocks: int = 8, c: int = 16):
+    """PP-LCNet/SVTR-shaped chain: conv → HardSwish → affine (Mul/Add), then `blocks` × (depthwise 3x3 →
+    HardSwish → pointwise 1x1 → HardSwish → affine), a 1x1 head, Transpose to [N, H, W, C] and a MatMul MLP
+    on those [B, T, C]-style activations. Every pointwise conv, the head and fc2 are repair consumers, each
+    fed by the one before it."""
+    inits: dict = {}
+
+    def affine(x, name):
+        inits[f"{name}_s"] = 1.0 + 0.2 * randn([c, 1, 1], 7)
+        inits[f"{name}_b"] = 0.3 * randn([c, 1, 1], 8)
+        return [*_hswish(x, f"{name}_h"), helper.make_node("Mul", [f"{name}_h", f"{name}_s"], [f"{name}_m"]),
+                helper.make_node("Add", [f"{name}_m", f"{name}_b"], [f"{name}_o"])]
+
+    def conv(name, x, cin, cout, k, seed, group=1):
+        inits[f"{name}_w"] = randn([cout, cin // group, k, k], seed) * (1.5 / np.sqrt(cin // group * k * k))
+        inits[f"{name}_b"] = 0.2 * randn([cout], seed + 50)
+        return helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_y"], name=name,
+                                pads=[k // 2] * 4, group=group)
+
+    nodes, x = [conv("c0", "x", 4, c, 3, 1), *affine("c0_y", "a0")], "a0_o"
+    for i in range(blocks):
+        nodes += [conv(f"dw{i}", x, c, c, 3, 10 + i, group=c), *_hswish(f"dw{i}_y", f"dh{i}"),
+                  conv(f"pw{i}", f"dh{i}", c, c, 1, 20 + i), *affine(f"pw{i}_y", f"a{i + 1}")]
+        x = f"a{i + 1}_o"
+    inits.update(fc1_w=randn([12, 32], 41) / np.sqrt(12), fc1_b=0.2 * randn([32], 42),
+                 fc2_w=randn([32, 12], 43) / np.sqrt(32), fc2_b=0.2 * randn([12], 44))
+    nodes += [conv("head", x, c, 12, 1, 40), helper.make_node("Transpose", ["head_y"], ["t"], perm=[0, 2, 3, 1]),
+              helper.make_node("MatMul", ["t", "fc1_w"], ["f1"], name="fc1"),
+              helper.make_node("Add", ["f1", "fc1_b"], ["f1b"]), *_hswish("f1b", "f1h"),
+              helper.make_node("MatMul", ["f1h", "fc2_w"], ["f2"], name="fc2"),
+              helper.make_node("Add", ["f2", "fc2_b"], ["y"])]
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    return make_model(nodes, [tensor_info("x", np.float32, [None, 4, 4, 24])],
+                      [tensor_info("y", np.float32, [None, 4, 24, 12])], inits)
+
+
+def test_repair_of_a_chain_reduces_held_out_error() -> None:
+    """Regression (PP-OCRv4 rec: line accuracy 0.79 without repair, 0.00 with it): consumers refit in one data
+    pass were each fit to map their *unrepaired* input to the original output; once the layer before was
+    repaired too, the correction was applied twice and the error compounded down the chain (here: 0.30 -> 9.4
+    with repair_rounds=1, 0.36 with the old 8 rounds). Refit in dependency waves it must fall on held-out data."""
+    model = _rec_like()
+    calib = _calib(model, [32, 4, 4, 24])
+    test = {"x": randn([16, 4, 4, 24], 6)}
+    ref = run_model(model, test)["y"]
+    errors, notes = {}, {}
+    for key, raw in (("none", {"repair": False}), ("waves", {"repair": True}),
+                     ("one pass", {"repair": True, "repair_rounds": 1})):
+        pruned = clone(model)
+        result = _prune(pruned, PassContext(calib=calib), ratio=0.25, **raw)
+        out = run_model(pruned, test)["y"]
+        errors[key] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        notes[key] = result.notes
+    assert errors["none"] > 0.1
+    assert errors["waves"] < 0.5 * errors["none"]
+    assert any("10 dependency wave(s) of consumer layers, 10 data pass(es)" in n for n in notes["waves"])
+    assert errors["one pass"] <= errors["none"] * 1.02  # only the first wave is refit; the rest stay as pruned
+    assert any("9 layer(s) left as pruned (their wave is beyond repair_rounds=1" in n for n in notes["one pass"])
+
+
+def test_refit_undone_when_held_out_error_rises() -> None:
+    """The guard: a refit that lowers the calibration error but raises it on held-out rows is not written."""
+    from graphopt.capture import Moments
+    from graphopt.linear import as_linear
+    from graphopt.refit import refit_layer
+
+    w = randn([6, 3], 1)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [tensor_info("x", np.float32, [None, 6])], [Y2], {"w": w})
+    layer = as_linear(next(iter(model.graph)))
+    fit, held = Moments(6, 3), Moments(6, 3)
+    x_fit, x_held = randn([20, 6], 2), randn([200, 6], 3)
+    fit.update(x_fit, x_fit @ w + 0.5 * randn([20, 3], 4))  # noisy calibration targets: the refit chases noise
+    held.update(x_held, x_held @ w)  # the current weights are exact on the held-out rows
+    result = refit_layer(layer, fit, lam=1e-6, holdout=held)
+    assert result.error_after < result.error_before  # in-sample the refit looks better ...
+    assert result.holdout_before == pytest.approx(0.0, abs=1e-10) and result.holdout_after > 1e-3  # ... it is not
+    assert not result.changed and "held-out" in result.reason
+    np.testing.assert_array_equal(layer.matrix(), w.astype(np.float64))
+    assert refit_layer(layer, fit, lam=1e-6).changed  # without the guard the noisy fit is written
+
+
+def test_mean_compensation_reaches_a_matmul_graph_output() -> None:
+    """fc2's output is the graph output: the removed channels' mean goes into a new Add that takes the name."""
+    w1, b1, w2 = randn([6, 8], 1), randn([8], 2), randn([8, 3], 3)
+    w1[:, [2, 6]], b1[[2, 6]] = 0.0, 0.5  # channels 2 and 6: Relu(0.5), a constant
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [tensor_info("x", np.float32, [4, 6])], [Y2], {"w1": w1, "b1": b1, "w2": w2})
+    before = clone(model)
+    result = _prune(model, PassContext(calib=_calib(model, [16, 6])), ratio=0.25, repair=False)
+    assert any("1 through a new Add before a graph output" in n for n in result.notes)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert_same_outputs(before, model, {"x": randn([4, 6], 9)}, rtol=1e-5, atol=1e-5)
+
+
+def test_repair_after_compensation_added_a_matmul_bias() -> None:
+    """The compensation's new bias Add does not exist in the original model: the target is the MatMul output."""
+    w1, b1, w2 = randn([6, 8], 1), randn([8], 2), randn([8, 3], 3)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["z"], name="fc2"),
+             helper.make_node("Tanh", ["z"], ["y"])]
+    model = make_model(nodes, [tensor_info("x", np.float32, [None, 6])], [Y2], {"w1": w1, "b1": b1, "w2": w2})
+    result = _prune(model, PassContext(calib=_calib(model, [256, 6])), ratio=0.25, repair=True)
+    assert [n.op_type for n in model.graph][-3:] == ["MatMul", "Add", "Tanh"]
+    assert any("repair: 1 consumer layer(s) refit, 1 improved" in n for n in result.notes)
+
+
+def test_sensitivity_scope_prunes_the_insensitive_group() -> None:
+    """Two parallel branches joined at the output; branch a's consumer weights are 100x smaller, so removing
+    a's channels barely moves the output: sensitivity allocation takes the whole cut from a, and nothing from
+    b (ratio 0.25 of the model's MACs = half of group a's, the top level)."""
+    inits: dict = {}
+    nodes = [_conv("pa", "x", "ha", 3, 8, inits, 1, k=3), helper.make_node("Relu", ["ha"], ["ra"]),
+             _conv("ca", "ra", "ya", 8, 4, inits, 2, k=1),
+             _conv("pb", "x", "hb", 3, 8, inits, 3, k=3), helper.make_node("Relu", ["hb"], ["rb"]),
+             _conv("cb", "rb", "yb", 8, 4, inits, 4, k=1), helper.make_node("Add", ["ya", "yb"], ["y"])]
+    inits["ca_w"] = inits["ca_w"] * 0.01
+    model = make_model(nodes, [X], [Y], inits)
+    before = clone(model)
+    calib = _calib(model, [8, 3, 8, 8])
+    result = _prune(model, PassContext(calib=calib, teacher=clone(model)), ratio=0.25, scope="sensitivity",
+                    repair=False, compensate=False)
+    after = {r["producers"][0]: r["channels_after"] for r in result.rows}
+    assert after == {"pa": 4}
+    assert any(n.startswith("sensitivity: 8 measurement(s) (2 groups x 4 levels)") for n in result.notes)
+    out_a, out_b = run_model(before, FEED)["y"], run_model(model, FEED)["y"]
+    assert np.linalg.norm(out_a - out_b) < 0.02 * np.linalg.norm(out_a)
+
+
+# --- removal units of different sizes (grouped convs + channel shuffle): widths and scores in channels ---------
+def _shuffle_group(model):
+    from tests.test_channel_groups import _group_of
+
+    group = _group_of(model, "g1")
+    assert group.prunable and group.unit_sizes == [8, 16, 16] and group.channels == 40
+    return group
+
+
+def _g1_rows(model) -> int:
+    return model.graph.initializers["g1_w"].const_value.numpy().shape[0]
+
+
+def _run_pruned_unit(**raw):
+    from tests.test_channel_groups import FEED as GFEED, _shufflenet_unit
+
+    model, _ = _shufflenet_unit()
+    result = _prune(model, scope="layer", **raw)
+    onnx.checker.check_model(modelio.to_proto(model))
+    run_model(model, GFEED)  # onnxruntime runs the pruned grouped convs
+    return model, result
+
+
+def test_unit_group_report_counts_channels() -> None:
+    model, result = _run_pruned_unit(ratio={"g1": 0.2})  # 8 channels: exactly the 8-channel unit
+    (row,) = result.rows
+    assert (row["channels_before"], row["channels_after"]) == (40, 32) and _g1_rows(model) == 32
+    assert any("8 channel(s) removed" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("raw, kept", [
+    ({"ratio": 0.7}, 16),  # 28 asked; 24 (8 + 16) is the most the units allow without passing it
+    ({"ratio": 0.7, "round_to": 16}, 16),  # in units (old): 3 units rounded up to 16 units = nothing removed
+    ({"ratio": 0.5, "round_to": 12}, 24),  # 20 kept asked -> 24 (multiple of 12): 16 removed
+    ({"ratio": 0.7, "min_channels": 17}, 24),  # at least 17 kept: 23 removable, units allow 16
+    ({"ratio": 0.7, "min_channels": 16}, 16),
+])
+def test_unit_group_widths_respect_round_to_and_min_channels_in_channels(raw: dict, kept: int) -> None:
+    model, result = _run_pruned_unit(ratio={"g1": raw.pop("ratio")}, **raw)
+    assert _g1_rows(model) == kept
+    assert result.rows[0]["channels_after"] == kept
+    assert not any("not met" in n for n in result.notes)
+
+
+def test_unit_group_round_to_unreachable_is_noted() -> None:
+    # 40 channels, round_to 5, 30%: keep 28 -> 30 asked; units remove 8 at most within it -> 32 kept, not x5
+    model, result = _run_pruned_unit(ratio={"g1": 0.3}, round_to=5)
+    assert _g1_rows(model) == 32
+    assert any("round_to=5 not met in 1 group(s)" in n and "g1" in n for n in result.notes)
+
+
+def test_unit_scores_are_per_channel_over_whole_slots() -> None:
+    from graphopt.passes.channel_importance import group_scores
+    from tests.test_channel_groups import _shufflenet_unit, _unit_rows
+
+    model, inits = _shufflenet_unit()
+    group = _shuffle_group(model)
+    row_l1 = np.abs(inits["g1_w"].astype(np.float64)).reshape(40, -1).sum(axis=1)  # only g1 has producer filters
+    sums = np.array([row_l1[_unit_rows(group, "g1", [u])].sum() for u in range(group.size)])
+    expected = sums / sums.mean() / np.array(group.unit_sizes)
+    np.testing.assert_allclose(group_scores(group, "l1")[0], expected, rtol=1e-9)
+
+
+def test_global_scope_compares_units_by_score_per_channel() -> None:
+    import onnx_ir as ir
+
+    from tests.test_channel_groups import _shufflenet_unit, _unit_rows
+
+    model, inits = _shufflenet_unit()
+    group = _shuffle_group(model)
+    small, big_a, big_b = 0, *[u for u in range(3) if group.unit_sizes[u] == 16]
+    assert group.unit_sizes[small] == 8
+    w = np.sign(inits["g1_w"])
+    # per channel |w| 1.5 / 1.0 / 3.0: unit sums 24 / 32 / 96 -- the small unit has the least total but
+    # not the least per channel; removing 16 channels of big_a loses less than 8 of small per channel
+    for u, scale in ((small, 1.5), (big_a, 1.0), (big_b, 3.0)):
+        w[_unit_rows(group, "g1", [u])] *= scale
+    model.graph.initializers["g1_w"].const_value = ir.tensor(w.astype(np.float32))
+    keep_rows = np.setdiff1d(np.arange(40), _unit_rows(group, "g1", [big_a]))
+    result = _prune(model, ratio=0.2, scope="global")
+    np.testing.assert_array_equal(model.graph.initializers["g1_w"].const_value.numpy(), w[keep_rows])
+    assert result.rows[0]["channels_after"] == 24

@@ -1,0 +1,116 @@
+"""Which removal units of a dependency group go: widths counted in channels, units chosen by score per channel.
+
+A group's units are single channels, or (grouped convs / channel shuffle, ``Group.unit_sizes``) fixed channel
+sets of different sizes. Ratios, ``min_channels`` and ``round_to`` speak of channels, so the kept width is
+decided in channels first (:func:`legal_keep`) and then the cheapest set of units removing exactly that many
+channels is found (0/1 knapsack on the units' scores: the score per channel times its size). When no unit
+set reaches a kept width that is a multiple of ``round_to``, the largest removal within the budget is taken and
+the caller is told (``Choice.round_met``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.passes.channel_types import Group
+
+MAX_TABLE = 20_000_000  # knapsack cells (units x channels); beyond it units are taken greedily by score
+
+
+def legal_keep(n: int, keep: int, min_channels: int, round_to: int) -> int:
+    """Kept width: at least ``min_channels`` (or n), rounded up to a multiple of ``round_to``, at most n."""
+    keep = max(keep, min(n, min_channels), 1)
+    if round_to > 1:
+        keep = math.ceil(keep / round_to) * round_to
+    return min(n, keep)
+
+
+@dataclass
+class Choice:
+    removed: np.ndarray  # unit indices, sorted
+    channels: int  # channels they hold
+    round_met: bool  # the kept channel count is a multiple of round_to (or all channels are kept)
+
+
+def sizes_of(group: Group) -> np.ndarray:
+    return np.ones(group.size, dtype=np.int64) if group.unit_sizes is None else np.asarray(group.unit_sizes, np.int64)
+
+
+def removed_channels(group: Group, removed: np.ndarray) -> int:
+    return int(sizes_of(group)[np.asarray(removed, dtype=np.int64)].sum()) if len(removed) else 0
+
+
+def choose(group: Group, scores: np.ndarray, keep: int, min_channels: int, round_to: int) -> Choice:
+    """Units of ``group`` to remove so that about ``keep`` channels stay (never fewer once made legal).
+    ``scores``: one per unit, per channel (higher = keep)."""
+    sizes = sizes_of(group)
+    total = int(sizes.sum())
+    budget = total - legal_keep(total, keep, min_channels, round_to)
+    order = np.argsort(scores, kind="stable")
+    if group.unit_sizes is None:  # single channels: the lowest-scored ones
+        return Choice(np.sort(order[:budget]), budget, True)
+    if budget <= 0:
+        return Choice(np.zeros(0, np.int64), 0, True)
+    if len(sizes) * (budget + 1) > MAX_TABLE:
+        return _greedy(order, sizes, budget, total, round_to)
+    best, take = _knapsack(sizes, np.maximum(scores, 0.0) * sizes, budget)
+    reach = np.flatnonzero(np.isfinite(best))
+    ok = reach[((total - reach) % round_to == 0) | (reach == 0)] if round_to > 1 else reach
+    target = int(ok.max()) if ok.size and ok.max() > 0 else int(reach.max())
+    chosen = _backtrack(take, sizes, target)
+    return Choice(chosen, target, round_to <= 1 or target == 0 or (total - target) % round_to == 0)
+
+
+def _knapsack(sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """best[r]: least cost removing exactly r channels; take[i, r]: unit i is in that set (items 0..i)."""
+    best = np.full(budget + 1, np.inf)
+    best[0] = 0.0
+    take = np.zeros((len(sizes), budget + 1), dtype=bool)
+    for i, (s, c) in enumerate(zip(sizes.tolist(), costs.tolist())):
+        if s > budget:
+            continue
+        cand = np.full(budget + 1, np.inf)
+        cand[s:] = best[:budget + 1 - s] + c
+        better = cand < best
+        take[i] = better
+        best = np.where(better, cand, best)
+    return best, take
+
+
+def _backtrack(take: np.ndarray, sizes: np.ndarray, r: int) -> np.ndarray:
+    chosen = []
+    for i in range(len(sizes) - 1, -1, -1):
+        if r > 0 and take[i, r]:
+            chosen.append(i)
+            r -= int(sizes[i])
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _greedy(order: np.ndarray, sizes: np.ndarray, budget: int, total: int, round_to: int) -> Choice:
+    chosen, done = [], 0
+    for u in order.tolist():
+        if done + sizes[u] <= budget:
+            chosen.append(u)
+            done += int(sizes[u])
+    return Choice(np.array(sorted(chosen), dtype=np.int64), done,
+                  round_to <= 1 or done == 0 or (total - done) % round_to == 0)
+
+
+def global_wanted(groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> tuple[dict[int, int], int]:
+    """scope=global: channels each group would lose under one threshold over scores normalized by each
+    group's channel-weighted mean score (a unit of k channels counts k times); also the channels in all."""
+    pool = []
+    for g in groups:
+        sizes = sizes_of(g)
+        s = scores[g.id]
+        mean = float(np.average(s, weights=sizes)) if s.size else 0.0
+        pool.append((g, s / (mean or 1.0), sizes))
+    flat = np.concatenate([np.repeat(n, k) for _, n, k in pool]) if pool else np.zeros(0)
+    target = int(math.floor(ratio * flat.size))
+    if target == 0:
+        return {}, flat.size
+    threshold = np.sort(flat)[target - 1]
+    return {g.id: int(sizes[norm <= threshold].sum()) for g, norm, sizes in pool}, flat.size
