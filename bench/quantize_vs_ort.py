@@ -10,7 +10,7 @@ and quantize_dynamic (int8 weights). All variants and the float model are timed 
 ResNet-50/VGG-19 output SNR vs float; PP-OCRv4 rec exact-line accuracy and CER on rendered lines; PP-OCR cls
 accuracy and agreement with float; PP-OCRv4 det probability-map agreement with float and box F1.
 
-    python bench/quantize_vs_ort.py [--models digits,resnet50,rec,cls,det,vgg19] [--repeats 20]
+    python bench/quantize_vs_ort.py [--models digits resnet50 vgg19 rec cls det] [--repeats 20]
 Writes bench/results/quantize_vs_ort.md.
 """
 
@@ -175,7 +175,32 @@ def setup(name: str, tmp: Path) -> dict[str, Any]:
                 optimize=dict(calib=cal, data=ev, metric="snr", min_snr=15.0), passes_opts="min_snr_db=15")
 
 
-def run_model(name: str, repeats: int, lines: list[str]) -> None:
+def _bench(paths: list[str], labels: list[str], feeds: list[dict], repeats: int, min_time_s: float
+           ) -> dict[str, bench.BenchRow]:
+    """bench.benchmark once per rotation of the variants after float (paths[0]), forward and reversed: a model's
+    time depends on which model ran just before it (measured on digits: the same int8 model is 3% faster after
+    another small int8 model than after float or dynamic int8, and a fixed order always gives it the same
+    predecessor), so every variant gets every predecessor equally often. Each label's median is the median over
+    the orders' medians; min_time_s (split over the orders) gives a 0.1 ms model the thousands of rounds its
+    median needs."""
+    rest = list(range(1, len(paths)))
+    orders = [[0, *seq[k:], *seq[:k]] for seq in (rest, rest[::-1]) for k in range(len(rest))] or [[0]]
+    per: dict[str, list[float]] = {label: [] for label in labels}
+    first: dict[str, bench.BenchRow] = {}
+    for k, idx in enumerate(orders):
+        rows = bench.benchmark([paths[i] for i in idx], feeds, threads=1, warmup=3 if k == 0 else 1,
+                               repeats=max(repeats // len(orders), 3), labels=[labels[i] for i in idx],
+                               min_time_s=min_time_s / len(orders), stats=k == 0)
+        first = first or {r.label: r for r in rows}
+        for r in rows:
+            per[r.label].append(r.median_ms)
+    for label, row in first.items():
+        row.median_ms = float(np.median(per[label]))
+        row.ratio = row.median_ms / float(np.median(per[labels[0]]))
+    return first
+
+
+def run_model(name: str, repeats: int, lines: list[str], min_time_s: float = 5.0) -> None:
     with tempfile.TemporaryDirectory(prefix=f"qbench-{name}-") as tmpdir:
         tmp = Path(tmpdir)
         cfg = setup(name, tmp)
@@ -188,11 +213,11 @@ def run_model(name: str, repeats: int, lines: list[str]) -> None:
         note = ""
         try:
             kw = dict(cfg["optimize"])
-            report = optimize(str(src), out, passes=recipe, max_drop=0.01, run=RunOptions(progress=False, latency=False),
-                              **kw)
+            report = optimize(str(src), out, passes=recipe, max_drop=0.01,
+                              run=RunOptions(progress=False, latency=False), **kw)
             q = next(p for p in report.passes if p.step.startswith("quantize"))
             note = f"quantize {q.status}" + (f" ({q.reason})" if q.reason else "")
-            picked = [n for n in q.notes if "exclude_nodes=" in n or "whole model" in n]
+            picked = [n for n in q.notes if "exclude_nodes=" in n or "whole model" in n or "whole-model" in n]
             if picked:
                 note += "; " + "; ".join(n[:200] for n in picked)
             variants["graphopt"] = (out, time.perf_counter() - start, "")
@@ -201,9 +226,7 @@ def run_model(name: str, repeats: int, lines: list[str]) -> None:
             variants["graphopt"] = (None, time.perf_counter() - start, _first_line(err))
         variants.update(ort_variants(src, cfg["calib"], tmp))
         ok = {k: v for k, v in variants.items() if v[0] is not None}
-        rows = bench.benchmark([str(v[0]) for v in ok.values()], cfg["bench"], threads=1, warmup=3, repeats=repeats,
-                               labels=list(ok))
-        timing = {r.label: r for r in rows}
+        timing = _bench([str(v[0]) for v in ok.values()], list(ok), cfg["bench"], repeats, min_time_s)
         lines.append(f"\n### {name}\n")
         if note:
             lines.append(f"graphopt: {note}\n")
@@ -226,26 +249,33 @@ def run_model(name: str, repeats: int, lines: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(ALL))
+    parser.add_argument("--models", nargs="+", default=list(ALL),
+                        help=f"models to run, space- or comma-separated (of {', '.join(ALL)})")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--min-time", type=float, default=5.0,
+                        help="timed seconds at least per model's benchmark (rounds continue past --repeats)")
     parser.add_argument("--out", default=str(RESULTS / "quantize_vs_ort.md"))
     args = parser.parse_args(argv)
     import onnxruntime
 
     lines = ["## Quantization: graphopt vs onnxruntime's stock quantizers", "",
              f"Machine: {machine_line()}; onnxruntime {onnxruntime.__version__}, 1 thread, models interleaved "
-             f"(median of {args.repeats}+ rounds). graphopt: `{RECIPE}`, max_drop 0.01, target=latency (measured "
-             "placement), its own gate. onnxruntime: quant_pre_process, then QDQ per-channel MinMax static "
+             f"(median of {args.repeats}+ rounds and at least {args.min_time:g} s, split over the rotations of the "
+             "variants' order, forward and reversed: a model's time depends on the model run just before it). "
+             f"graphopt: `{RECIPE}`, max_drop 0.01, target=latency (measured placement; activation type "
+             "auto: uint8 or int8, whichever whole model measures faster), its own gate. onnxruntime: "
+             "quant_pre_process, then QDQ per-channel MinMax static "
              "(U8S8, S8S8) and quantize_dynamic, same calibration feeds.",
-             f"Command: `python bench/quantize_vs_ort.py [--models ...] --repeats {args.repeats}` (each model's "
+             f"Command: `python bench/quantize_vs_ort.py [--models ...] --repeats {args.repeats} --min-time "
+             f"{args.min_time:g}` (each model's "
              "section is rewritten when that model is run). Float latencies differ between sections: the machine "
              "was shared with other jobs; compare ratios, which are interleaved within a section."]
     out = Path(args.out)
     kept = _sections(out.read_text()) if out.exists() else {}
-    for name in args.models.split(","):
+    for name in [m for arg in args.models for m in arg.split(",") if m.strip()]:
         section: list[str] = []
         try:
-            run_model(name.strip(), args.repeats, section)
+            run_model(name.strip(), args.repeats, section, args.min_time)
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()
             section.append(f"\n### {name}\n\nbenchmark failed: {_first_line(err)}")

@@ -1,17 +1,13 @@
 """Where int8 pays, measured on this machine: latency-aware placement and the accuracy budget for quantize.
 
-Latency (``target=latency``): whether int8 is faster depends on the op, its shape and the CPU, so each weight
-op (Conv/ConvTranspose/Gemm/MatMul with a constant weight) is timed alone with onnxruntime at the run's thread
-count, as three one-node models interleaved by :func:`graphopt.bench.benchmark`:
-- float: x → op (→ its Relu/Clip) → y;
-- int8: the same in QDQ with float x and y (Q → op → DQ after onnxruntime's fusion);
-- boundary: only the Q of x and the DQ of y, so int8 − boundary is the integer kernel alone, as it runs
-  inside a chain of int8 ops; and, for MatMul/Gemm, the dynamic int8 form.
-An op whose integer kernel is not faster stays float. The rest form connected int8 regions; a region pays
-only if its kernels' gain beats the Q at each entry and the DQ at each exit (priced per element from the
-measured boundaries). Finally the whole quantized model is timed against the float one, interleaved; while it is
-not faster the region with the least estimated gain goes back to float (no region left: no change).
-Everything is bounded by ``latency_budget_s``; ops not timed in time keep their planned int8.
+Latency (``target=latency``): each weight op is timed alone (:mod:`.quant_timing`); an op whose integer kernel
+is not faster stays float. The rest form connected int8 regions; a region pays only if its kernels' gain beats
+the Q at each entry and the DQ at each exit (priced per element from the measured boundaries). Per-op times of
+tiny ops are noise next to a whole model, so the final choice is made on whole models
+(:meth:`Placement.choose`): the placement above, every planned op int8, and (``activation_type=auto``) each of
+them with int8 activations too, all timed interleaved with the float model; the fastest one that keeps the
+accuracy budget wins. While none is faster than float, the region with the least estimated gain goes back to
+float (:meth:`Placement.back_off`; no region left: no change). Everything is bounded by ``latency_budget_s``.
 
 Accuracy (``max_drop``): the planned set is checked as a whole against the teacher on calibration data
 (:func:`graphopt.sensitivity.measure_combination`); if it breaks the budget, each op is measured alone
@@ -26,174 +22,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from graphopt import bench, capture, modelio
 from graphopt import sensitivity as sens
 from graphopt.passes import qdq
 from graphopt.passes.quant_dynamic import emit_dynamic
+from graphopt.passes.quant_timing import (LayerTimer, LayerTiming, ModelTimer, capture_shapes, time_candidates,
+                                          time_layers)
 from graphopt.weights import constant_array
 
-Range = tuple[float, float]
+__all__ = ["MARGIN", "BudgetResult", "Choice", "LayerTimer", "LayerTiming", "ModelTimer", "Placement",
+           "accuracy_budget", "boundary_price", "capture_shapes", "region_gain", "regions", "weight_anchors"]
 MARGIN = 0.97  # faster means at most 97% of the float time (timing noise on a busy machine is a few %)
-
-
-@dataclass
-class LayerTiming:
-    node: str
-    op: str
-    float_ms: float
-    int8_ms: float  # the integer kernel alone (int8 model minus its boundary Q/DQ)
-    boundary_ms: float  # Q of the input + DQ of the output
-    elems: int  # elements of input + output (prices boundaries elsewhere)
-    dynamic_ms: float | None = None
-
-    @property
-    def gain_ms(self) -> float:
-        return self.float_ms - self.int8_ms
-
-    def row(self) -> dict:
-        out = {"node": self.node, "op": self.op, "action": "timed", "float_ms": round(self.float_ms, 4),
-               "int8_kernel_ms": round(self.int8_ms, 4), "qdq_boundary_ms": round(self.boundary_ms, 4)}
-        if self.dynamic_ms is not None:
-            out["dynamic_ms"] = round(self.dynamic_ms, 4)
-        return out
-
-
-# A LayerTimer times the given nodes (tests inject a fake one); a ModelTimer returns candidate/float latency.
-LayerTimer = Callable[[ir.Model, Sequence[ir.Node], Mapping[str, Range], qdq.QdqConfig, float],
-                      dict[str, LayerTiming]]
-ModelTimer = Callable[[ir.Model, ir.Model], float]
-
-
-# --- one-node models -------------------------------------------------------------------------------------------
-
-
-def _copy_value(v: ir.Value, shape=None) -> ir.Value:
-    return ir.Value(name=v.name, type=v.type or ir.TensorType(ir.DataType.FLOAT),
-                    shape=ir.Shape(shape) if shape is not None else v.shape, const_value=v.const_value)
-
-
-def _micro(node: ir.Node, in_shape: tuple[int, ...], opset: int) -> ir.Model:
-    """x → node (→ the Relu/Clip that folds into it) → y, weights shared with the model (never written)."""
-    x = _copy_value(node.inputs[0], in_shape)
-    inits, ins = [], [x]
-    for v in node.inputs[1:]:
-        c = _copy_value(v) if v is not None else None
-        if c is not None:
-            inits.append(c)
-        ins.append(c)
-    out = ir.Value(name=node.outputs[0].name, type=ir.TensorType(ir.DataType.FLOAT))
-    new = ir.Node(node.domain, node.op_type, ins, attributes=list(node.attributes.values()), name=node.name,
-                  outputs=[out])
-    nodes = [new]
-    target = qdq.fold_target(node)
-    if target is not node.outputs[0]:
-        fold = target.producer()
-        extra = [_copy_value(v) if v is not None else None for v in fold.inputs[1:]]
-        inits += [v for v in extra if v is not None]
-        y = ir.Value(name=target.name, type=ir.TensorType(ir.DataType.FLOAT))
-        nodes.append(ir.Node(fold.domain, fold.op_type, [out, *extra], attributes=list(fold.attributes.values()),
-                             name=fold.name, outputs=[y]))
-        out = y
-    graph = ir.Graph([x], [out], nodes=nodes, initializers=inits, opset_imports={"": max(opset, 13)})
-    return ir.Model(graph, ir_version=8)
-
-
-def _boundary(x_name: str, x_shape, y_name: str, y_shape, x_range: Range, y_range: Range,
-              cfg: qdq.QdqConfig) -> ir.Model:
-    """Only the boundary ops: QuantizeLinear(x) and DequantizeLinear(y_q)."""
-    dtype = np.uint8 if cfg.activation_type == "uint8" else np.int8
-    qtype = ir.DataType.from_numpy(np.dtype(dtype))
-    x = ir.Value(name=x_name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x_shape))
-    yq = ir.Value(name=f"{y_name}__q", type=ir.TensorType(qtype), shape=ir.Shape(y_shape))
-    inits, outs, nodes = [], [], []
-    for i, (src, rng, op) in enumerate(((x, x_range, "QuantizeLinear"), (yq, y_range, "DequantizeLinear"))):
-        scale, zp = qdq.activation_qparams(*rng, cfg.activation_type)
-        s = ir.Value(name=f"s{i}", const_value=ir.tensor(np.asarray(scale, np.float32), name=f"s{i}"))
-        z = ir.Value(name=f"z{i}", const_value=ir.tensor(np.asarray(zp, dtype), name=f"z{i}"))
-        inits += [s, z]
-        out = ir.Value(name=f"o{i}")
-        nodes.append(ir.Node("", op, [src, s, z], outputs=[out]))
-        outs.append(out)
-    graph = ir.Graph([x, yq], outs, nodes=nodes, initializers=inits, opset_imports={"": 13})
-    return ir.Model(graph, ir_version=8)
-
-
-def _proto(model: ir.Model) -> onnx.ModelProto:
-    return modelio.to_proto(model)
-
-
-def capture_shapes(model: ir.Model, names: Sequence[str], dataset, threads: int = 1) -> dict[str, tuple]:
-    """Shapes of the named values on the first calibration feed."""
-    for acts in capture.stream(model, list(dict.fromkeys(names)), dataset, threads, max_samples=1):
-        return {k: tuple(np.shape(v)) for k, v in acts.items()}
-    return {}
-
-
-def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, Range], cfg: qdq.QdqConfig,
-                shapes: Mapping[str, tuple], threads: int = 1, budget_s: float = 30.0,
-                dynamic: bool = False) -> dict[str, LayerTiming]:
-    """Time each node's float, int8 and boundary one-node models (see the module doc) within ``budget_s``."""
-    opset = model.opset_imports.get("", 13)
-    rng = np.random.default_rng(0)
-    start, out = time.perf_counter(), {}
-    for node in nodes:
-        if time.perf_counter() - start > budget_s:
-            break
-        x, y = node.inputs[0], qdq.fold_target(node)
-        if x.name not in shapes or y.name not in shapes or x.name not in ranges or y.name not in ranges:
-            continue
-        try:
-            flt = _micro(node, shapes[x.name], opset)
-            q = _micro(node, shapes[x.name], opset)
-            qdq.emit(q, [next(iter(q.graph))], ranges, qdq.QdqConfig(cfg.activation_type, cfg.per_channel, True))
-            models = [flt, q, _boundary(x.name, shapes[x.name], y.name, shapes[y.name], ranges[x.name],
-                                        ranges[y.name], cfg)]
-            if dynamic and node.op_type in ("MatMul", "Gemm"):
-                d = _micro(node, shapes[x.name], opset)
-                emit_dynamic(d, [next(iter(d.graph))], cfg.per_channel)
-                models.append(d)
-            lo, hi = ranges[x.name]
-            feed = {x.name: rng.uniform(lo, hi, shapes[x.name]).astype(np.float32),
-                    f"{y.name}__q": rng.integers(0, 127, shapes[y.name]).astype(
-                        np.uint8 if cfg.activation_type == "uint8" else np.int8)}
-            rows = bench.benchmark([_proto(m) for m in models], [feed], threads=threads, warmup=3, repeats=15,
-                                   min_time_s=0.05)
-        except Exception:  # an op the one-node model cannot express: no timing, plan unchanged
-            continue
-        elems = int(np.prod(shapes[x.name])) + int(np.prod(shapes[y.name]))
-        ms = [r.median_ms for r in rows]
-        out[node.name] = LayerTiming(node.name, node.op_type, ms[0], max(ms[1] - ms[2], 0.0), ms[2], elems,
-                                     ms[3] if len(ms) > 3 else None)
-    return out
-
-
-def time_models(reference: ir.Model, candidate: ir.Model, dataset, threads: int = 1, repeats: int = 10,
-                min_time_s: float = 0.5) -> float:
-    """candidate/reference median latency, interleaved, on the first two calibration feeds. Sessions come from
-    runtime.make_session on the models themselves (it handles large and file-backed tensors)."""
-    import statistics
-
-    from graphopt.runtime import make_session
-
-    sessions = [make_session(m, threads) for m in (reference, candidate)]
-    names = [{i.name for i in s.get_inputs()} for s in sessions]
-    feeds = [[{k: v for k, v in f.items() if k in n} for f in dataset.feeds[:2]] for n in names]
-    for r in range(2):
-        for s, f in zip(sessions, feeds):
-            s.run(None, f[r % len(f)])
-    times: list[list[float]] = [[], []]
-    start, r = time.perf_counter(), 0
-    while r < repeats or time.perf_counter() - start < min_time_s:
-        for j in range(2):
-            i = (r + j) % 2
-            t0 = time.perf_counter()
-            sessions[i].run(None, feeds[i][r % len(feeds[i])])
-            times[i].append(time.perf_counter() - t0)
-        r += 1
-    return statistics.median(times[1]) / statistics.median(times[0])
 
 
 # --- regions --------------------------------------------------------------------------------------------------
@@ -264,7 +104,7 @@ class BudgetResult:
 SNR_MARGIN_DB = 1.0  # calibration and evaluation data differ: aim 1 dB inside an snr budget
 
 
-def _holds(row: sens.SensitivityRow, max_drop: float, min_snr_db: float) -> bool:
+def holds(row: sens.SensitivityRow, max_drop: float, min_snr_db: float) -> bool:
     if not row.measured:
         return False
     if row.drop is not None:
@@ -279,7 +119,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
     out = BudgetResult()
     full = set(anchors)
     first = sens.measure_combination(context, model, [lambda m: build(m, full)], max_samples)
-    if _holds(first, max_drop, min_snr_db):
+    if holds(first, max_drop, min_snr_db):
         out.notes.append(f"accuracy budget holds with every planned op int8 (calibration drop "
                          f"{_fmt(first.drop)}, worst-channel SNR {first.worst_snr_db:.1f} dB; max_drop {max_drop:g})")
         return out
@@ -298,7 +138,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
         row = sens.measure_combination(context, model, [lambda m, keep=full - set(order[:k]): build(m, keep)],
                                        max_samples)
         checks += 1
-        if _holds(row, max_drop, min_snr_db):
+        if holds(row, max_drop, min_snr_db):
             hi = k
         else:
             lo = k + 1
@@ -314,6 +154,24 @@ def _fmt(x: float | None) -> str:
 
 
 # --- the latency search ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Choice:
+    """One whole-model candidate: the node names kept int8 (static or dynamic) and the activation type."""
+
+    label: str
+    keep: frozenset[str]
+    activation_type: str
+    checked: bool = True  # the accuracy budget is known to hold for it
+
+
+def dedupe(choices: Sequence[Choice]) -> list[Choice]:
+    """Choices with a distinct (keep, activation type), first one wins (it is the better checked one)."""
+    seen: dict[tuple[frozenset[str], str], Choice] = {}
+    for c in choices:
+        seen.setdefault((c.keep, c.activation_type), c)
+    return list(seen.values())
 
 
 @dataclass
@@ -344,21 +202,53 @@ class Placement:
                               "kept as planned")
         return found
 
-    def ratio(self, reference: ir.Model, candidate: ir.Model, dataset) -> float:
+    def ratios(self, reference: ir.Model, candidates: Sequence[ir.Model], dataset) -> list[float]:
+        """Latency of each candidate / the reference's, measured together (interleaved)."""
         if self.model_timer is not None:
-            return self.model_timer(reference, candidate)
-        return time_models(reference, candidate, dataset, self.threads)
+            return [self.model_timer(reference, c) for c in candidates]
+        return time_candidates(reference, candidates, dataset, self.threads)
+
+    def ratio(self, reference: ir.Model, candidate: ir.Model, dataset) -> float:
+        return self.ratios(reference, [candidate], dataset)[0]
+
+    def choose(self, model: ir.Model, choices: Sequence[Choice], build: Callable[[ir.Model, Choice], None],
+               dataset, accept: Callable[[Choice], bool]) -> tuple[Choice | None, list[float]]:
+        """Time every whole-model choice against float, interleaved; the fastest one faster than float that
+        keeps the accuracy budget (``checked``, or ``accept`` measures it) wins. Returns (winner or None, the
+        ratios of ``choices`` in order)."""
+        clones = []
+        for choice in choices:
+            clone = model.clone()
+            build(clone, choice)
+            clones.append(clone)
+        ratios = self.ratios(model, clones, dataset)
+        del clones
+        self.notes.append("whole-model candidates: " + ", ".join(
+            f"{c.label} ({c.activation_type}) {r:.2f}x" for c, r in zip(choices, ratios)))
+        for i in sorted(range(len(choices)), key=lambda k: ratios[k]):
+            if ratios[i] > MARGIN:
+                break
+            if choices[i].checked or accept(choices[i]):
+                return choices[i], ratios
+            self.notes.append(f"{choices[i].label} ({choices[i].activation_type}) measured {ratios[i]:.2f}x but "
+                              "breaks the accuracy budget")
+        return None, ratios
 
     def back_off(self, model: ir.Model, groups: list[tuple[float, set[str]]],
-                 build: Callable[[ir.Model, set[str]], None], dataset) -> tuple[set[str], float | None]:
-        """Drop the least-gain groups until the whole model is faster than float (or the budget ends)."""
+                 build: Callable[[ir.Model, set[str]], None], dataset,
+                 known: float | None = None) -> tuple[set[str], float | None]:
+        """Drop the least-gain groups until the whole model is faster than float (or the budget ends);
+        ``known`` is the already measured ratio of all groups together."""
         groups = sorted(groups, key=lambda g: -g[0])
         ratio = None
         while groups:
             keep = set().union(*(g[1] for g in groups))
-            clone = model.clone()
-            build(clone, keep)
-            ratio = self.ratio(model, clone, dataset)
+            if known is not None:
+                ratio, known = known, None
+            else:
+                clone = model.clone()
+                build(clone, keep)
+                ratio = self.ratio(model, clone, dataset)
             if ratio <= MARGIN:
                 return keep, ratio
             if self.left() <= 0:

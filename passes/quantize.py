@@ -7,10 +7,11 @@ The pass runs in four separable steps, so placement and accuracy budgets can rep
    once ranges are known). Nodes inside If/Loop bodies get weight-only int8 (their activations cannot be
    captured as graph outputs, so they cannot be calibrated).
 2. :meth:`Quantize.calibrate` measures the ranges of the tensors the plan needs (:mod:`.calibrate`).
-3. :func:`select` narrows the plan: MatMul/Gemm/LSTM that run faster in dynamic int8 go to
+3. :func:`.quant_select.select` narrows the plan: MatMul/Gemm/LSTM that run faster in dynamic int8 go to
    :mod:`.quant_dynamic` (``dynamic``), ops whose int8 kernel or int8 region is measured slower than float stay
    float (``target=latency``, :mod:`.quant_placement`), the most sensitive ops stay float until ``max_drop``
-   holds on calibration data, and the whole model is timed against float and backed off until it is faster.
+   holds on calibration data, and whole models decide (:mod:`.quant_select`): the placement or every planned op,
+   uint8 or int8 activations (``activation_type=auto``), whichever measures fastest inside the budget.
 4. :func:`.qdq.emit` writes exactly the chosen nodes with the given ranges.
 """
 
@@ -26,7 +27,7 @@ from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
 from graphopt.passes import quant_dynamic as qd
-from graphopt.passes import quant_placement as qp
+from graphopt.passes import quant_select
 from graphopt.weights import all_graphs, constant_array, encoding_of
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
@@ -41,8 +42,8 @@ class QuantizeOptions(BaseOptions):
     calibration: str = option("minmax", "how activation ranges are chosen",
                               choices=("minmax", "percentile", "entropy", "mse"))
     percentile: float = option(99.999, "percentile kept by calibration=percentile", low=50.0, high=100.0)
-    activation_type: str = option("uint8", "activation integer type (uint8 is what x86 runs fast)",
-                                  choices=("uint8", "int8"))
+    activation_type: str = option("auto", "activation integer type; auto: uint8, and with target=latency int8 "
+                                  "too where the whole model measures faster", choices=("auto", "uint8", "int8"))
     per_channel: bool = option(True, "one weight scale per output channel (false: per tensor)")
     target: str = option("latency", "latency: int8 only where measured faster than float on this machine, never "
                          "a slower model; size: every op that can be int8", choices=("latency", "size"))
@@ -224,16 +225,19 @@ class Quantize(GraphoptPass):
     layer_timer = None  # tests inject fake timings (see quant_placement.LayerTimer / ModelTimer)
     model_timer = None
 
-    def select(self, model: ir.Model, plan: Plan, ranges: dict[str, calib.Range]) -> Plan:
-        """Latency placement, dynamic int8 and the accuracy budget (:func:`select`)."""
-        final, rows, notes = select(self, model, plan, ranges)
-        self._select_rows, self._select_notes = rows, notes
-        return final
+    def select(self, model: ir.Model, planned: Plan, ranges: dict[str, calib.Range]) -> Plan:
+        """Latency placement, dynamic int8, the accuracy budget and the activation type
+        (:func:`.quant_select.select`)."""
+        chosen = quant_select.select(self, model, planned, ranges, plan)
+        self._select_rows, self._select_notes = chosen.rows, chosen.notes
+        self._activation = chosen.activation_type
+        return chosen.plan
 
     def config(self, model: ir.Model) -> qdq.QdqConfig:
+        """The emission config; ``activation_type=auto`` starts from uint8 (what x86 runs fast on most nets)."""
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        return qdq.QdqConfig(self.options.activation_type, self.options.per_channel and opset >= 13,
-                             self.options.quantize_outputs)
+        act = "uint8" if self.options.activation_type == "auto" else self.options.activation_type
+        return qdq.QdqConfig(act, self.options.per_channel and opset >= 13, self.options.quantize_outputs)
 
     # --- the pass -----------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> GraphoptResult:
@@ -255,9 +259,10 @@ class Quantize(GraphoptPass):
         if first.nodes:
             ranges = self.calibrate(model, first.tensors(self.options.quantize_outputs))
         self._select_rows, self._select_notes = [], []
+        self._activation = self.config(model).activation_type
         final = self.select(model, self.plan(model, ranges), ranges)
         notes += self._select_notes
-        cfg = self.config(model)
+        cfg = dataclasses.replace(self.config(model), activation_type=self._activation)
         if self.options.per_channel and not cfg.per_channel:
             notes.append("opset < 13: per-axis DequantizeLinear needs 13 (run canonicalize); weights per tensor")
         skipped_rows = [{"node": n.name, "op": n.op_type, "action": "float", "reason": r}
@@ -270,7 +275,7 @@ class Quantize(GraphoptPass):
         counts = collections.Counter(r["op"] for r in rows if r["action"] == "int8")
         if counts:
             ops = ", ".join(f"{op} x{n}" for op, n in counts.most_common())
-            notes.append(f"int8 ({self.options.activation_type} activations, {self.options.calibration} "
+            notes.append(f"int8 ({cfg.activation_type} activations, {self.options.calibration} "
                          f"calibration): {ops}")
         if final.weight_only:
             notes.append(f"{len(final.weight_only)} node(s) inside If/Loop bodies: int8 weights only (float "
@@ -280,122 +285,3 @@ class Quantize(GraphoptPass):
         if not modified:
             notes.append("nothing to quantize")
         return self.result(model, rows + skipped_rows + self._select_rows, notes, modified=modified)
-
-
-
-def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, calib.Range]
-           ) -> tuple[Plan, list[dict], list[str]]:
-    """Narrow ``planned`` for :class:`~graphopt.passes.quantize.Quantize`: dynamic int8 for MatMul/Gemm/LSTM, latency
-    placement, accuracy budget, whole-model check. Returns (final plan, rows, notes)."""
-    opts, ctx = qpass.options, qpass.context
-    cfg = qpass.config(model)
-    qp._name_nodes(model)
-    rows: list[dict] = []
-    notes: list[str] = []
-    reasons: dict[str, str] = {}  # node name → why it went back to float (or dynamic)
-    user_skip = set(opts.exclude_nodes)
-    dyn: set[str] = set()
-    if opts.dynamic != "off":
-        dyn |= {n.name for n in model.graph if n.op_type == "LSTM" and n.name not in user_skip
-                and "LSTM" not in opts.exclude_ops and qd.dynamic_reason(n) is None}
-    if opts.dynamic == "on":
-        dyn |= {n.name for n in planned.nodes if n.op_type in ("MatMul", "Gemm") and qd.dynamic_reason(n) is None}
-
-    def replan(m: ir.Model, excluded: set[str]) -> Plan:
-        return plan(m, dataclasses.replace(opts, exclude_nodes=[*opts.exclude_nodes, *sorted(excluded)]),
-                         dict(ranges))
-
-    for name in dyn:
-        reasons[name] = "dynamic int8"
-    measure = opts.target == "latency"
-    placer = qp.Placement(ctx.threads, opts.latency_budget_s, qpass.layer_timer, qpass.model_timer)
-    data = ctx.calib
-    current = replan(model, set(reasons))
-    shapes: dict[str, tuple] = {}
-    if measure and data is not None:
-        anchors = qp.weight_anchors(current.nodes)
-        shapes = qp.capture_shapes(model, current.tensors(opts.quantize_outputs), data, ctx.threads)
-        timed = placer.time_layers(model, anchors, ranges, cfg, shapes, dynamic=opts.dynamic == "auto")
-        rows += [t.row() for t in timed.values()]
-        for node in anchors:
-            t = timed.get(node.name)
-            if t is None:
-                continue
-            if (t.dynamic_ms is not None and qd.dynamic_reason(node) is None and t.dynamic_ms < qp.MARGIN * t.float_ms
-                    and t.dynamic_ms < t.int8_ms + t.boundary_ms):
-                dyn.add(node.name)
-                reasons[node.name] = (f"dynamic int8: {t.dynamic_ms:.3f} ms vs static {t.int8_ms + t.boundary_ms:.3f}"
-                                      f" ms alone, float {t.float_ms:.3f} ms")
-            elif t.int8_ms > qp.MARGIN * t.float_ms:
-                reasons[node.name] = f"int8 kernel measured slower: {t.int8_ms:.3f} ms vs {t.float_ms:.3f} ms float"
-        current = replan(model, set(reasons))
-        price = qp.boundary_price(placer.timings)
-        for _ in range(4):  # regions whose kernel gain does not pay for their entry Q / exit DQ go float
-            losing = [r for r in qp.regions(current.nodes, opts.quantize_outputs)
-                      if any(n.name in placer.timings for n in r)
-                      and qp.region_gain(r, placer.timings, shapes, price, opts.quantize_outputs) <= 0]
-            if not losing:
-                break
-            for region in losing:
-                gain = qp.region_gain(region, placer.timings, shapes, price, opts.quantize_outputs)
-                for node in region:
-                    reasons[node.name] = f"its int8 region does not pay for its Q/DQ (est. {gain:+.3f} ms)"
-            current = replan(model, set(reasons))
-    pool = {n.name for n in current.nodes} | dyn
-
-    def build(m: ir.Model, keep: set[str]) -> None:
-        p = replan(m, (pool - keep) | set(reasons) | dyn)
-        if p.nodes:
-            qdq.emit(m, p.nodes, ranges, cfg)
-        qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel)
-
-    # the accuracy budget: every own-scale op and weight op is a candidate (shape ops follow their input)
-    if ctx.max_drop is not None and data is not None and pool:
-        cands = [n.name for n in current.nodes if n.op_type not in qdq.SHARED_SCALE_OPS] + sorted(dyn)
-
-        def build_one(m: ir.Model, keep: set[str]) -> None:
-            if keep == set(cands) or len(keep) != 1:
-                build(m, keep | (pool - set(cands)))
-                return
-            name = next(iter(keep))
-            if name in dyn:
-                qd.emit_dynamic(m, [n for n in m.graph if n.name == name], cfg.per_channel)
-            else:
-                qdq.emit(m, [n for n in m.graph if n.name == name], ranges, cfg)
-
-        budget = qp.accuracy_budget(ctx, model, cands, build_one, ctx.max_drop, opts.min_snr_db,
-                                 opts.sensitivity_samples, opts.sensitivity_budget_s)
-        notes += budget.notes
-        rows += budget.rows
-        for name in budget.excluded:
-            reasons[name] = "kept float for the accuracy budget (sensitive on calibration data)"
-            dyn.discard(name)
-        current = replan(model, set(reasons) | dyn)
-        pool = {n.name for n in current.nodes} | dyn
-    elif ctx.max_drop is None:
-        notes.append("no max_drop in the context: accuracy budget not applied (the pipeline gate still checks)")
-    if measure and pool and data is not None:
-        price = qp.boundary_price(placer.timings)
-        groups = [(qp.region_gain(r, placer.timings, shapes, price, opts.quantize_outputs), {n.name for n in r})
-                  for r in qp.regions(current.nodes, opts.quantize_outputs)]
-        groups += [(placer.timings[n].float_ms - (placer.timings[n].dynamic_ms or 0.0)
-                    if n in placer.timings else 0.0, {n}) for n in dyn]
-        keep, ratio = placer.back_off(model, groups, build, data)
-        if ratio is not None:
-            notes.append(f"whole model measured at {ratio:.2f}x float latency" + ("" if keep else
-                         ": int8 is not faster here, nothing quantized"))
-        for name in pool - keep:
-            reasons.setdefault(name, "back to float: the whole model was not faster with it")
-            dyn.discard(name)
-        current = replan(model, (pool - keep) | set(reasons) | dyn)
-    notes += placer.notes
-    current.dynamic = [n for n in model.graph if n.name in dyn]
-    for node in list(current.skipped):
-        if node.name in reasons and node.name not in dyn:
-            current.skipped[node] = reasons[node.name]
-    current.skipped = {n: r for n, r in current.skipped.items() if n.name not in dyn}
-    current.weight_only = planned.weight_only
-    float_list = [n for n, r in reasons.items() if n not in dyn]
-    if float_list:
-        notes.append("kept float by measurement (latency or accuracy): exclude_nodes=" + "|".join(float_list))
-    return current, rows, notes

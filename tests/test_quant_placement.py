@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -14,6 +15,8 @@ from graphopt import data as datamod
 from graphopt import metrics, modelio
 from graphopt.passbase import PassContext
 from graphopt.passes import quant_placement as qp
+from graphopt.passes import quant_select as qs
+from graphopt.passes import quant_timing as qt
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.quantize import Quantize, QuantizeOptions
 from tests.helpers import make_proto, run_model, tensor_info
@@ -113,6 +116,111 @@ def test_target_size_does_not_time():
 
     model, result = _run(proto, feeds, boom, boom, target="size")
     assert _is_int8(model, "conv1") and _is_int8(model, "conv2")
+
+
+def _act_type(model: ir.Model) -> str | None:
+    """The activation type of the model's QuantizeLinear nodes (None: no QuantizeLinear)."""
+    types = {n.inputs[2].const_value.numpy().dtype.name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert len(types) <= 1, types
+    return next(iter(types), None)
+
+
+def test_every_planned_op_wins_when_the_whole_model_says_so():
+    # Timed alone conv1's int8 kernel looked slower (tiny ops are noise), but the whole model with every
+    # planned op int8 measures fastest: it wins over the placement.
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 1.5), "conv2": (1.0, 0.3)})
+    seen = []
+
+    def model_timer(ref: ir.Model, cand: ir.Model) -> float:
+        seen.append((_is_int8(cand, "conv1"), _act_type(cand)))
+        return 0.6 if _is_int8(cand, "conv1") else 0.8
+
+    model, result = _run(proto, feeds, timer, model_timer, activation_type="uint8")
+    assert sorted(seen) == [(False, "uint8"), (True, "uint8")]  # explicit uint8: no int8-activation candidate
+    assert _is_int8(model, "conv1") and _is_int8(model, "conv2") and _act_type(model) == "uint8"
+    assert any("every planned op" in n and "0.60x" in n for n in result.notes)
+    assert not any("exclude_nodes=conv1" in n for n in result.notes)
+    np.testing.assert_allclose(run_model(model, feeds[0])["y"], run_model(proto, feeds[0])["y"], atol=0.05)
+
+
+def test_a_faster_candidate_outside_the_accuracy_budget_loses(monkeypatch):
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 1.5), "conv2": (1.0, 0.3)})
+
+    def combination(context, model, fns, max_samples=64):  # conv1 in int8 costs 5 points of accuracy
+        clone = model.clone()
+        for fn in fns:
+            fn(clone)
+        drop = 0.05 if _is_int8(clone, "conv1") else 0.0
+        return SimpleNamespace(measured=True, drop=drop, worst_snr_db=40.0)
+
+    monkeypatch.setattr(qp.sens, "measure_combination", combination)
+    model = ir.serde.deserialize_model(proto)
+    calib = datamod.load_data(feeds, datamod.input_specs(model))
+    q = Quantize(QuantizeOptions(activation_type="uint8"), PassContext(calib=calib, max_drop=0.01))
+    q.layer_timer = timer
+    q.model_timer = lambda ref, cand: 0.6 if _is_int8(cand, "conv1") else 0.8
+    result = q(model)
+    assert not _is_int8(model, "conv1") and _is_int8(model, "conv2")
+    assert any("breaks the accuracy budget" in n for n in result.notes)
+
+
+@pytest.mark.parametrize("faster", ["int8", "uint8"])
+def test_auto_activation_type_keeps_the_faster_whole_model(faster):
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 0.3), "conv2": (1.0, 0.3)})
+    model, result = _run(proto, feeds, timer, lambda ref, cand: 0.5 if _act_type(cand) == faster else 0.7)
+    assert _is_int8(model, "conv1") and _is_int8(model, "conv2")
+    assert _act_type(model) == faster
+    assert any(f"int8 ({faster} activations" in n for n in result.notes)
+    np.testing.assert_allclose(run_model(model, feeds[0])["y"], run_model(proto, feeds[0])["y"], atol=0.05)
+
+
+def test_explicit_activation_type_is_never_overridden():
+    proto, feeds = _two_convs(separated=False)
+    timer = _fake_layers({"conv1": (1.0, 0.3), "conv2": (1.0, 0.3)})
+    model, _ = _run(proto, feeds, timer, lambda ref, cand: 0.5 if _act_type(cand) == "uint8" else 0.7,
+                    activation_type="int8")
+    assert _act_type(model) == "int8"
+    model, _ = _run(proto, feeds, None, None, target="size")  # auto without measuring: uint8
+    assert _act_type(model) == "uint8"
+
+
+def test_choose_takes_the_fastest_accepted_choice_faster_than_float():
+    model = ir.serde.deserialize_model(_two_convs(separated=False)[0])
+    choices = [qp.Choice("a", frozenset({"x"}), "uint8"), qp.Choice("b", frozenset({"y"}), "uint8", checked=False),
+               qp.Choice("c", frozenset({"z"}), "int8", checked=False)]
+    ratio = {"a": 0.9, "b": 0.5, "c": 0.7}
+    asked = []
+
+    def build(m: ir.Model, c: qp.Choice) -> None:
+        m.graph.doc_string = c.label  # lets the fake timer see which choice it times
+
+    placer = qp.Placement(model_timer=lambda ref, cand: ratio[cand.graph.doc_string])
+    best, ratios = placer.choose(model, choices, build, None, lambda c: asked.append(c.label) or c.label == "c")
+    assert best is choices[2] and ratios == [0.9, 0.5, 0.7] and asked == ["b", "c"]
+    ratio.update(a=1.2, c=1.1)  # none accepted faster than float: no winner, the rejected one is not retried
+    asked.clear()
+    best, _ = placer.choose(model, choices, build, None, lambda c: asked.append(c.label) and False)
+    assert best is None and asked == ["b"]
+
+
+def test_candidates_dedupe_and_both_types():
+    same = qs.candidates({"a"}, {"a"}, "uint8", both_types=False)
+    assert [(c.label, c.activation_type, c.checked) for c in same] == [("placement", "uint8", True)]
+    both = qs.candidates({"a"}, {"a", "b"}, "uint8", both_types=True)
+    assert [(c.label, sorted(c.keep), c.activation_type, c.checked) for c in both] == [
+        ("placement", ["a"], "uint8", True), ("every planned op", ["a", "b"], "uint8", False),
+        ("placement", ["a"], "int8", False), ("every planned op", ["a", "b"], "int8", False)]
+
+
+def test_time_candidates_interleaves_real_sessions():
+    proto, feeds = _two_convs(separated=False)
+    model = ir.serde.deserialize_model(proto)
+    calib = datamod.load_data(feeds, datamod.input_specs(model))
+    ratios = qt.time_candidates(model, [model.clone(), model.clone()], calib, repeats=3, min_time_s=0.01)
+    assert len(ratios) == 2 and all(0.2 < r < 5.0 for r in ratios)  # the same model: near 1 even when busy
 
 
 def _digits(metric: str, max_drop: float, **options):

@@ -291,7 +291,7 @@ def test_needs_calibration_data_and_options_parse():
         Quantize()(ir.serde.deserialize_model(proto))
     opts = build_options(QuantizeOptions, {"calibration": "entropy", "max_drop": 0.01, "exclude_ops": "Add|Mul"},
                          "quantize")
-    assert (opts.calibration, opts.max_drop, opts.target, opts.activation_type) == ("entropy", 0.01, "latency", "uint8")
+    assert (opts.calibration, opts.max_drop, opts.target, opts.activation_type) == ("entropy", 0.01, "latency", "auto")
 
 
 @pytest.mark.parametrize("activation_type", ["uint8", "int8"])
