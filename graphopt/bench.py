@@ -173,8 +173,8 @@ def benchmark(
 ) -> list[BenchRow]:
     """Median/p90 latency of each model on the same feeds, models interleaved round by round.
 
-    Round r runs every model once on ``feeds[r % len(feeds)]``, starting at a different model each round,
-    so clock drift and ordering effects fall on all models alike. Rounds continue past ``repeats`` until
+    Round r runs every model once on ``feeds[r % len(feeds)]``, in a seeded random order, so clock drift
+    and ordering effects (a model's predecessor evicting its caches) fall on all models alike. Rounds continue past ``repeats`` until
     ``min_time_s`` seconds of timed runs have passed.
     """
     if not models:
@@ -201,12 +201,14 @@ def benchmark(
         from tqdm import tqdm
 
         bar = tqdm(total=repeats, desc="bench", unit="round", leave=False)
+    # A seeded shuffle per round: with a fixed cyclic order every model would always follow the same
+    # predecessor and pay for the caches that one evicts.
+    order_rng = np.random.default_rng(0)
     start, r = time.perf_counter(), 0
     while r < repeats or time.perf_counter() - start < min_time_s:
         if max_time_s is not None and r >= 3 and time.perf_counter() - start > max_time_s:
             break
-        for j in range(len(sessions)):
-            i = (r + j) % len(sessions)
+        for i in order_rng.permutation(len(sessions)):
             feed = model_feeds[i][r % len(feeds)]
             t0 = time.perf_counter()
             sessions[i].run(None, feed)
