@@ -25,7 +25,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC",
                    help="a concrete shape for an input with dynamic dimensions (synthetic inputs)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    p.add_argument("--score-output", help="the class-score output used for agreement/accuracy")
+    p.add_argument("--score-output", help="the class-score output used for agreement/accuracy; an [N, C, H, W] "
+                                          "map agrees per pixel (class over C, or for C=1 the side of --map-threshold)")
+    p.add_argument("--map-threshold", type=float, default=0.5,
+                   help="one-channel score map: pixels agree when on the same side of this value (default 0.5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +89,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_drop <= 1.0:
         raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
-                     score_output=args.score_output, debug=args.debug)
+                     score_output=args.score_output, map_threshold=args.map_threshold, debug=args.debug)
     report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
                       data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
                       metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples)
@@ -114,7 +117,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     modelio.load_proto(args.candidate)
     dataset = _load_eval_data(args, ref)
     comparison = Evaluator(modelio.to_proto(ref), dataset, threads=args.threads,
-                           score_output=args.score_output).evaluate(args.candidate)
+                           score_output=args.score_output, map_threshold=args.map_threshold).evaluate(args.candidate)
     if getattr(dataset, "synthetic", False):
         print("WARNING: synthetic inputs: these numbers say nothing about accuracy")
     for out in comparison.outputs:

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 METRICS = ("accuracy", "agreement", "snr")
+MAP_THRESHOLD = 0.5  # agreement on a one-channel [N, 1, H, W] score map: the same side of this value
 
 
 @dataclass
@@ -143,6 +144,14 @@ def _rows(refs: Sequence[np.ndarray], score_index: int | None) -> int:
     return next((int(np.shape(r)[0]) for r in refs if np.ndim(r)), 1)
 
 
+def _map_decision(array: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of an [N, C, H, W] map: the class over axis 1, or for one channel whether it exceeds
+    ``threshold`` (a probability or heat map: what a detector or segmenter decides from it)."""
+    if array.shape[1] == 1:
+        return array[:, 0] > threshold, np.isfinite(array[:, 0])
+    return array.argmax(axis=1), np.isfinite(array).all(axis=1)
+
+
 def _top(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Argmax over the last (class) axis of [N, C] or [N, T, C], and whether each row is all finite."""
     return array.argmax(axis=-1), np.isfinite(array).all(axis=-1)
@@ -151,8 +160,10 @@ def _top(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Accumulator:
     """Streaming comparison: call add() once per feed, then result()."""
 
-    def __init__(self, output_names: Sequence[str], score_output: str | None = None) -> None:
+    def __init__(self, output_names: Sequence[str], score_output: str | None = None,
+                 map_threshold: float = MAP_THRESHOLD) -> None:
         self.output_names = list(output_names)
+        self.map_threshold = map_threshold
         _check_score_output(score_output, self.output_names)
         self._score_name = score_output
         self._score_index: int | None = None if score_output is None else self.output_names.index(score_output)
@@ -197,13 +208,17 @@ class Accumulator:
         self._feeds += 1
 
     def _add_scores(self, ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None, feed: int) -> None:
-        if ref.ndim not in (2, 3) or ref.dtype.kind != "f":
+        if ref.ndim not in (2, 3, 4) or ref.dtype.kind != "f":
             raise GraphoptError(
                 f"score output {self._score_name!r} feed {feed}: {ref.dtype} {ref.shape}, agreement needs "
-                "float [N, C] class scores or [N, T, C] sequence scores"
+                "float [N, C] class scores, [N, T, C] sequence scores or an [N, C, H, W] map"
             )
-        ref_top, _ = _top(ref)
-        cand_top, finite = _top(cand.astype(np.float64, copy=False))
+        if ref.ndim == 4:  # a map: each pixel's class (C > 1) or its side of the threshold (C == 1)
+            ref_top, _ = _map_decision(ref, self.map_threshold)
+            cand_top, finite = _map_decision(cand.astype(np.float64, copy=False), self.map_threshold)
+        else:
+            ref_top, _ = _top(ref)
+            cand_top, finite = _top(cand.astype(np.float64, copy=False))
         hit = (ref_top == cand_top) & finite  # a NaN row must not agree by accident
         self._agree += int(hit.sum())
         self._positions += hit.size
@@ -238,11 +253,12 @@ def compare(
     cand_batches: Sequence[Sequence[np.ndarray]],
     labels: Sequence[np.ndarray | None] | np.ndarray | None = None,
     score_output: str | None = None,
+    map_threshold: float = MAP_THRESHOLD,
 ) -> Comparison:
     """One-shot comparison. labels: one int per sample over all batches in order, or one array per batch."""
     if len(ref_batches) != len(cand_batches):
         raise GraphoptError(f"{len(ref_batches)} reference batches but {len(cand_batches)} candidate batches")
-    acc = Accumulator(output_names, score_output)
+    acc = Accumulator(output_names, score_output, map_threshold)
     per_batch = split_labels(labels, ref_batches, output_names, score_output)
     for ref, cand, lab in zip(ref_batches, cand_batches, per_batch):
         acc.add(ref, cand, lab)
@@ -282,8 +298,10 @@ class Evaluator:
         threads: int = 1,
         score_output: str | None = None,
         progress: bool = False,
+        map_threshold: float = MAP_THRESHOLD,
     ) -> None:
         self.threads = threads
+        self.map_threshold = map_threshold
         self.progress = progress
         self.feeds: list[dict[str, np.ndarray]] = list(dataset.feeds)
         if not self.feeds:
@@ -307,7 +325,7 @@ class Evaluator:
     def evaluate(self, candidate: Any, progress: bool | None = None) -> Comparison:
         """Compare a candidate (ir.Model, ModelProto, path or onnxruntime session) with the cached reference."""
         session = _session(candidate, self.threads, "candidate")
-        acc = Accumulator(self.output_names, self.score_output)
+        acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
         for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
             outputs = _run(session, self.output_names, feed, i, "candidate")
             acc.add(self.reference_outputs[i], outputs, self.labels[i])

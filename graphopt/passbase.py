@@ -32,6 +32,7 @@ class PassContext:
     threads: int = 1
     metric: str = "agreement"  # the gate metric: accuracy | agreement | snr
     score_output: str | None = None
+    map_threshold: float = 0.5  # agreement on a one-channel score map (metrics.MAP_THRESHOLD)
     max_drop: float | None = None  # the budget this pass aims for (its own option, else the run's)
     progress: bool = False
     _evaluator: Evaluator | None = dataclasses.field(default=None, repr=False)
@@ -52,7 +53,7 @@ class PassContext:
             if self.teacher is None or self.calib is None:
                 raise GraphoptError("this pass needs the teacher model and calibration data in its context")
             self._evaluator = Evaluator(self.teacher, self.calib, threads=self.threads,
-                                        score_output=self.score_output)
+                                        score_output=self.score_output, map_threshold=self.map_threshold)
         return self._evaluator
 
 

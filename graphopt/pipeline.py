@@ -42,6 +42,7 @@ class RunOptions:
     latency_seconds: float = 5.0  # cap on one latency measurement
     progress: bool = True
     score_output: str | None = None
+    map_threshold: float = 0.5  # agreement on a one-channel [N, 1, H, W] score output (metrics.MAP_THRESHOLD)
     debug: bool = False
 
 
@@ -73,8 +74,8 @@ class Pipeline:
         # MACs per inference: the first evaluation feed's shapes with one sample.
         self._shapes = {k: (1, *v.shape[1:]) for k, v in evaluation.feeds[0].items() if v.ndim}
         self._bench_feeds = evaluation.feeds[:4]
-        evaluator = Evaluator(reference, evaluation, threads=self.run.threads,
-                              score_output=self.run.score_output, progress=self.run.progress)
+        evaluator = Evaluator(reference, evaluation, threads=self.run.threads, score_output=self.run.score_output,
+                              progress=self.run.progress, map_threshold=self.run.map_threshold)
         self.current = evaluator.evaluate(reference, progress=False)
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
@@ -103,7 +104,8 @@ class Pipeline:
         self._checkpoints.before(self.model)
         budget = step.options.max_drop if step.options.max_drop is not None else self.gate.max_drop
         context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
-                              score_output=self.run.score_output, max_drop=budget, progress=self.run.progress)
+                              score_output=self.run.score_output, map_threshold=self.run.map_threshold,
+                              max_drop=budget, progress=self.run.progress)
         start = time.perf_counter()
         try:
             result = step.pass_cls(step.options, context)(self.model)

@@ -147,8 +147,9 @@ def _evaluator(context: PassContext, model: ir.Model, max_samples: int) -> tuple
         raise GraphoptError("sensitivity needs calibration data in the pass context")
     head = context.calib.head(max(1, int(max_samples)))
     if context.teacher is None:  # the model itself, as it is now: it will change, so no caching
-        return metrics.Evaluator(model, head, threads=context.threads, score_output=context.score_output), head
-    key = (int(max_samples), context.threads, context.score_output)
+        return metrics.Evaluator(model, head, threads=context.threads, score_output=context.score_output,
+                                 map_threshold=context.map_threshold), head
+    key = (int(max_samples), context.threads, context.score_output, context.map_threshold)
     cache = getattr(context, _CACHE_ATTR, None)
     if not isinstance(cache, dict):
         cache = {}
@@ -161,7 +162,7 @@ def _evaluator(context: PassContext, model: ir.Model, max_samples: int) -> tuple
     if hit is not None and hit[0] is context.teacher and hit[1] is context.calib:
         return hit[2], head
     evaluator = metrics.Evaluator(context.teacher, head, threads=context.threads,
-                                  score_output=context.score_output)
+                                  score_output=context.score_output, map_threshold=context.map_threshold)
     cache[key] = (context.teacher, context.calib, evaluator)
     return evaluator, head
 

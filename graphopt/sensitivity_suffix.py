@@ -122,7 +122,7 @@ def evaluate(suffix: Suffix, cache: FrontierCache, evaluator: metrics.Evaluator)
         if value.type is None and value.name in first:
             value.type = ir.TensorType(ir.DataType.from_numpy(first[value.name].dtype))
     session = make_session(suffix.model, threads=evaluator.threads)
-    acc = metrics.Accumulator(evaluator.output_names, evaluator.score_output)
+    acc = metrics.Accumulator(evaluator.output_names, evaluator.score_output, evaluator.map_threshold)
     for i, feed in enumerate(evaluator.feeds):
         store = cache.values[i]
         inputs = {n: store[n] for n in suffix.frontier}

@@ -111,6 +111,27 @@ def test_agreement_rank3_sequence_per_position():
     assert c.accuracy is None and c.reference_accuracy is None  # accuracy is for [N, C] outputs only
 
 
+def test_agreement_on_score_maps_per_pixel():
+    # One-channel probability map: a pixel agrees when both sit on the same side of the threshold.
+    ref = np.array([[[[0.1, 0.6], [0.4, 0.9]]]], np.float32)  # [1, 1, 2, 2]
+    cand = np.array([[[[0.2, 0.45], [0.35, 0.95]]]], np.float32)
+    assert compare(["map"], [[ref]], [[cand]], score_output="map").agreement == pytest.approx(3 / 4)
+    assert compare(["map"], [[ref]], [[cand]], score_output="map", map_threshold=0.3).agreement == 1.0
+    # 0.38: now 0.4 vs 0.35 disagree, 0.6 vs 0.45 agree.
+    assert compare(["map"], [[ref]], [[cand]], score_output="map", map_threshold=0.38).agreement == pytest.approx(3 / 4)
+    nan = cand.copy()
+    nan[0, 0, 1, 1] = np.nan
+    assert compare(["map"], [[ref]], [[nan]], score_output="map").agreement == pytest.approx(2 / 4)
+    # Several channels: the class per pixel (argmax over axis 1).
+    seg = np.zeros((1, 3, 1, 2), np.float32)
+    seg[0, 2, 0, 0] = seg[0, 1, 0, 1] = 1.0
+    other = seg.copy()
+    other[0, 0, 0, 1] = 2.0
+    assert compare(["seg"], [[seg]], [[other]], score_output="seg").agreement == pytest.approx(1 / 2)
+    # A map is never picked automatically (an image output is not a class score).
+    assert compare(["map"], [[ref]], [[cand]]).agreement is None
+
+
 def test_score_output_automatic_choice_and_override():
     ids = np.array([[3, 1], [2, 2]], np.int64)  # integer ids are never scores
     bias = np.array([1.0, 2.0])  # rank 1
