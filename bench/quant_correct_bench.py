@@ -3,9 +3,11 @@
 Per model, after canonicalize (the teacher), fold_batchnorm and fuse, with the same calibration feeds:
 - full int8: quantize target=size with no accuracy budget (every coverable op int8), then + bias_correct;
 - budget: quantize with its defaults (target=latency, max_drop 0.01 on the calibration data), then + bias_correct;
-- budget after correction: the same, but each of the budget's combination checks runs bias correction on
-  its candidate before comparing with the float model (quant_placement.accuracy_budget's build wrapped here;
-  the single-op sensitivity screen is unchanged), then + bias_correct on the result.
+- budget after correction: the same (quantize's bias_correction off), but each of the budget's combination
+  checks runs bias correction on its candidate before comparing with the float model
+  (quant_placement.accuracy_budget's build wrapped here;
+  the single-op sensitivity screen is unchanged), then + bias_correct on the result;
+- quantize bias_correction=true: quantize's own option (its default), which does the above by itself.
 Quality on held-out data (digits test accuracy; PP-OCRv4 rec exact-line accuracy and CER; det probability-map
 agreement and box F1), latency of all variants and the float model interleaved in one process (1 thread).
 
@@ -117,7 +119,7 @@ def run_model(name: str, repeats: int, full_only: bool = False) -> list[str]:
     data = datamod.load_data(cfg["calib"], datamod.input_specs(model))
     variants: dict[str, tuple[Any, str, float]] = {}
 
-    def quantize(label: str, max_drop: float | None, **opts) -> Any:
+    def quantize(label: str, max_drop: float | None, then: bool = True, **opts) -> Any:
         m = model.clone()
         ctx = PassContext(calib=data, teacher=teacher, metric=cfg["metric"], max_drop=max_drop)
         start = time.perf_counter()
@@ -128,7 +130,10 @@ def run_model(name: str, repeats: int, full_only: bool = False) -> list[str]:
         int8 = f"{static} static" + (f" + {dynamic} dynamic" if dynamic else "")
         budget = next((n for n in res.notes if n.startswith("accuracy budget")), "")
         kept = budget.split(":")[1].split("(")[0].strip() if ":" in budget else "none kept float for accuracy"
-        variants[label] = (m, f"{int8} int8; {kept}", secs)
+        fixed = sum(1 for r in res.rows if r.get("bias_correction", {}).get("action") == "bias corrected")
+        variants[label] = (m, f"{int8} int8; {kept}" + (f"; {fixed} biases corrected" if fixed else ""), secs)
+        if not then:
+            return res
         start = time.perf_counter()
         c = m.clone()
         r = BiasCorrect(context=PassContext(calib=data, teacher=teacher, threads=1))(c)
@@ -136,15 +141,16 @@ def run_model(name: str, repeats: int, full_only: bool = False) -> list[str]:
         variants[label + " + bias_correct"] = (c, f"{int8} int8; {fixed} biases corrected", time.perf_counter() - start)
         return res
 
-    quantize("full int8", None, target="size")
+    quantize("full int8", None, target="size", bias_correction=False)
     if not full_only:
-        quantize("budget", 0.01)
+        quantize("budget", 0.01, bias_correction=False)
         real, wrapped = _corrected_budget()
         qp.accuracy_budget = wrapped
         try:
-            quantize("budget checked after correction", 0.01)
+            quantize("budget checked after correction", 0.01, bias_correction=False)
         finally:
             qp.accuracy_budget = real
+        quantize("quantize bias_correction=true (default)", 0.01, then=False)
     labels = ["float", *variants]
     models = [float_model] + [v[0] for v in variants.values()]
     timing = bench.benchmark([modelio.to_proto(m) for m in models], cfg["bench"], threads=1, warmup=3,
@@ -223,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {machine_line()}; 1 thread, variants and float interleaved (median of {args.repeats}+ "
             "rounds). Before quantize: canonicalize (the teacher), fold_batchnorm, fuse. 'full int8': quantize "
             "target=size, no accuracy budget. 'budget': quantize defaults (target=latency, max_drop 0.01 on "
-            "calibration data). 'budget checked after correction': the budget's combination checks correct "
-            "biases first. '+ bias_correct': its defaults (one layer per wave, 32 calibration samples). ops: int8 rows of quantize, and "
+            "calibration data), bias_correction=false. 'budget checked after correction': the budget's "
+            "combination checks correct biases first (32 samples, wrapped here). 'quantize bias_correction=true': "
+            "quantize's own option (checks corrected on 8 samples, the result on 32). '+ bias_correct': its "
+            "defaults (one layer per wave, 32 calibration samples). ops: int8 rows of quantize, and "
             "the budget's float count. Quality on held-out data.",
             f"Command: `python bench/quant_correct_bench.py --models {args.models} --repeats {args.repeats}"
             + (f" --full-only {args.full_only}" if args.full_only else "") + "`"]

@@ -217,7 +217,8 @@ def run_model(name: str, repeats: int, lines: list[str], min_time_s: float = 5.0
                               run=RunOptions(progress=False, latency=False), **kw)
             q = next(p for p in report.passes if p.step.startswith("quantize"))
             note = f"quantize {q.status}" + (f" ({q.reason})" if q.reason else "")
-            picked = [n for n in q.notes if "exclude_nodes=" in n or "whole model" in n or "whole-model" in n]
+            picked = [n for n in q.notes if "exclude_nodes=" in n or "whole model" in n or "whole-model" in n
+                      or n.startswith("bias correction")]
             if picked:
                 note += "; " + "; ".join(n[:200] for n in picked)
             variants["graphopt"] = (out, time.perf_counter() - start, "")
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
              f"(median of {args.repeats}+ rounds and at least {args.min_time:g} s, split over the rotations of the "
              "variants' order, forward and reversed: a model's time depends on the model run just before it). "
              f"graphopt: `{RECIPE}`, max_drop 0.01, target=latency (measured placement; activation type "
-             "auto: uint8 or int8, whichever whole model measures faster), its own gate. onnxruntime: "
+             "auto: uint8 or int8, whichever whole model measures faster; bias_correction on, so the accuracy "
+             "budget judges bias-corrected candidates), its own gate. onnxruntime: "
              "quant_pre_process, then QDQ per-channel MinMax static "
              "(U8S8, S8S8) and quantize_dynamic, same calibration feeds.",
              f"Command: `python bench/quantize_vs_ort.py [--models ...] --repeats {args.repeats} --min-time "

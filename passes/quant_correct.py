@@ -2,35 +2,31 @@
 Weight Equalization and Bias Correction", the empirical variant).
 
 int8 weights and activations shift the mean of each layer's output: E[W̃x̃] ≠ E[Wx]. The shift is per output
-channel and, through later layers, it accumulates. For each quantized Conv/ConvTranspose/Gemm (weight behind a
-DequantizeLinear, input behind Q/DQ), in graph order, the per-channel mean of (quantized output − float output)
-on calibration data is subtracted from its bias:
+channel and, through later layers, it accumulates. For each quantized Conv/ConvTranspose/Gemm/MatMul (weight
+behind a DequantizeLinear, input behind Q/DQ), in graph order, the per-channel mean of (quantized output − float
+output) on calibration data is subtracted from its bias (the sites and the edit: :mod:`.quant_bias`).
 
-- an int32 bias behind a DequantizeLinear is re-quantized with the same scale (so onnxruntime still fuses the
-  node into QLinearConv/QGemm), a float bias is edited as is;
-- a node without a bias gets one: int32 with scale = input scale × weight scale when both are DQ'd per tensor /
-  per channel, else float;
-- MatMul has no bias input: its correction goes into a following Add with a float constant; without one it
-  is left alone (a new Add would break the integer kernel fusion) and a note says so.
+The float reference is the teacher (the model before the pipeline), or inside quantize the model it quantizes:
+a layer's output is matched by value name (fold_batchnorm gives the folded layer the BatchNormalization's
+output name, the same tensor). When the reference's producer is the same op, its weight must be the int8
+weight within half a step and its bias the layer's bias; else, for a Conv, the chain of per-channel
+Mul/Div/Add/Sub after it in the reference is folded into those until they match (fuse's conv_affine keeps a
+Conv's name while folding that chain into it), and the chain's end is the tensor compared. Two more guards:
+the quantized output must be near the float one (mean |q − f| at most ``max_rel_error`` of mean |f|); and a
+wave of corrections after which the model outputs are further from the float model's (noise-to-signal power
+on the calibration feeds) than ``UNDO_FACTOR`` times before it (or at the start) is undone. By default each
+layer is its own wave, corrected after the layers before it (Nagel's sequential order): one capture run of the
+quantized model per layer, the float model once.
 
-The float reference is the teacher (the model before the pipeline): a layer's output is matched by value name
-(fold_batchnorm gives the folded layer the BatchNormalization's output name, the same tensor). When the
-teacher's producer is the same op, its weight must be the int8 weight within half a step and its bias the
-layer's bias; else, for a Conv, the chain of per-channel Mul/Div/Add/Sub after it in the teacher is folded
-into those until they match (fuse's conv_affine keeps a Conv's name while folding that chain into it), and
-the chain's end is the tensor compared. Two more guards: the quantized output must be near the float one
-(mean |q − f| at most ``max_rel_error`` of mean |f|); and a wave of corrections after which the model outputs
-are further from the float model's (noise-to-signal power on the calibration feeds) than ``UNDO_FACTOR`` times
-before it (or at the start) is undone. By default each layer is its own wave, corrected after the layers
-before it (Nagel's sequential order): one capture run of the quantized model per layer, the float model once.
-
-Called inside quantize's budget loop: ``correct_biases(float_model, quant_model, dataset, threads)``.
+quantize corrects its own result (option ``bias_correction``, also inside its accuracy budget's checks) and
+marks the model (``metadata_props[MARKER]``); bias_correct leaves a marked model alone, so a bias is never
+corrected twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -39,12 +35,13 @@ from graphopt import capture
 from graphopt.errors import GraphoptError
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.qdq import quantize_bias
-from graphopt.weights import constant_array, replace_initializer, set_initializer
+from graphopt.passes.quant_bias import Site, _bias_now, _dq_input, _scalar_or_vector, apply_shift, find_sites
+from graphopt.weights import constant_array
 
-CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+__all__ = ["MARKER", "BiasCorrect", "BiasCorrectOptions", "Site", "apply_shift", "correct_biases", "find_sites",
+           "is_corrected", "mark_corrected"]
+MARKER = "graphopt.bias_corrected"  # metadata_props key set on a corrected model (value: who corrected it)
 UNDO_FACTOR = 2.0  # a wave leaving the output noise/signal power above this × min(before it, at the start): undone
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,73 +55,13 @@ class BiasCorrectOptions(BaseOptions):
                                   "same name by more than this (mean |q-f| / mean |f|) is left alone", low=0.0)
 
 
-@dataclasses.dataclass
-class Site:
-    """One quantized weight op whose output mean can be corrected."""
-
-    node: ir.Node
-    output: str  # the op's output value name (pre-activation)
-    axis: int  # the output's channel axis (-1: last, for MatMul)
-    channels: int
-    ref: str = ""  # the float model's value it is compared with (see _reference)
+def is_corrected(model: ir.Model) -> str | None:
+    """Who already bias-corrected ``model`` (its marker), or None."""
+    return model.metadata_props.get(MARKER)
 
 
-def _dq_input(value: ir.Value | None) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == "DequantizeLinear" else None
-
-
-def _channels(node: ir.Node) -> int | None:
-    """Output channels, from the weight DQ's int8 initializer."""
-    dq = _dq_input(node.inputs[1] if len(node.inputs) > 1 else None)
-    w = constant_array(dq.inputs[0]) if dq is not None else None
-    if w is None:
-        return None
-    op = node.op_type
-    if op == "Conv":
-        return int(w.shape[0])
-    if op == "ConvTranspose":
-        return int(w.shape[1]) * int(node.attributes.get_int("group", 1))
-    if op == "Gemm":
-        return int(w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1])
-    return int(w.shape[-1])  # MatMul
-
-
-def find_sites(model: ir.Model) -> tuple[list[Site], dict[str, str]]:
-    """Quantized weight ops of the main graph in graph order, and why other weight ops are left alone."""
-    sites: list[Site] = []
-    skipped: dict[str, str] = {}
-    for node in model.graph:
-        if node.op_type not in CORRECTED_OPS or node.domain not in _DEFAULT_DOMAINS:
-            continue
-        if len(node.inputs) < 2 or _dq_input(node.inputs[1]) is None or _dq_input(node.inputs[0]) is None:
-            continue  # float op (not quantized, or weight-only): nothing to correct
-        channels = _channels(node)
-        if channels is None:
-            skipped[node.name] = "weight is not an int8 initializer behind DequantizeLinear"
-            continue
-        if node.op_type == "MatMul" and _matmul_bias(node) is None:
-            skipped[node.name] = "MatMul without a following Add by a float constant: no bias to correct"
-            continue
-        if node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0
-                                       or node.attributes.get_float("beta", 1.0) != 1.0):
-            skipped[node.name] = "Gemm with alpha/beta != 1"
-            continue
-        sites.append(Site(node, node.outputs[0].name, -1 if node.op_type == "MatMul" else 1, channels))
-    return sites, skipped
-
-
-def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """(Add, index of its float constant) when the MatMul's only consumer adds a per-channel float constant."""
-    uses = list(node.outputs[0].uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Add" or node.outputs[0].is_graph_output():
-        return None
-    add = uses[0].node
-    other = 1 - uses[0].idx
-    array = constant_array(add.inputs[other])
-    if array is None or array.dtype != np.float32 or len(list(add.inputs[other].uses())) != 1:
-        return None
-    return (add, other) if array.ndim <= 1 else None
+def mark_corrected(model: ir.Model, by: str) -> None:
+    model.metadata_props[MARKER] = by
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -277,104 +214,6 @@ def _reference(site: Site, float_model: ir.Model) -> tuple[str | None, str | Non
     return None, reason
 
 
-def _bias_now(node: ir.Node) -> tuple[np.ndarray | None, float]:
-    """The layer's bias as float64 (zeros without one) and its quantization step (0 for a float bias)."""
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    dq = _dq_input(bias)
-    if dq is not None:
-        q, scale = constant_array(dq.inputs[0]), _scalar_or_vector(dq.inputs[1])
-        if q is None or scale is None:
-            return None, 0.0
-        return q.astype(np.float64) * scale.astype(np.float64), float(scale.max())
-    if bias is None:
-        return np.zeros(_channels(node) or 0), 0.0
-    b = constant_array(bias)
-    return (None if b is None else b.astype(np.float64).reshape(-1)), 0.0
-
-
-# --- editing biases -----------------------------------------------------------------------------------------
-
-
-def _scalar_or_vector(value: ir.Value | None) -> np.ndarray | None:
-    array = constant_array(value)
-    return None if array is None else np.asarray(array, np.float32).reshape(-1)
-
-
-def _new_bias_scale(node: ir.Node, channels: int) -> np.ndarray | None:
-    """input scale × weight scale (per channel) when both are DQ'd, for a new int32 bias."""
-    x_dq, w_dq = _dq_input(node.inputs[0]), _dq_input(node.inputs[1])
-    sx = _scalar_or_vector(x_dq.inputs[1]) if x_dq is not None and len(x_dq.inputs) > 1 else None
-    sw = _scalar_or_vector(w_dq.inputs[1]) if w_dq is not None and len(w_dq.inputs) > 1 else None
-    if sx is None or sw is None or sx.size != 1 or sw.size not in (1, channels) or node.op_type == "ConvTranspose":
-        return None
-    scale = (sx[0] * np.broadcast_to(sw, (channels,))).astype(np.float32)
-    return scale if np.all(scale > 0) else None
-
-
-def apply_shift(site: Site, delta: np.ndarray, mark=lambda n: n) -> tuple[dict[str, Any], Callable[[], None]]:
-    """Subtract ``delta`` (per output channel) from the site's bias; returns (what was done, undo)."""
-    node, graph = site.node, site.node.graph
-    delta = np.asarray(delta, np.float64).reshape(-1)
-
-    def replacing(value: ir.Value, array: np.ndarray) -> Callable[[], None]:
-        old = value.const_value
-        replace_initializer(value, array)
-
-        def undo() -> None:
-            value.const_value = old
-        return undo
-
-    if node.op_type == "MatMul":
-        add, index = _matmul_bias(node)
-        b = constant_array(add.inputs[index]).astype(np.float64)
-        new = (b - delta).astype(np.float32) if b.ndim else (b - delta).astype(np.float32)
-        return {"bias": "float (following Add)"}, replacing(add.inputs[index], new)
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    dq = _dq_input(bias)
-    if dq is not None:  # int32 behind DQ: same scale, new integers
-        q = constant_array(dq.inputs[0])
-        scale = _scalar_or_vector(dq.inputs[1])
-        if q is None or scale is None or q.dtype != np.int32 or len(list(dq.inputs[0].uses())) != 1:
-            return {"bias": "skipped: int32 bias not an owned initializer"}, lambda: None
-        zp = _scalar_or_vector(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0
-        real = (q.astype(np.float64) - np.asarray(zp, np.float64)) * scale.astype(np.float64)
-        new = (quantize_bias(real - delta, scale) + np.asarray(zp, np.int64)).astype(np.int32)
-        return {"bias": "int32"}, replacing(dq.inputs[0], new)
-    if bias is not None:
-        b = constant_array(bias)
-        if b is None or len(list(bias.uses())) != 1:
-            return {"bias": "skipped: float bias not an owned initializer"}, lambda: None
-        return {"bias": "float"}, replacing(bias, (b.astype(np.float64) - delta).astype(np.float32))
-    scale = _new_bias_scale(node, site.channels)
-    name = f"{node.name or site.output}_bias_correction"
-    added: list[ir.Value] = []
-    new_node = None
-    if scale is not None:
-        qv = set_initializer(graph, f"{name}_quantized", quantize_bias(-delta, scale))
-        s = set_initializer(graph, f"{name}_scale", scale)
-        z = set_initializer(graph, f"{name}_zero_point", np.zeros(scale.shape, np.int32))
-        new_node = mark(ir.node("DequantizeLinear", [qv, s, z], {"axis": 0}, name=f"{name}_DequantizeLinear"))
-        new_node.outputs[0].name, new_node.outputs[0].type = f"{name}_dq", ir.TensorType(ir.DataType.FLOAT)
-        new_node.outputs[0].shape = ir.Shape([site.channels])
-        graph.insert_before(node, new_node)
-        value, kind, added = new_node.outputs[0], "int32 (new)", [qv, s, z]
-    else:
-        value = set_initializer(graph, name, (-delta).astype(np.float32))
-        kind, added = "float (new)", [value]
-    node.resize_inputs(3)
-    node.replace_input_with(2, value)
-    mark(node)
-
-    def undo_new() -> None:
-        node.replace_input_with(2, None)
-        node.resize_inputs(2)
-        if new_node is not None:
-            graph.remove(new_node, safe=True)
-        for v in added:
-            graph.initializers.pop(v.name, None)
-    return {"bias": kind}, undo_new
-
-
 # --- the whole correction -----------------------------------------------------------------------------------
 
 
@@ -448,7 +287,7 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
         rows += wave_rows
     corrected = sum(r["action"] == "bias corrected" for r in rows)
     notes.append(f"bias correction: {corrected} of {len(sites) + len(skipped)} quantized weight ops corrected "
-                 f"({len(groups)} waves, {samples} calibration samples); output noise/signal vs float "
+                 f"({len(groups)} waves, up to {samples} calibration samples); output noise/signal vs float "
                  f"{start_error:.3g} -> {error:.3g}" + (f"; {undone} undone with their wave" if undone else ""))
     return rows, notes
 
@@ -463,6 +302,10 @@ class BiasCorrect(GraphoptPass):
     exact = False
 
     def call(self, model: ir.Model) -> GraphoptResult:
+        by = is_corrected(model)
+        if by:
+            return self.result(model, [], [f"biases already corrected by {by} (metadata_props {MARKER!r}): nothing "
+                                           "done (correcting twice would subtract each shift twice)"], modified=False)
         data = self.context.require_calib(self.name)
         if self.context.teacher is None:
             raise GraphoptError("pass 'bias_correct' needs the float teacher (run it in a pipeline with real "
@@ -472,4 +315,6 @@ class BiasCorrect(GraphoptPass):
         rows, notes = correct_biases(self.context.teacher, model, data, self.context.threads, self.options.samples,
                                      self.options.waves, self.options.max_rel_error, self.mark)
         modified = any(r["action"] == "bias corrected" for r in rows)
+        if modified:
+            mark_corrected(model, self.name)
         return self.result(model, rows, notes, modified=modified)

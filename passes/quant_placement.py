@@ -114,16 +114,21 @@ def holds(row: sens.SensitivityRow, max_drop: float, min_snr_db: float) -> bool:
 
 def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Callable[[ir.Model, set[str]], None],
                     max_drop: float, min_snr_db: float = 30.0, max_samples: int = 128,
-                    time_budget_s: float | None = 120.0) -> BudgetResult:
-    """Names (of ``anchors``) to keep float so that ``build(clone, kept_anchor_names)`` stays in budget."""
+                    time_budget_s: float | None = 120.0, check_samples: int | None = None,
+                    build_single: Callable[[ir.Model, str], None] | None = None) -> BudgetResult:
+    """Names (of ``anchors``) to keep float so that ``build(clone, kept_anchor_names)`` stays in budget.
+    ``max_samples``: per single-op measurement; ``check_samples``: per whole-set check (None: ``max_samples``);
+    ``build_single(clone, name)``: the single-op screen's edit (None: ``build(clone, {name})``)."""
     out = BudgetResult()
     full = set(anchors)
-    first = sens.measure_combination(context, model, [lambda m: build(m, full)], max_samples)
+    check_samples = max_samples if check_samples is None else check_samples
+    first = sens.measure_combination(context, model, [lambda m: build(m, full)], check_samples)
     if holds(first, max_drop, min_snr_db):
         out.notes.append(f"accuracy budget holds with every planned op int8 (calibration drop "
                          f"{_fmt(first.drop)}, worst-channel SNR {first.worst_snr_db:.1f} dB; max_drop {max_drop:g})")
         return out
-    cands = [sens.Candidate(name, name, "int8", (lambda m, n=name: build(m, {n}))) for name in anchors]
+    single = build_single or (lambda m, n: build(m, {n}))
+    cands = [sens.Candidate(name, name, "int8", (lambda m, n=name: single(m, n))) for name in anchors]
     table = sens.measure(context, model, cands, max_samples, time_budget_s)
     out.notes += table.notes
     # Most sensitive first: largest drop, then lowest SNR; unmeasured ones are treated as the most sensitive.
@@ -136,7 +141,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
     while lo < hi:
         k = (lo + hi) // 2
         row = sens.measure_combination(context, model, [lambda m, keep=full - set(order[:k]): build(m, keep)],
-                                       max_samples)
+                                       check_samples)
         checks += 1
         if holds(row, max_drop, min_snr_db):
             hi = k

@@ -8,6 +8,8 @@ do not pay for their Q/DQ go float (:mod:`.quant_placement`); the most sensitive
 planned op int8 (per-op timings of tiny ops are noise), and with ``activation_type=auto`` both of them with int8
 activations as well — int8 activations run VGG's big convs faster on VNNI CPUs but most other conv nets 2-3x
 slower, so only a measurement can tell. A candidate the accuracy budget has not seen is checked before it wins.
+Every whole-selection accuracy check (``budget_samples`` samples) sees its candidate bias-corrected when
+``bias_correction`` is on, as the emitted model will be; the per-op screen (``sensitivity_samples``) does not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
 from graphopt.passes import quant_dynamic as qd
 from graphopt.passes import quant_placement as qp
+from graphopt.passes.quant_correct import correct_biases
 
 if TYPE_CHECKING:
     from graphopt.passes.quantize import Plan, Quantize, QuantizeOptions
@@ -108,22 +111,30 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
             qdq.emit(m, p.nodes, ranges, dataclasses.replace(cfg, activation_type=act))
         qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel)
 
+    def correct(m: ir.Model) -> None:
+        """Bias correction as the final model gets it, on fewer samples (``bias_correction``)."""
+        if qpass.correcting():
+            correct_biases(model, m, data, ctx.threads, qpass.check_correction_samples())
+
     # the accuracy budget: every own-scale op and weight op is a candidate (shape ops follow their input)
     if ctx.max_drop is not None and data is not None and pool:
         cands = [n.name for n in current.nodes if n.op_type not in qdq.SHARED_SCALE_OPS] + sorted(dyn)
 
-        def build_one(m: ir.Model, keep: set[str]) -> None:
-            if keep == set(cands) or len(keep) != 1:
-                build(m, keep | (pool - set(cands)))
-                return
-            name = next(iter(keep))
+        def build_check(m: ir.Model, keep: set[str]) -> None:
+            """A whole-selection check: judged as it will be emitted (bias-corrected)."""
+            build(m, keep | (pool - set(cands)))
+            correct(m)
+
+        def build_one(m: ir.Model, name: str) -> None:
+            """The single-op screen: that op alone, uncorrected."""
             if name in dyn:
                 qd.emit_dynamic(m, [n for n in m.graph if n.name == name], cfg.per_channel)
             else:
                 qdq.emit(m, [n for n in m.graph if n.name == name], ranges, cfg)
 
-        budget = qp.accuracy_budget(ctx, model, cands, build_one, ctx.max_drop, opts.min_snr_db,
-                                    opts.sensitivity_samples, opts.sensitivity_budget_s)
+        budget = qp.accuracy_budget(ctx, model, cands, build_check, ctx.max_drop, opts.min_snr_db,
+                                    opts.sensitivity_samples, opts.sensitivity_budget_s, opts.budget_samples,
+                                    build_one)
         notes += budget.notes
         rows += budget.rows
         for name in budget.excluded:
@@ -144,8 +155,10 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
         def accept(choice: qp.Choice) -> bool:
             if ctx.max_drop is None:
                 return True
-            row = sens.measure_combination(
-                ctx, model, [lambda m: build(m, set(choice.keep), choice.activation_type)], opts.sensitivity_samples)
+            def apply(m: ir.Model) -> None:
+                build(m, set(choice.keep), choice.activation_type)
+                correct(m)
+            row = sens.measure_combination(ctx, model, [apply], opts.budget_samples)
             return qp.holds(row, ctx.max_drop, opts.min_snr_db)
 
         chosen, ratios = placer.choose(model, choices, lambda m, c: build(m, set(c.keep), c.activation_type),

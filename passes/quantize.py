@@ -13,6 +13,10 @@ The pass runs in four separable steps, so placement and accuracy budgets can rep
    holds on calibration data, and whole models decide (:mod:`.quant_select`): the placement or every planned op,
    uint8 or int8 activations (``activation_type=auto``), whichever measures fastest inside the budget.
 4. :func:`.qdq.emit` writes exactly the chosen nodes with the given ranges.
+5. ``bias_correction``: :func:`.quant_correct.correct_biases` subtracts each int8 layer's mean output shift
+   (against the model before quantize) from its bias, and marks the model so ``bias_correct`` leaves it alone.
+   The accuracy budget's whole-selection checks correct their candidates the same way (on fewer samples), so
+   the budget judges the model that is emitted; the per-op sensitivity screen stays uncorrected.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
 from graphopt.passes import quant_dynamic as qd
 from graphopt.passes import quant_select
+from graphopt.passes.quant_correct import correct_biases, mark_corrected
 from graphopt.weights import all_graphs, constant_array, encoding_of
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
@@ -52,8 +57,12 @@ class QuantizeOptions(BaseOptions):
     latency_budget_s: float = option(90.0, "seconds spent timing ops and the whole model (target=latency)", low=0.0)
     sensitivity_budget_s: float = option(120.0, "seconds spent measuring each op's accuracy effect", low=0.0)
     sensitivity_samples: int = option(16, "calibration samples per single-op sensitivity measurement", low=1)
-    budget_samples: int = option(256, "calibration samples for checking a whole selection against max_drop",
+    budget_samples: int = option(16, "calibration samples for each check of a whole selection against max_drop",
                                  low=1)
+    bias_correction: bool = option(True, "correct each int8 layer's per-channel output mean shift (vs float) in "
+                                   "its bias; the accuracy budget's checks see the corrected model")
+    correction_samples: int = option(32, "calibration samples bias correction measures on (the budget's checks: "
+                                     "a quarter of them, at least 4)", low=1)
     min_snr_db: float = option(30.0, "the accuracy budget when the gate metric is snr (no score output)")
     exclude_nodes: list[str] = option([], "node names kept float")
     exclude_ops: list[str] = option([], "op types kept float")
@@ -222,6 +231,14 @@ class Quantize(GraphoptPass):
                                threads=self.context.threads, max_samples=self.options.calib_samples,
                                progress=self.context.progress)
 
+    def correcting(self) -> bool:
+        """Bias correction applies: asked for and calibration data at hand."""
+        return self.options.bias_correction and self.context.calib is not None
+
+    def check_correction_samples(self) -> int:
+        """Samples for the corrections inside the budget's checks (cheaper than the final one)."""
+        return min(self.options.correction_samples, max(4, self.options.correction_samples // 4))
+
     layer_timer = None  # tests inject fake timings (see quant_placement.LayerTimer / ModelTimer)
     model_timer = None
 
@@ -267,10 +284,18 @@ class Quantize(GraphoptPass):
             notes.append("opset < 13: per-axis DequantizeLinear needs 13 (run canonicalize); weights per tensor")
         skipped_rows = [{"node": n.name, "op": n.op_type, "action": "float", "reason": r}
                         for n, r in final.skipped.items()]
+        reference = model.clone() if self.correcting() and final.nodes else None  # float, for bias correction
         rows = qdq.emit(model, final.nodes, ranges, cfg, self.mark) if final.nodes else []
         rows += qdq.emit_weights_only(final.weight_only, cfg, self.mark)
         if final.dynamic:
             rows += qd.emit_dynamic(model, final.dynamic, cfg.per_channel, self.mark)
+        if reference is not None:
+            fixed, fix_notes = correct_biases(reference, model, self.context.calib, self.context.threads,
+                                              self.options.correction_samples, mark=self.mark)
+            notes += fix_notes
+            rows += _merge_correction(rows, fixed)
+            if any(r["action"] == "bias corrected" for r in fixed):
+                mark_corrected(model, self.name)
         modified = bool(rows)
         counts = collections.Counter(r["op"] for r in rows if r["action"] == "int8")
         if counts:
@@ -285,3 +310,18 @@ class Quantize(GraphoptPass):
         if not modified:
             notes.append("nothing to quantize")
         return self.result(model, rows + skipped_rows + self._select_rows, notes, modified=modified)
+
+
+def _merge_correction(rows: list[dict], fixed: list[dict]) -> list[dict]:
+    """Bias-correction rows go into their node's int8 row (key ``bias_correction``: one row per node); the
+    ones without an int8 row are returned."""
+    int8 = {r["node"]: r for r in rows if r.get("action") == "int8"}
+    left = []
+    for r in fixed:
+        target = int8.get(r.get("node"))
+        if target is None:
+            left.append(r)
+        else:
+            target["bias_correction"] = {k: v for k, v in r.items() if k not in ("node", "op")}
+    return left
+

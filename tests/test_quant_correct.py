@@ -17,7 +17,9 @@ from graphopt import modelio
 from graphopt.errors import GraphoptError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
-from graphopt.passes.quant_correct import BiasCorrect, BiasCorrectOptions, apply_shift, correct_biases, find_sites
+from graphopt import metrics
+from graphopt.passes.quant_correct import (MARKER, BiasCorrect, BiasCorrectOptions, apply_shift, correct_biases,
+                                           find_sites)
 from graphopt.passes.quantize import Quantize, QuantizeOptions
 from graphopt.runtime import make_session
 from tests.helpers import make_proto, run_model, tensor_info
@@ -55,7 +57,7 @@ def _net(seed: int = 0, bias: bool = True) -> tuple[onnx.ModelProto, list[dict],
 def _quantized(proto, feeds):
     model = ir.serde.deserialize_model(proto)
     data = datamod.load_data(feeds, datamod.input_specs(model))
-    opts = build_options(QuantizeOptions, {"target": "size"}, "quantize")
+    opts = build_options(QuantizeOptions, {"target": "size", "bias_correction": False}, "quantize")
     Quantize(opts, PassContext(calib=data))(model)  # no max_drop: every planned op int8
     return model, data
 
@@ -223,3 +225,81 @@ def test_conv_affine_chain_is_followed_to_the_same_tensor():
     assert pw1["action"] == "bias corrected" and pw1["float_tensor"] == "p1_add", pw1
     assert sum(r["action"] == "bias corrected" for r in rows) == 8
     assert np.mean(np.abs(run_model(model, test)["y"] - ref)) < 0.6 * before
+
+
+# --- inside quantize (option bias_correction) -----------------------------------------------------------------
+
+
+def _quantize(proto, feeds, ctx_kw=None, **options):
+    model = ir.serde.deserialize_model(proto)
+    teacher = model.clone()
+    data = datamod.load_data(feeds, datamod.input_specs(model))
+    opts = build_options(QuantizeOptions, {"target": "size", **options}, "quantize")
+    result = Quantize(opts, PassContext(calib=data, teacher=teacher, **(ctx_kw or {})))(model)
+    return model, teacher, data, result
+
+
+def test_quantize_corrects_its_result_once_and_marks_it():
+    proto, feeds, test = _net()
+    ref = run_model(proto, test)["y"].astype(np.float64)
+    plain, _, _, off = _quantize(proto, feeds, bias_correction=False)
+    model, teacher, data, result = _quantize(proto, feeds)  # bias_correction defaults to on
+    assert model.metadata_props.get(MARKER) == "quantize" and MARKER not in plain.metadata_props
+    # one row per node: the correction sits in the node's int8 row
+    corrected = [r for r in result.rows if r.get("bias_correction", {}).get("action") == "bias corrected"]
+    assert len(corrected) == 8 and all(r["action"] == "int8" for r in corrected)
+    assert len({r["node"] for r in result.rows}) == len(result.rows)
+    assert not any("bias_correction" in r for r in off.rows)
+    # The same correction as bias_correct's on the uncorrected model (same samples, same reference): the outputs
+    # agree to rounding, and on held-out data the error shrinks as in test_correction_reduces_mean_output_error.
+    BiasCorrect(BiasCorrectOptions(samples=32), PassContext(calib=data, teacher=teacher))(plain)
+    np.testing.assert_allclose(run_model(model, test)["y"], run_model(plain, test)["y"], rtol=0, atol=1e-5)
+    unc, _, _, _ = _quantize(proto, feeds, bias_correction=False)
+    err = np.mean(np.abs(run_model(model, test)["y"] - ref))
+    assert err < 0.6 * np.mean(np.abs(run_model(unc, test)["y"] - ref))
+    # bias_correct after quantize: nothing to do, and it says why (a second pass would subtract each shift twice)
+    again = BiasCorrect(BiasCorrectOptions(), PassContext(calib=data, teacher=teacher))(model)
+    assert not again.modified and "already corrected by quantize" in again.notes[0]
+    assert plain.metadata_props.get(MARKER) == "bias_correct"
+
+
+def test_budget_checks_judge_the_corrected_model():
+    # Worst-channel SNR on the calibration head, every op int8: 29.6 dB uncorrected, 42.6 dB corrected (measured).
+    # A 36 dB budget (37 with the 1 dB margin) holds for the corrected model only: quantize with correction keeps
+    # every op int8; without it, ops must stay float.
+    proto, feeds, _ = _net()
+    ctx = {"metric": "snr", "max_drop": 0.0}
+    model, teacher, data, on = _quantize(proto, feeds, ctx, min_snr_db=36.0)
+    _, _, _, off = _quantize(proto, feeds, ctx, min_snr_db=36.0, bias_correction=False)
+    assert any(n.startswith("accuracy budget holds with every planned op int8") for n in on.notes), on.notes
+    assert sum(r["action"] == "int8" and r["op"] == "Conv" for r in on.rows) == 8
+    assert any(n.startswith("accuracy budget:") for n in off.notes), off.notes
+    cmp = metrics.Evaluator(teacher, data.head(16)).evaluate(model)
+    assert cmp.worst_snr_db >= 37.0
+
+
+def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
+    from graphopt import sensitivity as sens
+    from graphopt.passes import quant_select
+
+    proto, feeds, _ = _net()
+    corrections, checks = [], []
+    real_correct, real_check = quant_select.correct_biases, sens.measure_combination
+
+    def spy_correct(float_model, quant_model, dataset, threads=1, samples=32, *args, **kwargs):
+        corrections.append(samples)
+        return real_correct(float_model, quant_model, dataset, threads, samples, *args, **kwargs)
+
+    def spy_check(context, model, fns, max_samples=64):
+        checks.append(max_samples)
+        return real_check(context, model, fns, max_samples)
+
+    monkeypatch.setattr(quant_select, "correct_biases", spy_correct)
+    monkeypatch.setattr(sens, "measure_combination", spy_check)
+    # 60 dB is out of reach: the full check fails, the per-op screen runs, then bisection checks.
+    _, _, _, result = _quantize(proto, feeds, {"metric": "snr", "max_drop": 0.0}, min_snr_db=60.0,
+                                budget_samples=6, correction_samples=20)
+    assert any(r["action"] == "sensitivity" for r in result.rows)
+    assert len(checks) >= 2 and set(checks) == {6}
+    # one correction per combination check (the single-op screen is not corrected), on a quarter of the samples
+    assert corrections == [5] * len(checks)
