@@ -122,6 +122,8 @@ def _new_bias_scale(node: ir.Node, channels: int) -> np.ndarray | None:
     sw = _scalar_or_vector(w_dq.inputs[1]) if w_dq is not None and len(w_dq.inputs) > 1 else None
     if sx is None or sw is None or sx.size != 1 or sw.size not in (1, channels) or node.op_type == "ConvTranspose":
         return None
+    if node.graph is None or node.graph.opset_imports.get("", 0) < 13:
+        return None  # a per-axis DequantizeLinear needs opset 13: the new bias stays float
     scale = (sx[0] * np.broadcast_to(sw, (channels,))).astype(np.float32)
     return scale if np.all(scale > 0) else None
 
@@ -132,17 +134,17 @@ def apply_shift(site: Site, delta: np.ndarray, mark=lambda n: n) -> tuple[dict[s
     delta = np.asarray(delta, np.float64).reshape(-1)
 
     def replacing(value: ir.Value, array: np.ndarray) -> Callable[[], None]:
-        old = value.const_value
+        old, old_shape, old_type = value.const_value, value.shape, value.type
         replace_initializer(value, array)
 
         def undo() -> None:
-            value.const_value = old
+            value.const_value, value.shape, value.type = old, old_shape, old_type
         return undo
 
     if node.op_type == "MatMul":
         add, index = _matmul_bias(node)
         b = constant_array(add.inputs[index]).astype(np.float64)
-        new = (b - delta).astype(np.float32) if b.ndim else (b - delta).astype(np.float32)
+        new = (b - delta).astype(np.float32)
         return {"bias": "float (following Add)"}, replacing(add.inputs[index], new)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     dq = _dq_input(bias)

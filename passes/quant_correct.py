@@ -263,6 +263,10 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
             spread = ref.abs[s.output] / max(ref.count[s.output] * s.channels, 1)
             done, fn = apply_shift(s, delta, mark)
             undo.append(fn)
+            if done["bias"].startswith("skipped"):  # nothing was edited: not a correction
+                rows.append({"node": s.node.name, "op": s.node.op_type, "action": "bias kept",
+                             "reason": done["bias"].removeprefix("skipped: ")})
+                continue
             wave_rows.append({"node": s.node.name, "op": s.node.op_type, "action": "bias corrected", **done,
                               **({"float_tensor": s.ref} if s.ref != s.output else {}),
                               "channels": s.channels, "wave": w + 1, "mean_shift": float(np.mean(np.abs(delta))),

@@ -168,7 +168,9 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
             label = "" if chosen is choices[0] else f" ({chosen.label}, {act} activations)"
             notes.append(f"whole model measured at {ratio:.2f}x float latency{label}")
         else:  # nothing faster: back off region by region from the placement, in its faster activation type
-            known, act = min((r, c.activation_type) for c, r in zip(choices, ratios) if c.keep == choices[0].keep)
+            # Only a type the accuracy budget has judged for this selection (the other one was never checked).
+            known, act = min((r, c.activation_type) for c, r in zip(choices, ratios)
+                             if c.keep == choices[0].keep and c.checked)
             price = qp.boundary_price(placer.timings)
             groups = [(qp.region_gain(r, placer.timings, shapes, price, opts.quantize_outputs), {n.name for n in r})
                       for r in qp.regions(current.nodes, opts.quantize_outputs)]

@@ -128,6 +128,18 @@ def test_conv_without_bias_gets_an_int32_bias_and_still_fuses():
     assert np.all(np.isfinite(run_model(model, test)["y"])) and ref.shape == (32, C, 1, 1)
 
 
+def test_opset_12_conv_without_bias_gets_a_float_bias_and_loads():
+    # A per-axis DequantizeLinear needs opset 13: below it the new bias must stay float, not break the model.
+    proto, feeds, test = _net(bias=False)
+    proto.opset_import[0].version = 12
+    model, data = _quantized(proto, feeds)
+    teacher = ir.serde.deserialize_model(proto)
+    rows, _ = correct_biases(teacher, model, data, samples=8, waves=0)
+    kinds = collections.Counter(r.get("bias") for r in rows if r["action"] == "bias corrected")
+    assert kinds["float (new)"] == 4 and "int32 (new)" not in kinds, kinds
+    assert np.all(np.isfinite(run_model(model, test)["y"]))
+
+
 def test_a_different_tensor_under_the_same_name_is_left_alone():
     proto, feeds, _ = _net()
     model, data = _quantized(proto, feeds)
