@@ -146,7 +146,7 @@ def _unit_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None) 
     return combine(_weight_vectors(group, "l1"), group.size), "l1"
 
 
-__all__ = ["KINDS", "combine", "group_scores", "needed_values"]
+__all__ = ["KINDS", "allocate", "combine", "group_scores", "needed_values", "sensitivity_loss"]
 
 
 def sensitivity_loss(row) -> float:

@@ -215,22 +215,24 @@ class ChannelPrune(GraphoptPass):
         if deltas:
             out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
             # apply_bias_deltas skips a MatMul whose output is a graph output (an Add would rename it);
-            # linear.set_matrix inserts the Add and moves the output name onto it.
+            # linear.set_matrix inserts the Add and moves the output name onto it. Such a MatMul never loses
+            # output channels (model outputs keep their shape), so its delta is whole.
             at_output = {n: deltas.pop(n) for n in list(deltas) if n.op_type == "MatMul"
                          and n.outputs[0].is_graph_output() and as_linear(n) is not None}
             changed = apply_bias_deltas(deltas, out_removed, self.mark)
             for node, delta in at_output.items():
                 layer = as_linear(node)
                 assert layer is not None
-                layer.set_matrix(layer.matrix(), delta if node not in out_removed else
-                                 np.delete(delta, out_removed[node]))
+                layer.set_matrix(layer.matrix(), delta)
                 self.mark(node)
                 changed += 1
+            where = f" ({len(at_output)} through a new Add before a graph output)" if at_output else ""
             notes.append(f"mean compensation: {changed} consumer layer(s) took the removed channels' mean "
-                         f"contribution into their bias ({len(at_output)} through a new Add before a graph "
-                         "output)" if at_output else
-                         f"mean compensation: {changed} consumer layer(s) took the removed channels' mean "
-                         "contribution into their bias")
+                         f"contribution into their bias{where}")
+        grouped = sorted({label(s.node) for s in slot_removed if s.groups > 1 and len(slot_removed[s])})
+        if grouped and self.options.compensate and self.context.calib is not None:
+            notes.append(f"mean compensation: not done for {len(grouped)} grouped conv consumer(s) (their "
+                         f"removed input channels' mean is dropped): {', '.join(grouped[:6])}")
         forget_shapes(value_removed)
         drop_unused(model.graph, dropped)
         return slot_removed

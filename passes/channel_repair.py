@@ -102,7 +102,7 @@ def repair(model: ir.Model, original: ir.Model, slot_removed: dict[Slot, np.ndar
         notes.append(f"repair: {len(starved)} layer(s) left as pruned (fewer than {MIN_ROWS_PER_INPUT} calibration "
                      f"rows per weight column: a refit would memorize the data): {', '.join(starved[:6])}")
     if guarded:
-        notes.append(f"repair: {len(guarded)} refit(s) undone: the layer's error on held-out calibration rows "
+        notes.append(f"repair: {len(guarded)} refit(s) rejected: the layer's error on held-out calibration rows "
                      f"was not lower than without the refit: {', '.join(guarded[:6])}")
     if not results:
         return results
@@ -131,6 +131,10 @@ def _targets(original: ir.Model, wanted: list[tuple[str, LinearLayer, np.ndarray
              context: PassContext) -> tuple[ir.Model, dict[str, str]]:
     """The model holding each layer's target (teacher if it agrees with this pass's input, else the input)
     and the value name per layer — a Gather of the kept channels when the layer lost output channels."""
+    before = {out.name for node in original.graph for out in node.outputs}
+    # A bias Add new in this pass (mean compensation) has no value before it: its MatMul's output is the target.
+    wanted = [(name if name in before or layer.bias_node is None else layer.node.outputs[0].name, layer, removed)
+              for name, layer, removed in wanted]
     names = [w[0] for w in wanted]
     source = original
     teacher = context.teacher
@@ -140,8 +144,6 @@ def _targets(original: ir.Model, wanted: list[tuple[str, LinearLayer, np.ndarray
     values = {out.name: out for node in target.graph for out in node.outputs}
     targets: dict[str, str] = {}
     for name, layer, removed in wanted:
-        if name not in values and layer.bias_node is not None:
-            name = layer.node.outputs[0].name  # the bias Add is new (mean compensation): no bias before
         if removed is None or not len(removed):
             targets[layer.name] = name
             continue
@@ -161,14 +163,16 @@ def _targets(original: ir.Model, wanted: list[tuple[str, LinearLayer, np.ndarray
 
 def compare(original: ir.Model, unrepaired: ir.Model, repaired: ir.Model, data, context: PassContext,
             max_samples: int, notes: list[str]) -> None:
-    """Calibration-set metrics of the pruned model without and with repair (in-sample for the repair)."""
+    """Calibration-set metrics of the pruned model without and with repair (the repair fit 75% of these
+    samples by default: mostly in-sample)."""
     try:
         if context.teacher is not None:
             evaluator = context.calib_evaluator()
         else:
             from graphopt.metrics import Evaluator
 
-            evaluator = Evaluator(original, data.head(max_samples), threads=context.threads)
+            evaluator = Evaluator(original, data.head(max_samples), threads=context.threads,
+                                  score_output=context.score_output, map_threshold=context.map_threshold)
         without, with_ = evaluator.evaluate(unrepaired), evaluator.evaluate(repaired)
     except GraphoptError as err:
         notes.append(f"repair comparison skipped: {err}")
