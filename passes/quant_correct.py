@@ -273,7 +273,13 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
                               "max_shift": float(np.max(np.abs(delta))),
                               "shift_vs_mean_abs": float(np.mean(np.abs(delta)) / max(spread, 1e-30))})
         following = groups[w + 1] if w + 1 < len(groups) else []
-        means, outs, _ = _capture(quant_model, following, outputs, dataset, threads, samples)
+        try:
+            means, outs, _ = _capture(quant_model, following, outputs, dataset, threads, samples)
+        except GraphoptError as err:  # the wave's edits cannot be measured: undo them and stop here
+            for fn in reversed(undo):
+                fn()
+            notes.append(f"bias correction stopped at wave {w + 1} (its edits undone): {err}")
+            break
         after = _output_error(outs, ref_outs)
         # A wave that makes the outputs clearly worse is undone (and the next wave measured again). Not any rise:
         # an early layer's correction can cost a little at the outputs until the later layers are corrected.

@@ -315,3 +315,24 @@ def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
     assert len(checks) >= 2 and set(checks) == {6}
     # one correction per combination check (the single-op screen is not corrected), on a quarter of the samples
     assert corrections == [5] * len(checks)
+
+
+def test_a_wave_that_cannot_be_measured_is_undone_and_stops(monkeypatch):
+    import graphopt.passes.quant_correct as qc
+
+    proto, feeds, test = _net()
+    model, data = _quantized(proto, feeds)
+    before = run_model(model, test)["y"]
+    real, calls = qc._capture, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the first call measures the uncorrected model; the first wave's check fails
+            raise GraphoptError("onnxruntime refused the corrected model")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qc, "_capture", failing)
+    rows, notes = correct_biases(ir.serde.deserialize_model(proto), model, data, samples=8, waves=0)
+    assert any("stopped at wave 1" in n for n in notes), notes
+    assert not any(r["action"] == "bias corrected" for r in rows)
+    np.testing.assert_array_equal(run_model(model, test)["y"], before)
