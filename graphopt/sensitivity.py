@@ -16,7 +16,8 @@ them computes exactly what the unedited model computes. :func:`measure` therefor
 (clone, apply, find the edited nodes and everything downstream of them), runs the unedited model once per chunk
 to capture the values crossing into the edited part (the "frontier", memory capped by ``FRONTIER_BYTES``), and
 runs each candidate's edited suffix alone on them (:mod:`graphopt.sensitivity_suffix`). Candidates whose suffix
-cannot be cut (subgraphs, a rewired graph output, untyped frontier values) run whole as before.
+cannot be cut (subgraphs, a rewired graph output) run whole as before; untyped frontier values take the
+types of the captured arrays.
 
 Clones share initializer tensors with the model (``ir.Model.clone``), so ``apply`` must give initializers
 new tensors (``weights.replace_initializer``, ``LinearLayer.set_matrix``), never write into an existing

@@ -77,7 +77,7 @@ def prepare(model: ir.Model, apply: Callable[[ir.Model], None], output_names: Se
     # Cut: frontier values become fresh graph inputs, clean nodes and unused initializers go.
     new_inputs = [v for v in graph.inputs if v.name in feeds]
     for name, v in frontier.items():
-        fresh = ir.Value(name=f"{name}", type=v.type, shape=None)
+        fresh = ir.Value(name=name, type=v.type, shape=None)
         v.name = f"{name}__clean"
         for use in list(v.uses()):
             if use.node in dirty:
