@@ -111,10 +111,16 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
             qdq.emit(m, p.nodes, ranges, dataclasses.replace(cfg, activation_type=act))
         qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel)
 
+    # The checks judge the head of the calibration data; their corrections fit its tail, so a check does not
+    # grade a correction on the samples it was fitted to (as far as the feeds allow).
+    tail = data
+    if data is not None and len(data.feeds) > 1:
+        tail = data.take_feeds(list(reversed(range(len(data.feeds)))), f"{data.source}, from the end")
+
     def correct(m: ir.Model) -> None:
         """Bias correction as the final model gets it, on fewer samples (``bias_correction``)."""
         if qpass.correcting():
-            correct_biases(model, m, data, ctx.threads, qpass.check_correction_samples())
+            correct_biases(model, m, tail, ctx.threads, qpass.check_correction_samples())
 
     # the accuracy budget: every own-scale op and weight op is a candidate (shape ops follow their input)
     if ctx.max_drop is not None and data is not None and pool:

@@ -295,11 +295,12 @@ def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
     from graphopt.passes import quant_select
 
     proto, feeds, _ = _net()
-    corrections, checks = [], []
+    corrections, checks, firsts = [], [], []
     real_correct, real_check = quant_select.correct_biases, sens.measure_combination
 
     def spy_correct(float_model, quant_model, dataset, threads=1, samples=32, *args, **kwargs):
         corrections.append(samples)
+        firsts.append(dataset.feeds[0]["x"])
         return real_correct(float_model, quant_model, dataset, threads, samples, *args, **kwargs)
 
     def spy_check(context, model, fns, max_samples=64):
@@ -315,6 +316,8 @@ def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
     assert len(checks) >= 2 and set(checks) == {6}
     # one correction per combination check (the single-op screen is not corrected), on a quarter of the samples
     assert corrections == [5] * len(checks)
+    # ... fitted on the end of the calibration data, while the checks judge its head
+    assert all(f is feeds[-1]["x"] for f in firsts)
 
 
 def test_a_wave_that_cannot_be_measured_is_undone_and_stops(monkeypatch):
