@@ -359,3 +359,32 @@ def greedy_budget(rows: Sequence[SensitivityRow], budget: float | None, additive
                 break
         chosen = trial
     return list(chosen.values())
+
+
+def allocate(sizes: Sequence[int], steps: Sequence[Sequence[float]], losses: Sequence[Sequence[float]],
+             target: float) -> list[float]:
+    """Per-layer (or per-group) ratios whose size-weighted mean reaches ``target``: greedily the step with the
+    least added loss per unit of size removed. ``steps[g]`` are g's ascending ratios (each layer may have its
+    own: whole channels), ``losses[g]`` their measured losses (inf: not measured, never used; loss 0 at ratio 0).
+    The last step taken is cut back so the mean lands on ``target`` (callers with whole units round it)."""
+    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]  # loss never falls with the ratio
+    ladders = [np.array([0.0, *row]) for row in steps]
+    pos = [0] * len(sizes)
+    need, done, last = target * sum(sizes), 0.0, None
+    while done < need - 1e-9:
+        best, best_rate = None, np.inf
+        for g, (n, curve, ladder) in enumerate(zip(sizes, curves, ladders)):
+            nxt = next((j for j in range(pos[g] + 1, len(ladder)) if ladder[j] > ladder[pos[g]]), None)
+            if nxt is None or not np.isfinite(curve[nxt]):
+                continue
+            rate = (curve[nxt] - curve[pos[g]]) / (n * (ladder[nxt] - ladder[pos[g]]))
+            if rate < best_rate:
+                best, best_rate, best_next = g, rate, nxt
+        if best is None:
+            break
+        done += sizes[best] * (ladders[best][best_next] - ladders[best][pos[best]])
+        pos[best], last = best_next, best
+    result = [float(ladder[i]) for ladder, i in zip(ladders, pos)]
+    if last is not None and done > need:
+        result[last] -= (done - need) / sizes[last]
+    return result

@@ -14,7 +14,8 @@ per channel (else a bigger unit would always look more important). Kinds:
   output when channel c is removed.
 
 Between groups (channel_prune scope=sensitivity): :func:`sensitivity_loss` turns a measured sensitivity row
-(one group pruned alone) into a loss and :func:`allocate` spends a MAC budget on the cheapest losses.
+(one group pruned alone) into a loss and :func:`graphopt.sensitivity.allocate` spends a MAC budget on the
+cheapest losses.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def _unit_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None) 
     return combine(_weight_vectors(group, "l1"), group.size), "l1"
 
 
-__all__ = ["KINDS", "allocate", "combine", "group_scores", "needed_values", "sensitivity_loss"]
+__all__ = ["KINDS", "combine", "group_scores", "needed_values", "sensitivity_loss"]
 
 
 def sensitivity_loss(row) -> float:
@@ -161,31 +162,3 @@ def sensitivity_loss(row) -> float:
     if row.drop is None:
         return noise
     return max(0.0, float(row.drop)) + 1e-3 * noise
-
-
-def allocate(sizes: list[int], steps: list[list[float]], losses: list[list[float]], target: float) -> list[float]:
-    """Per-group ratios whose size-weighted mean reaches ``target``: greedily the step with the least added
-    loss per unit of size removed (as prune.allocate, but each group has its own ratio steps: channels are
-    whole). ``steps[g]`` ascending ratios, ``losses[g]`` their measured losses (inf: not measured). The last
-    step taken is cut back so the mean is not passed (the caller rounds each ratio down to whole channels)."""
-    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]  # loss never falls with the ratio
-    ladders = [np.array([0.0, *row]) for row in steps]
-    pos = [0] * len(sizes)
-    need, done, last = target * sum(sizes), 0.0, None
-    while done < need - 1e-9:
-        best, best_rate = None, np.inf
-        for g, (n, curve, ladder) in enumerate(zip(sizes, curves, ladders)):
-            nxt = next((j for j in range(pos[g] + 1, len(ladder)) if ladder[j] > ladder[pos[g]]), None)
-            if nxt is None or not np.isfinite(curve[nxt]):
-                continue
-            rate = (curve[nxt] - curve[pos[g]]) / (n * (ladder[nxt] - ladder[pos[g]]))
-            if rate < best_rate:
-                best, best_rate, best_next = g, rate, nxt
-        if best is None:
-            break
-        done += sizes[best] * (ladders[best][best_next] - ladders[best][pos[best]])
-        pos[best], last = best_next, best
-    result = [float(ladder[i]) for ladder, i in zip(ladders, pos)]
-    if last is not None and done > need:
-        result[last] -= (done - need) / sizes[last]
-    return result

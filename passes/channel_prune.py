@@ -25,7 +25,8 @@ from graphopt.linear import as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channel_deps import Group, Slot, analyze, label
-from graphopt.passes.channel_importance import KINDS, allocate, group_scores, needed_values, sensitivity_loss
+from graphopt.passes.channel_importance import KINDS, group_scores, needed_values, sensitivity_loss
+from graphopt.sensitivity import allocate
 from graphopt.passes.channel_repair import channel_means, compare, repair as repair_layers
 from graphopt.passes.channel_rewrite import (apply_bias_deltas, apply_fixups, apply_slots, drop_unused, forget_shapes,
                                              mean_deltas)

@@ -184,33 +184,11 @@ def set_pruned(target: Target, pruned: np.ndarray) -> None:
 def allocate(sizes: list[int], losses: list[list[float]], levels: list[float], target: float) -> list[float]:
     """Per-layer sparsities whose size-weighted mean is ``target``, greedily cheapest loss per pruned weight.
 
-    ``losses[l][i]`` is layer l's measured loss at ``levels[i]`` (levels ascending; loss 0 at sparsity 0);
-    an infinite loss marks a level that was not measured. The last step is cut so the mean is exact."""
-    steps = [0.0, *levels]
-    # Loss can only grow with sparsity; a noisy dip would make greedy jump over levels.
-    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]
-    pos = [0] * len(sizes)
-    need = target * sum(sizes)
-    done = 0.0
-    last = None
-    while done < need - 1e-9:
-        best, best_rate = None, np.inf
-        for layer, (n, curve) in enumerate(zip(sizes, curves)):
-            i = pos[layer]
-            if i + 1 >= len(steps) or not np.isfinite(curve[i + 1]):
-                continue
-            rate = (curve[i + 1] - curve[i]) / (n * (steps[i + 1] - steps[i]))
-            if rate < best_rate:
-                best, best_rate = layer, rate
-        if best is None:
-            break
-        pos[best] += 1
-        done += sizes[best] * (steps[pos[best]] - steps[pos[best] - 1])
-        last = best
-    result = [steps[i] for i in pos]
-    if last is not None and done > need:  # overshoot: take back part of the last step
-        result[last] -= (done - need) / sizes[last]
-    return result
+    ``losses[l][i]`` is layer l's measured loss at ``levels[i]`` (levels ascending, distinct; loss 0 at sparsity
+    0); an infinite loss marks a level that was not measured. The last step is cut so the mean is exact."""
+    from graphopt.sensitivity import allocate as allocate_steps  # lazy, as the sensitivity import below
+
+    return allocate_steps(sizes, [levels] * len(sizes), losses, target)
 
 
 class Prune(GraphoptPass):
