@@ -13,7 +13,7 @@ per channel (else a bigger unit would always look more important). Kinds:
 - ``reconstruction``: E[x²]·‖W_next[:, c]‖² summed over consumers — the first-order error of a consumer's
   output when channel c is removed.
 
-Between groups (channel_prune scope=sensitivity): :func:`sensitivity_loss` turns a measured sensitivity row
+Between groups (channel_prune scope=sensitivity): :func:`graphopt.sensitivity.row_loss` turns a measured sensitivity row
 (one group pruned alone) into a loss and :func:`graphopt.sensitivity.allocate` spends a MAC budget on the
 cheapest losses.
 """
@@ -147,18 +147,4 @@ def _unit_scores(group: Group, kind: str, stats: dict[str, TensorStats] | None) 
     return combine(_weight_vectors(group, "l1"), group.size), "l1"
 
 
-__all__ = ["KINDS", "combine", "group_scores", "needed_values", "sensitivity_loss"]
-
-
-def sensitivity_loss(row) -> float:
-    """Measured damage of one candidate: the gate metric's drop, the worst channel's noise ratio 10^(-SNR/10)
-    only breaking ties (on PP-OCRv4 rec it is set by one rare class of 6625 softmax channels and ranked the
-    groups badly); the noise ratio alone under the snr metric. Infinite when not measured (time budget, error),
-    so allocate never uses that level."""
-    if row is None or not row.measured:
-        return np.inf
-    snr = row.worst_snr_db
-    noise = 0.0 if snr is None or snr == np.inf else 10.0 ** (-float(snr) / 10.0)
-    if row.drop is None:
-        return noise
-    return max(0.0, float(row.drop)) + 1e-3 * noise
+__all__ = ["KINDS", "combine", "group_scores", "needed_values"]

@@ -25,14 +25,15 @@ from graphopt.linear import as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channel_deps import Group, Slot, analyze, label
-from graphopt.passes.channel_importance import KINDS, group_scores, needed_values, sensitivity_loss
-from graphopt.sensitivity import allocate
+from graphopt.passes.channel_importance import KINDS, group_scores, needed_values
+from graphopt.sensitivity import allocate, row_loss
 from graphopt.passes.channel_repair import channel_means, compare, repair as repair_layers
 from graphopt.passes.channel_rewrite import (apply_bias_deltas, apply_fixups, apply_slots, drop_unused, forget_shapes,
                                              mean_deltas)
 from graphopt.passes.channel_select import choose, global_wanted, legal_keep, removed_channels
 
 __all__ = ["ChannelPrune", "legal_keep"]
+TIE_NOISE = 1e-3  # scope=sensitivity: the worst channel's noise only breaks ties between groups (row_loss)
 
 
 class ChannelPrune(GraphoptPass):
@@ -258,7 +259,7 @@ class ChannelPrune(GraphoptPass):
         by_key = {row.key: row for row in measured}
         # A level's real step is the fraction of channels it removes (floor, min_channels, round_to).
         steps = [[removed_channels(g, self._drop(g, scores[g.id], r)) / g.channels for r in levels] for g in groups]
-        losses = [[sensitivity_loss(by_key.get(f"{keys[g.id][0]}@{r:g}")) for r in levels] for g in groups]
+        losses = [[row_loss(by_key.get(f"{keys[g.id][0]}@{r:g}"), TIE_NOISE) for r in levels] for g in groups]
         sizes = [sum(costs.get(m, 0) for m in g.members()) or g.channels for g in groups]
         # ratio is a share of the whole model's MACs (a group's MACs: its members'; shared members count twice)
         total = sum(costs.values()) or sum(sizes)

@@ -270,7 +270,7 @@ class Prune(GraphoptPass):
 
     def _sensitivity_plan(self, model: ir.Model, targets: list[Target], sparsity: float,
                           notes: list[str]) -> tuple[list[tuple[Target, float]], dict[str, dict]]:
-        from graphopt.sensitivity import Candidate, measure
+        from graphopt.sensitivity import Candidate, measure, row_loss
 
         opts = self.options
         self.context.require_calib(self.name)
@@ -283,7 +283,7 @@ class Prune(GraphoptPass):
                            time_budget_s=opts.time_budget)
         notes.extend(f"sensitivity: {note}" for note in getattr(measured, "notes", []))
         by_key = {row.key: row for row in measured}
-        losses = [[_loss(by_key.get(f"{t.layer}@{s:g}")) for s in levels] for t in targets]
+        losses = [[row_loss(by_key.get(f"{t.layer}@{s:g}")) for s in levels] for t in targets]
         chosen = allocate([t.array.size for t in targets], losses, levels, sparsity)
         reached = sum(s * t.array.size for t, s in zip(targets, chosen)) / max(1, sum(t.array.size for t in targets))
         if reached < sparsity - 1e-6:
@@ -295,15 +295,6 @@ class Prune(GraphoptPass):
             info[t.layer] = {"sensitivity_loss": None if near is None or not np.isfinite(row[near])
                              else float(f"{row[near]:.4g}")}
         return [(t, s) for t, s in zip(targets, chosen)], info
-
-
-def _loss(row) -> float:
-    """Measured cost of one candidate: metric drop plus the worst channel's noise ratio 10^(-SNR/10)."""
-    if row is None or not row.measured:  # skipped (time budget) or failed: that level is not used
-        return np.inf
-    snr = row.worst_snr_db
-    noise = 0.0 if snr is None or snr == np.inf else 10.0 ** (-float(snr) / 10.0)
-    return max(0.0, float(row.drop or 0.0)) + noise
 
 
 def _pruner(layer: str, index: int, sparsity: float):
