@@ -99,15 +99,22 @@ def _bias_now(node: ir.Node) -> tuple[np.ndarray | None, float]:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     dq = _dq_input(bias)
     if dq is not None:
-        q, scale = constant_array(dq.inputs[0]), _scalar_or_vector(dq.inputs[1])
+        q, scale, zp = _int_bias(dq)
         if q is None or scale is None:
             return None, 0.0
-        return q.astype(np.float64) * scale.astype(np.float64), float(scale.max())
+        return (q.astype(np.float64) - zp) * scale.astype(np.float64), float(scale.max())
     if bias is None:
         return np.zeros(_channels(node) or 0), 0.0
     b = constant_array(bias)
     return (None if b is None else b.astype(np.float64).reshape(-1)), 0.0
 
+
+
+def _int_bias(dq: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """(integers, scale, zero point as float64) of a bias behind DequantizeLinear."""
+    zp = _scalar_or_vector(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    return (constant_array(dq.inputs[0]), _scalar_or_vector(dq.inputs[1]),
+            np.zeros(1) if zp is None else zp.astype(np.float64))
 
 
 def _scalar_or_vector(value: ir.Value | None) -> np.ndarray | None:
@@ -149,13 +156,11 @@ def apply_shift(site: Site, delta: np.ndarray, mark=lambda n: n) -> tuple[dict[s
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     dq = _dq_input(bias)
     if dq is not None:  # int32 behind DQ: same scale, new integers
-        q = constant_array(dq.inputs[0])
-        scale = _scalar_or_vector(dq.inputs[1])
+        q, scale, zp = _int_bias(dq)
         if q is None or scale is None or q.dtype != np.int32 or len(list(dq.inputs[0].uses())) != 1:
             return {"bias": "skipped: int32 bias not an owned initializer"}, lambda: None
-        zp = _scalar_or_vector(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0
-        real = (q.astype(np.float64) - np.asarray(zp, np.float64)) * scale.astype(np.float64)
-        new = (quantize_bias(real - delta, scale) + np.asarray(zp, np.int64)).astype(np.int32)
+        real = (q.astype(np.float64) - zp) * scale.astype(np.float64)
+        new = (quantize_bias(real - delta, scale) + zp.astype(np.int64)).astype(np.int32)
         return {"bias": "int32"}, replacing(dq.inputs[0], new)
     if bias is not None:
         b = constant_array(bias)
