@@ -74,11 +74,11 @@ def _channel_sums(x: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
 
 
 class _Means:
-    """Running per-channel means of several tensors (and mean |x| for the name-match check)."""
+    """Running per-channel means of several tensors, and their mean |x| (:meth:`mean_abs`)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
-        self.abs: dict[str, float] = {}
+        self.abs_sum: dict[str, float] = {}
         self.count: dict[str, int] = {}
 
     def add(self, name: str, x: np.ndarray, axis: int) -> None:
@@ -88,12 +88,16 @@ class _Means:
                 raise GraphoptError(f"bias_correct: {name!r} changes its channel count between feeds")
             self.sums[name] += s
         else:
-            self.sums[name], self.abs[name], self.count[name] = s, 0.0, 0
-        self.abs[name] += float(np.abs(x).sum(dtype=np.float64))
+            self.sums[name], self.abs_sum[name], self.count[name] = s, 0.0, 0
+        self.abs_sum[name] += float(np.abs(x).sum(dtype=np.float64))
         self.count[name] += n
 
     def mean(self, name: str) -> np.ndarray:
         return self.sums[name] / max(self.count[name], 1)
+
+    def mean_abs(self, name: str, channels: int) -> float:
+        """Mean |x| over every element (count holds rows per channel)."""
+        return self.abs_sum[name] / max(self.count[name] * channels, 1)
 
 
 def _capture(model: ir.Model, sites: Sequence[Site], outputs: Sequence[str], dataset, threads: int, samples: int,
@@ -245,7 +249,7 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
                                                    other=float_model)
     good: list[Site] = []
     for s in keep:
-        spread = ref.abs[s.output] / max(ref.count[s.output] * s.channels, 1)
+        spread = ref.mean_abs(s.output, s.channels)
         rel = diff[s.output] / max(means.count[s.output] * s.channels, 1) / max(spread, 1e-30)
         if not np.isfinite(rel) or rel > max_rel_error or ref.sums[s.output].shape != (s.channels,):
             rows.append({"node": s.node.name, "op": s.node.op_type, "action": "bias kept",
@@ -260,7 +264,7 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
         undo, wave_rows = [], []
         for s in wave:
             delta = means.mean(s.output) - ref.mean(s.output)
-            spread = ref.abs[s.output] / max(ref.count[s.output] * s.channels, 1)
+            spread = ref.mean_abs(s.output, s.channels)
             done, fn = apply_shift(s, delta, mark)
             undo.append(fn)
             if done["bias"].startswith("skipped"):  # nothing was edited: not a correction
