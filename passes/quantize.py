@@ -242,13 +242,10 @@ class Quantize(GraphoptPass):
     layer_timer = None  # tests inject fake timings (see quant_placement.LayerTimer / ModelTimer)
     model_timer = None
 
-    def select(self, model: ir.Model, planned: Plan, ranges: dict[str, calib.Range]) -> Plan:
+    def select(self, model: ir.Model, planned: Plan, ranges: dict[str, calib.Range]) -> quant_select.Selection:
         """Latency placement, dynamic int8, the accuracy budget and the activation type
         (:func:`.quant_select.select`)."""
-        chosen = quant_select.select(self, model, planned, ranges, plan)
-        self._select_rows, self._select_notes = chosen.rows, chosen.notes
-        self._activation = chosen.activation_type
-        return chosen.plan
+        return quant_select.select(self, model, planned, ranges, plan)
 
     def config(self, model: ir.Model) -> qdq.QdqConfig:
         """The emission config; ``activation_type=auto`` starts from uint8 (what x86 runs fast on most nets)."""
@@ -275,11 +272,10 @@ class Quantize(GraphoptPass):
         ranges: dict[str, calib.Range] = {}
         if first.nodes:
             ranges = self.calibrate(model, first.tensors(self.options.quantize_outputs))
-        self._select_rows, self._select_notes = [], []
-        self._activation = self.config(model).activation_type
-        final = self.select(model, self.plan(model, ranges), ranges)
-        notes += self._select_notes
-        cfg = dataclasses.replace(self.config(model), activation_type=self._activation)
+        chosen = self.select(model, self.plan(model, ranges), ranges)
+        final = chosen.plan
+        notes += chosen.notes
+        cfg = dataclasses.replace(self.config(model), activation_type=chosen.activation_type)
         if self.options.per_channel and not cfg.per_channel:
             notes.append("opset < 13: per-axis DequantizeLinear needs 13 (run canonicalize); weights per tensor")
         skipped_rows = [{"node": n.name, "op": n.op_type, "action": "float", "reason": r}
@@ -309,7 +305,7 @@ class Quantize(GraphoptPass):
             notes.append(f"{len(skipped_rows)} node(s) stay float (see rows for the reason)")
         if not modified:
             notes.append("nothing to quantize")
-        return self.result(model, rows + skipped_rows + self._select_rows, notes, modified=modified)
+        return self.result(model, rows + skipped_rows + chosen.rows, notes, modified=modified)
 
 
 def _merge_correction(rows: list[dict], fixed: list[dict]) -> list[dict]:
