@@ -250,15 +250,16 @@ class ChannelPrune(GraphoptPass):
         self.context.require_calib(self.name)
         levels = sorted(set(opts.levels))
         keys = {g.id: tuple(label(p) for p in g.producers) for g in groups}
+        drops = {(g.id, r): self._drop(g, scores[g.id], r) for g in groups for r in levels}
         candidates = [Candidate(key=f"{keys[g.id][0]}@{r:g}", layer=keys[g.id][0], setting=r,
-                                apply=self._pruner(shapes, keys[g.id], self._drop(g, scores[g.id], r), means))
+                                apply=self._pruner(shapes, keys[g.id], drops[g.id, r], means))
                       for g in groups for r in levels]
         measured = measure(self.context, model, candidates, max_samples=opts.sensitivity_samples,
                            time_budget_s=opts.time_budget)
         notes.extend(f"sensitivity: {n}" for n in getattr(measured, "notes", []))
         by_key = {row.key: row for row in measured}
         # A level's real step is the fraction of channels it removes (floor, min_channels, round_to).
-        steps = [[removed_channels(g, self._drop(g, scores[g.id], r)) / g.channels for r in levels] for g in groups]
+        steps = [[removed_channels(g, drops[g.id, r]) / g.channels for r in levels] for g in groups]
         losses = [[row_loss(by_key.get(f"{keys[g.id][0]}@{r:g}"), TIE_NOISE) for r in levels] for g in groups]
         sizes = [sum(costs.get(m, 0) for m in g.members()) or g.channels for g in groups]
         # ratio is a share of the whole model's MACs (a group's MACs: its members'; shared members count twice)
