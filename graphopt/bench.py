@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt import modelio, runtime
+from graphopt import cpu, modelio, runtime
 from graphopt.costs import (
     DATA_PROP_OPSET,
     INLINE_BYTES,
@@ -69,18 +69,12 @@ LZMA_FAST_ABOVE = 200 * 1024 * 1024
 
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (the platform's machine type where there is none)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu.host().model or platform.processor() or platform.machine()
 
 
 def machine_summary() -> str:
-    """'2-core <CPU>, onnxruntime at 1 thread': the machine line of the benchmark sections."""
-    return f"{os.cpu_count()}-core {cpu_name()}, onnxruntime at 1 thread"
+    """'2-core <CPU> (int8 kernels: vnni), onnxruntime at 1 thread': the machine line of benchmark sections."""
+    return f"{os.cpu_count()}-core {cpu_name()} (int8 kernels: {cpu.host().isa}), onnxruntime at 1 thread"
 
 
 # ---------------------------------------------------------------- file sizes

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from graphopt.cpu import TARGETS
 from graphopt.errors import GraphoptError
 
 
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
                      help="gate metric (default: accuracy with labels, else agreement)")
     opt.add_argument("--min-snr", type=float, help="minimum worst-channel SNR in dB")
+    opt.add_argument("--target-cpu", choices=list(TARGETS), help="the CPU the model is built for: portable "
+                     "(default: right on any x86-64 with AVX2 and any ARM64), host, or a kernel family")
     opt.add_argument("--report", help="JSON report path (a Markdown report is written beside it)")
     opt.add_argument("--no-latency", action="store_true", help="skip the per-pass latency measurement")
     opt.add_argument("--samples", type=int, default=8,
@@ -89,7 +92,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_drop <= 1.0:
         raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
-                     score_output=args.score_output, map_threshold=args.map_threshold, debug=args.debug)
+                     score_output=args.score_output, map_threshold=args.map_threshold, debug=args.debug,
+                     target_cpu=args.target_cpu)
     report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
                       data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
                       metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
 
+from graphopt.cpu import Target, resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.options import BaseOptions
 
@@ -35,6 +36,7 @@ class PassContext:
     map_threshold: float = 0.5  # agreement on a one-channel score map (metrics.MAP_THRESHOLD)
     max_drop: float | None = None  # the budget this pass aims for (its own option, else the run's)
     progress: bool = False
+    target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
     _evaluator: Evaluator | None = dataclasses.field(default=None, repr=False)
 
     def require_calib(self, pass_name: str) -> Dataset:

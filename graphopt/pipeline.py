@@ -19,11 +19,11 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt import bench, data as datamod, modelio
+from graphopt import bench, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
 from graphopt.metrics import Comparison, Evaluator
 from graphopt.passbase import PassContext
-from graphopt.recipe import Step, resolve
+from graphopt.recipe import Step, resolve_recipe
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
 from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, is_heavy, release_memory
 
@@ -44,10 +44,11 @@ class RunOptions:
     score_output: str | None = None
     map_threshold: float = 0.5  # agreement on a one-channel [N, 1, H, W] score output (metrics.MAP_THRESHOLD)
     debug: bool = False
+    target_cpu: str | None = None  # graphopt.cpu.TARGETS; None: the recipe's, else portable
 
 
 def machine_line() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}, " \
+    return f"{bench.cpu_name()} (int8 kernels: {cpu.host().isa}), {os.cpu_count()} cores, {platform.system()}, " \
            f"Python {platform.python_version()}"
 
 
@@ -105,7 +106,8 @@ class Pipeline:
         budget = step.options.max_drop if step.options.max_drop is not None else self.gate.max_drop
         context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
-                              max_drop=budget, progress=self.run.progress)
+                              max_drop=budget, progress=self.run.progress,
+                              target=cpu.resolve_target(self.run.target_cpu))
         start = time.perf_counter()
         try:
             result = step.pass_cls(step.options, context)(self.model)
@@ -240,16 +242,19 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
              calib: Any = None, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              max_drop: float = DEFAULT_MAX_DROP, min_snr: float | None = None, metric: str | None = None,
              run: RunOptions | None = None, report_path: str | os.PathLike | None = None,
-             synthetic_samples: int = 8) -> Report:
+             synthetic_samples: int = 8, target_cpu: str | None = None) -> Report:
     """Optimize ``model`` with a recipe and write ``output`` atomically; returns the report.
 
     ``passes`` uses the recipe grammar (CLI string or list), ``recipe`` a YAML/JSON file. ``calib``/``data``:
     an .npz file, a folder of .npz feeds, a CalibrationDataReader or a graphopt.data.Dataset. A model given
     by path is never touched. An in-memory ``model`` may be modified; the optimized ir.Model is
-    ``report.optimized`` (a rollback replaces the model object, so read it there).
+    ``report.optimized`` (a rollback replaces the model object, so read it there). ``target_cpu``
+    (:data:`graphopt.cpu.TARGETS`; else the run's, the recipe's, or ``portable``) is the CPU the model is built for.
     """
     run = run or RunOptions()
-    steps = resolve(passes, recipe)  # recipe errors before any work
+    steps, recipe_target = resolve_recipe(passes, recipe)  # recipe errors before any work
+    target = cpu.resolve_target(target_cpu or run.target_cpu or recipe_target)
+    run = dataclasses.replace(run, target_cpu=target.name)
     if metric is not None and metric not in ("accuracy", "agreement", "snr"):
         raise GraphoptError(f"--metric {metric}: expected accuracy, agreement or snr")
     source = str(model) if not isinstance(model, ir.Model) else (model.graph.name or "<in-memory model>")
@@ -267,7 +272,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
         raise GraphoptError("--metric accuracy needs labels: the evaluation .npz has no 'labels' key")
     report = Report(model=source, output=str(output) if output else None, data=eval_ds.describe(),
                     synthetic=eval_ds.synthetic, metric=metric, max_drop=max_drop, min_snr=min_snr, passes=[],
-                    machine=machine_line())
+                    machine=machine_line(), target_cpu=target.describe())
     pipeline = Pipeline(steps, Gate(metric, max_drop, min_snr), run)
     pipeline.in_place = isinstance(model, ir.Model)
     with tempfile.TemporaryDirectory(prefix="graphopt-ref-") as tmp:

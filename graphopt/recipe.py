@@ -109,11 +109,26 @@ def parse_text(text: str) -> list[Step]:
     return steps
 
 
+def target_of(obj: Any) -> str | None:
+    """The recipe's ``target_cpu`` (YAML/JSON mapping spelling), validated; None when it names none."""
+    if not isinstance(obj, dict) or obj.get("target_cpu") is None:
+        return None
+    from graphopt.cpu import TARGETS
+
+    target = str(obj["target_cpu"]).strip().lower()
+    if target not in TARGETS:
+        raise RecipeError(f"recipe: target_cpu {obj['target_cpu']!r}: expected one of {', '.join(TARGETS)}")
+    return target
+
+
 def parse_obj(obj: Any) -> list[Step]:
-    """Parse the YAML/JSON spelling: {passes: [...]} or a bare list; items are names or {name: options}."""
+    """Parse the YAML/JSON spelling: {passes: [...], target_cpu: ...} or a bare list; items are names or
+    {name: options}."""
     if isinstance(obj, dict):
-        if set(obj) != {"passes"}:
-            raise RecipeError(f"recipe: expected a mapping with the single key 'passes', got keys {sorted(obj)}")
+        if "passes" not in obj or set(obj) - {"passes", "target_cpu"}:
+            raise RecipeError(f"recipe: expected a mapping with the key 'passes' (and optionally 'target_cpu'), "
+                              f"got keys {sorted(obj)}")
+        target_of(obj)
         obj = obj["passes"]
     if not isinstance(obj, list):
         raise RecipeError("recipe: 'passes' must be a list of pass names or {name: {option: value}} items")
@@ -129,7 +144,8 @@ def parse_obj(obj: Any) -> list[Step]:
     return steps
 
 
-def parse_file(path: str | Path) -> list[Step]:
+def read_file(path: str | Path) -> Any:
+    """The parsed YAML/JSON object of a recipe file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
@@ -139,23 +155,33 @@ def parse_file(path: str | Path) -> list[Step]:
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise RecipeError(f"recipe {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
                           f"{str(err).splitlines()[0]}") from None
-    return parse_obj(obj)
+    return obj
 
 
-def resolve(passes: str | list | None = None, recipe: str | Path | None = None) -> list[Step]:
+def parse_file(path: str | Path) -> list[Step]:
+    return parse_obj(read_file(path))
+
+
+def resolve(passes: str | list | dict | None = None, recipe: str | Path | None = None) -> list[Step]:
     """The full ordered recipe: canonicalize, the user's (or default) passes, cleanup."""
+    return resolve_recipe(passes, recipe)[0]
+
+
+def resolve_recipe(passes: str | list | dict | None = None, recipe: str | Path | None = None
+                   ) -> tuple[list[Step], str | None]:
+    """:func:`resolve` and the recipe's ``target_cpu`` (None when it names none)."""
     if passes is not None and recipe is not None:
         raise RecipeError("give either passes or a recipe file, not both")
-    if recipe is not None:
-        steps = parse_file(recipe)
-    elif isinstance(passes, str):
-        steps = parse_text(passes)
-    elif passes is not None:
-        steps = parse_obj(list(passes))
+    obj = read_file(recipe) if recipe is not None else passes
+    target = target_of(obj)
+    if isinstance(obj, str):
+        steps = parse_text(obj)
+    elif obj is not None:
+        steps = parse_obj(obj if isinstance(obj, dict) else list(obj))
     else:
         available = registry()
         steps = [make_step(name, None) for name in DEFAULT_PASSES if name in available]
     first = [s for s in steps if s.name == FIRST] or [make_step(FIRST, None)]
     last = [s for s in steps if s.name == LAST] or [make_step(LAST, None)]
     middle = [s for s in steps if s.name not in (FIRST, LAST)]
-    return [first[-1], *middle, last[-1]]
+    return [first[-1], *middle, last[-1]], target

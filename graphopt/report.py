@@ -39,7 +39,8 @@ class Report:
     passes: list[PassRow]
     passed: bool = False  # the final model meets the overall gate
     final: dict[str, Any] | None = None
-    machine: str = ""
+    machine: str = ""  # names the host's int8 kernels: the latencies hold for those
+    target_cpu: str = ""  # the CPU the model was built for (graphopt.cpu.Target.describe)
 
     def to_dict(self) -> dict[str, Any]:
         return _json_safe(dataclasses.asdict(self))
@@ -102,6 +103,8 @@ def format_table(report: Report) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     out = [f"model: {report.model}", f"data: {report.data}"]
+    if report.machine:
+        out.append(f"host: {report.machine}; target CPU: {report.target_cpu}")
     if report.synthetic:
         out.append("WARNING: synthetic inputs: the metrics below say nothing about accuracy")
     out += lines
@@ -129,7 +132,9 @@ def to_markdown(report: Report) -> str:
     if report.output:
         out.append(f"- output: `{report.output}`")
     if report.machine:
-        out.append(f"- machine: {report.machine}")
+        out.append(f"- machine: {report.machine} (every latency was measured here)")
+    if report.target_cpu:
+        out.append(f"- target CPU: {report.target_cpu}")
     out += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in table_rows(report)]
     for row in report.passes:

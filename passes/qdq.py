@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from graphopt import saturation
 from graphopt.errors import GraphoptError
 from graphopt.weights import LINEAR_OPS, attr as _attr, constant_array, set_initializer, weight_layout
 
@@ -42,6 +43,7 @@ class QdqConfig:
     activation_type: str = "uint8"
     per_channel: bool = True
     quantize_outputs: bool = False
+    safe_pairs: bool = True  # int8 weights cannot overflow a saturating u8×s8 kernel (graphopt.cpu targets)
 
 
 def weight_index(node: ir.Node) -> int | None:
@@ -97,20 +99,36 @@ def activation_qparams(lo: float, hi: float, activation_type: str = "uint8") -> 
     return scale, zp
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w: np.ndarray, axis: int | None, order: saturation.KernelOrder | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """int8 symmetric weights in [-127, 127] and float32 scales (one per index of ``axis``, or a scalar)."""
+    q, scale, _ = quantize_weight_safe(w, axis, order)
+    return q, scale
+
+
+def quantize_weight_safe(w: np.ndarray, axis: int | None, order: saturation.KernelOrder | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`quantize_weight` and how many channels were made pair-safe.
+
+    With a kernel ``order``, the channels whose neighbouring weights could overflow a saturating u8×s8 kernel's
+    int16 pair sum are requantized so they cannot (:func:`graphopt.saturation.safe_quantize`)."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
-        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
-        return np.clip(np.round(w / scale), -127, 127).astype(np.int8), np.asarray(scale, np.float32)
-    moved = np.moveaxis(w, axis, 0)
-    peak = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1) if w.size else np.zeros(w.shape[axis])
-    scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
+        scale = np.asarray(np.float32(peak / 127.0) if peak > 0 else np.float32(1.0), np.float32)
+        shape = ()
+    else:
+        moved = np.moveaxis(w, axis, 0)
+        peak = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1) if w.size else np.zeros(w.shape[axis])
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+    if order is not None and w.size:  # each channel's kernel rows side by side: one row of pairs per scale
+        rows = order.rows(w)
+        q_rows, scale, changed = saturation.safe_quantize(rows.reshape(scale.size, -1), scale)
+        return order.unrows(q_rows.reshape(rows.shape), w.shape).astype(np.int8), scale, changed
     q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale
+    return q, scale, 0
 
 
 def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -123,12 +141,14 @@ def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
 class _Emitter:
     """Writes Q/DQ nodes and quantized initializers into one model; remembers shared scales and DQs."""
 
-    def __init__(self, cfg: QdqConfig, mark: Callable[[ir.Node], ir.Node] | None) -> None:
+    def __init__(self, cfg: QdqConfig, mark: Callable[[ir.Node], ir.Node] | None, activations: bool = True) -> None:
         self.cfg = cfg
+        self.activations = activations  # False: float activations, so no integer kernel reads the weights
+        self.limited: dict[ir.Node, int] = {}  # channels requantized so no int16 pair sum overflows
         self.mark = mark or (lambda n: n)
         self.params: dict[ir.Value, tuple[np.float32, int]] = {}
         self.consts: dict[ir.Value, ir.Value] = {}  # (graph-owned) scale/zp initializers per quantized tensor
-        self.weight_dq: dict[tuple[int, int, int | None], tuple[ir.Value, np.ndarray]] = {}
+        self.weight_dq: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
         self.replaced: list[ir.Value] = []
 
     def _node(self, op: str, inputs: list, name: str, dtype: ir.DataType, shape, axis: int | None = None) -> ir.Node:
@@ -187,9 +207,10 @@ class _Emitter:
             return None  # no weight, or a computed / overridable one: it stays float
         index, value, graph = layout.index, node.inputs[layout.index], node.graph
         axis = layout.channel_axis if self.cfg.per_channel else None  # batched MatMul B: per tensor
-        key = (id(value), id(graph), axis)
+        order = saturation.kernel_order(node, w.shape) if self.cfg.safe_pairs and self.activations else None
+        key = (id(value), id(graph), axis, order)
         if key not in self.weight_dq:
-            q, scale = quantize_weight(w, axis)
+            q, scale, self.limited[node] = quantize_weight_safe(w, axis, order)
             qv = set_initializer(graph, f"{value.name}_quantized", q)
             s = set_initializer(graph, f"{value.name}_scale", scale)
             z = set_initializer(graph, f"{value.name}_zero_point", np.zeros(scale.shape, np.int8))
@@ -298,6 +319,8 @@ def emit(model: ir.Model, nodes: Iterable[ir.Node], ranges: Mapping[str, Range],
         if w_scale is not None:
             row["weight_scale"] = [float(np.min(w_scale)), float(np.max(w_scale))]
             row["bias"] = "int32" if has_bias else ("float" if len(node.inputs) > 2 and node.inputs[2] else "none")
+            if em.limited.get(node):
+                row["pair_safe_channels"] = em.limited[node]  # requantized: no int16 pair overflow on AVX2
         rows.append(row)
     for node, i, lo_hi in const_inputs:
         em.const_dq(graph, node, i, lo_hi)
@@ -310,7 +333,7 @@ def emit(model: ir.Model, nodes: Iterable[ir.Node], ranges: Mapping[str, Range],
 def emit_weights_only(nodes: Iterable[ir.Node], cfg: QdqConfig = QdqConfig(),
                       mark: Callable[[ir.Node], ir.Node] | None = None) -> list[dict]:
     """int8 weights behind DequantizeLinear, float activations (If/Loop bodies); one row per node."""
-    em = _Emitter(cfg, mark)
+    em = _Emitter(cfg, mark, activations=False)
     rows = []
     for node in nodes:
         scale = em.weight(node)

@@ -22,6 +22,7 @@ import onnx_ir as ir
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.qdq import quantize_weight
+from graphopt.saturation import KernelOrder
 from graphopt.weights import attr as _attr, constant_array, set_initializer
 
 MS_DOMAIN = "com.microsoft"
@@ -72,12 +73,12 @@ def _new(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, n_o
     return node
 
 
-def _emit_matmul(node: ir.Node, per_channel: bool, mark: Mark | None) -> dict:
+def _emit_matmul(node: ir.Node, per_channel: bool, mark: Mark | None, safe_pairs: bool) -> dict:
     graph, x, out = node.graph, node.inputs[0], node.outputs[0]
     w = constant_array(node.inputs[1]).astype(np.float32)
     if node.op_type == "Gemm" and _attr(node, "transB", 0):
         w = w.T
-    q, scale = quantize_weight(np.ascontiguousarray(w), 1 if per_channel else None)
+    q, scale = quantize_weight(np.ascontiguousarray(w), 1 if per_channel else None, _order(safe_pairs))
     base = node.name or out.name
     wq = set_initializer(graph, f"{node.inputs[1].name}_dyn_quantized", q)
     wz = set_initializer(graph, f"{node.inputs[1].name}_dyn_zero_point", np.zeros(scale.shape, np.int8))
@@ -98,12 +99,17 @@ def _emit_matmul(node: ir.Node, per_channel: bool, mark: Mark | None) -> dict:
             "weight_scale": [float(np.min(scale)), float(np.max(scale))]}
 
 
-def _emit_lstm(node: ir.Node, mark: Mark | None) -> dict:
+def _order(safe_pairs: bool) -> KernelOrder | None:
+    """Weights are B [K, N] of a u8×s8 GEMM (MatMulInteger, DynamicQuantizeLSTM): pairs run along K."""
+    return KernelOrder("MatMul") if safe_pairs else None
+
+
+def _emit_lstm(node: ir.Node, mark: Mark | None, safe_pairs: bool) -> dict:
     graph = node.graph
     tensors = []
     for i in (1, 2):  # W [dirs, 4h, in] and R [dirs, 4h, h] → int8 [dirs, in|h, 4h], one scale per direction
         arr = np.ascontiguousarray(constant_array(node.inputs[i]).astype(np.float32).transpose(0, 2, 1))
-        q, scale = quantize_weight(arr, 0)
+        q, scale = quantize_weight(arr, 0, _order(safe_pairs))
         name = node.inputs[i].name
         tensors.append((set_initializer(graph, f"{name}_dyn_quantized", q),
                         set_initializer(graph, f"{name}_dyn_scale", scale),
@@ -141,12 +147,14 @@ def _replace_output(graph: ir.Graph, node: ir.Node | None, old: ir.Value, new: i
 
 
 def emit_dynamic(model: ir.Model, nodes: Iterable[ir.Node], per_channel: bool = True,
-                 mark: Mark | None = None) -> list[dict]:
-    """Rewrite ``nodes`` (MatMul/Gemm/LSTM of the main graph, :func:`dynamic_reason` None) in place; one row each."""
+                 mark: Mark | None = None, safe_pairs: bool = True) -> list[dict]:
+    """Rewrite ``nodes`` (MatMul/Gemm/LSTM of the main graph, :func:`dynamic_reason` None) in place; one row each.
+    ``safe_pairs``: int8 weights that cannot overflow a saturating u8×s8 kernel (:mod:`graphopt.saturation`)."""
     rows, replaced = [], []
     for node in list(nodes):
         replaced.extend(v for v in node.inputs[1:3] if v is not None and v.is_initializer())
-        rows.append(_emit_lstm(node, mark) if node.op_type == "LSTM" else _emit_matmul(node, per_channel, mark))
+        rows.append(_emit_lstm(node, mark, safe_pairs) if node.op_type == "LSTM"
+                    else _emit_matmul(node, per_channel, mark, safe_pairs))
     if rows:
         opset = model.opset_imports.get("", 0)
         if opset and opset < 11:  # DynamicQuantizeLinear is opset 11
@@ -199,13 +207,14 @@ class QuantizeDynamic(GraphoptPass):
             from graphopt.passes import quant_placement as qp
 
             placer = qp.Placement(self.context.threads, opts.latency_budget_s, self.layer_timer, self.model_timer)
-            nodes, place_rows, place_notes = placer.place_dynamic(model, nodes, calib, opts.per_channel)
+            nodes, place_rows, place_notes = placer.place_dynamic(model, nodes, calib, opts.per_channel,
+                                                                  self.context.target.saturates)
             notes += place_notes
         else:
             place_rows = []
             if opts.target == "latency":
                 notes.append("no calibration data to time on: every candidate quantized (target=latency unmeasured)")
-        rows = emit_dynamic(model, nodes, opts.per_channel, self.mark)
+        rows = emit_dynamic(model, nodes, opts.per_channel, self.mark, self.context.target.saturates)
         if not rows:
             notes.append("nothing quantized: no candidate was measured faster than float")
         return self.result(model, rows + place_rows, notes, modified=bool(rows))

@@ -264,14 +264,14 @@ class Placement:
                               f"(est. {gain:+.3f} ms) back to float")
         return set(), ratio
 
-    def place_dynamic(self, model: ir.Model, nodes: list[ir.Node], dataset, per_channel: bool
-                      ) -> tuple[list[ir.Node], list[dict], list[str]]:
+    def place_dynamic(self, model: ir.Model, nodes: list[ir.Node], dataset, per_channel: bool,
+                      safe_pairs: bool = True) -> tuple[list[ir.Node], list[dict], list[str]]:
         """The dynamic pass: nodes measured faster in dynamic int8, then the whole-model check."""
         mm = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
         names = [n.inputs[0].name for n in mm] + [n.outputs[0].name for n in mm]
         shapes = capture_shapes(model, names, dataset, self.threads) if mm else {}
         ranges = {k: (-1.0, 1.0) for k in names}  # the dynamic form needs no range; one-node feeds use it
-        cfg = qdq.QdqConfig("uint8", per_channel, False)
+        cfg = qdq.QdqConfig("uint8", per_channel, False, safe_pairs)
         timed = self.time_layers(model, mm, ranges, cfg, shapes, dynamic=True)
         rows, keep = [], []
         for node in nodes:
@@ -287,7 +287,7 @@ class Placement:
         by_name = {n.name: n for n in keep}
 
         def build(m: ir.Model, names: set[str]) -> None:
-            emit_dynamic(m, [n for n in m.graph if n.name in names], per_channel)
+            emit_dynamic(m, [n for n in m.graph if n.name in names], per_channel, safe_pairs=safe_pairs)
 
         kept, ratio = self.back_off(model, gains, build, dataset) if keep else (set(), None)
         if ratio is not None:

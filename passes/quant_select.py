@@ -109,7 +109,7 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
         p = replan(m, ({n.name for n in m.graph} - keep) | dyn)
         if p.nodes:
             qdq.emit(m, p.nodes, ranges, dataclasses.replace(cfg, activation_type=act))
-        qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel)
+        qd.emit_dynamic(m, [n for n in m.graph if n.name in keep & dyn], cfg.per_channel, safe_pairs=cfg.safe_pairs)
 
     # The checks judge the head of the calibration data; their corrections fit its tail, so a check does not
     # grade a correction on the samples it was fitted to (as far as the feeds allow).
@@ -134,7 +134,8 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
         def build_one(m: ir.Model, name: str) -> None:
             """The single-op screen: that op alone, uncorrected."""
             if name in dyn:
-                qd.emit_dynamic(m, [n for n in m.graph if n.name == name], cfg.per_channel)
+                qd.emit_dynamic(m, [n for n in m.graph if n.name == name], cfg.per_channel,
+                                 safe_pairs=cfg.safe_pairs)
             else:
                 qdq.emit(m, [n for n in m.graph if n.name == name], ranges, cfg)
 

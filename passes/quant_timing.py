@@ -12,6 +12,8 @@ the float model and every candidate interleaved round by round on calibration fe
 
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 import time
 from dataclasses import dataclass
@@ -137,12 +139,12 @@ def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, 
         try:
             flt = _micro(node, shapes[x.name], opset)
             q = _micro(node, shapes[x.name], opset)
-            qdq.emit(q, [next(iter(q.graph))], ranges, qdq.QdqConfig(cfg.activation_type, cfg.per_channel, True))
+            qdq.emit(q, [next(iter(q.graph))], ranges, dataclasses.replace(cfg, quantize_outputs=True))
             models = [flt, q, _boundary(x.name, shapes[x.name], y.name, shapes[y.name], ranges[x.name],
                                         ranges[y.name], cfg)]
             if dynamic and node.op_type in ("MatMul", "Gemm"):
                 d = _micro(node, shapes[x.name], opset)
-                emit_dynamic(d, [next(iter(d.graph))], cfg.per_channel)
+                emit_dynamic(d, [next(iter(d.graph))], cfg.per_channel, safe_pairs=cfg.safe_pairs)
                 models.append(d)
             lo, hi = ranges[x.name]
             feed = {x.name: rng.uniform(lo, hi, shapes[x.name]).astype(np.float32),

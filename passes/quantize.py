@@ -251,7 +251,8 @@ class Quantize(GraphoptPass):
         """The emission config; ``activation_type=auto`` starts from uint8 (what x86 runs fast on most nets)."""
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
         act = "uint8" if self.options.activation_type == "auto" else self.options.activation_type
-        return qdq.QdqConfig(act, self.options.per_channel and opset >= 13, self.options.quantize_outputs)
+        return qdq.QdqConfig(act, self.options.per_channel and opset >= 13, self.options.quantize_outputs,
+                             self.context.target.saturates)
 
     # --- the pass -----------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> GraphoptResult:
@@ -284,7 +285,7 @@ class Quantize(GraphoptPass):
         rows = qdq.emit(model, final.nodes, ranges, cfg, self.mark) if final.nodes else []
         rows += qdq.emit_weights_only(final.weight_only, cfg, self.mark)
         if final.dynamic:
-            rows += qd.emit_dynamic(model, final.dynamic, cfg.per_channel, self.mark)
+            rows += qd.emit_dynamic(model, final.dynamic, cfg.per_channel, self.mark, cfg.safe_pairs)
         if reference is not None:
             fixed, fix_notes = correct_biases(reference, model, self.context.calib, self.context.threads,
                                               self.options.correction_samples, mark=self.mark)

@@ -80,7 +80,10 @@ def test_correction_reduces_mean_output_error(waves):
     after = run_model(model, test)["y"] - ref
     assert result.modified
     corrected = [r for r in result.rows if r["action"] == "bias corrected"]
-    assert len(corrected) == 8 and all(r["bias"] == "int32" for r in corrected)
+    undone = [r for r in result.rows if "undone" in r.get("reason", "")]
+    # With pair-safe (portable) weights, waves=4 undoes its second wave of two layers: it raised the error.
+    assert len(corrected) + len(undone) == 8 and len(corrected) >= 6, result.rows
+    assert all(r["bias"] == "int32" for r in corrected)
     # Held-out data (not the calibration feeds): measured 5.7 -> 1.8 (waves=0) and 2.6 (waves=4).
     assert np.mean(np.abs(after)) < 0.6 * np.mean(np.abs(before)), (np.mean(np.abs(before)), np.mean(np.abs(after)))
     assert np.all(np.abs(after.mean(axis=0)) <= np.abs(before.mean(axis=0)) + 0.5 * np.abs(before).mean())
@@ -136,7 +139,9 @@ def test_opset_12_conv_without_bias_gets_a_float_bias_and_loads():
     teacher = ir.serde.deserialize_model(proto)
     rows, _ = correct_biases(teacher, model, data, samples=8, waves=0)
     kinds = collections.Counter(r.get("bias") for r in rows if r["action"] == "bias corrected")
-    assert kinds["float (new)"] == 4 and "int32 (new)" not in kinds, kinds
+    assert "int32 (new)" not in kinds, kinds
+    # Every bias-less depthwise conv got a float bias (a wave undone by the error guard still says which).
+    assert [r.get("bias") for r in rows if r["node"].startswith("dw")] == ["float (new)"] * 4, rows
     assert np.all(np.isfinite(run_model(model, test)["y"]))
 
 
@@ -234,8 +239,9 @@ def test_conv_affine_chain_is_followed_to_the_same_tensor():
     before = np.mean(np.abs(run_model(model, test)["y"] - ref))
     rows, _ = correct_biases(teacher, model, data, samples=32, waves=0)
     pw1 = next(r for r in rows if r["node"] == "pw1")
-    assert pw1["action"] == "bias corrected" and pw1["float_tensor"] == "p1_add", pw1
-    assert sum(r["action"] == "bias corrected" for r in rows) == 8
+    # Matched to the teacher's tensor after the folded Mul/Add (its wave may still be undone by the error guard).
+    assert pw1["float_tensor"] == "p1_add" and (pw1["action"] == "bias corrected" or "undone" in pw1["reason"]), pw1
+    assert sum(r["action"] == "bias corrected" for r in rows) >= 7
     assert np.mean(np.abs(run_model(model, test)["y"] - ref)) < 0.6 * before
 
 

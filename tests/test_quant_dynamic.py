@@ -14,7 +14,8 @@ import pytest
 from onnx import helper
 
 from graphopt import data as datamod
-from graphopt import modelio
+from graphopt import modelio, saturation
+from graphopt.cpu import resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
 from graphopt.passes import quant_placement as qp
@@ -72,16 +73,23 @@ def test_structure_kernels_and_numbers():
         assert err < 0.03 * np.abs(ref[name]).max() + 1e-3, (name, err)
 
 
-def test_gemm_per_channel_scales_follow_output_columns():
+@pytest.mark.parametrize("target_cpu", ["vnni", "portable"])
+def test_gemm_per_channel_scales_follow_output_columns(target_cpu):
     proto, inits = _mlp_lstm()
     model = ir.serde.deserialize_model(proto)
-    QuantizeDynamic(QuantizeDynamicOptions(target="size", exclude_ops=["LSTM", "MatMul"]))(model)
+    QuantizeDynamic(QuantizeDynamicOptions(target="size", exclude_ops=["LSTM", "MatMul"]),
+                    PassContext(target=resolve_target(target_cpu)))(model)
     mmi = next(n for n in model.graph if n.op_type == "MatMulInteger")
     wq = mmi.inputs[1].const_value.numpy()
     assert wq.dtype == np.int8 and wq.shape == (24, 16)  # transB undone: [K, N]
     scale_mul = next(n for n in model.graph if n.name == "gm_scale_Mul")
     scale = scale_mul.inputs[1].const_value.numpy()
-    np.testing.assert_allclose(scale, np.abs(inits["W2"]).max(axis=1) / 127, rtol=1e-6)
+    plain = np.abs(inits["W2"]).max(axis=1) / 127
+    if target_cpu == "vnni":
+        np.testing.assert_allclose(scale, plain, rtol=1e-6)
+    else:  # per output column, raised only as far as keeps every pair along K inside int16
+        assert np.all(scale >= plain * (1 - 1e-6)) and np.all(scale <= plain * 255 / 127 * (1 + 1e-6))
+        assert not saturation.overflow_rows(saturation.KernelOrder("MatMul").rows(wq)).any()
     assert any(n.op_type == "LSTM" for n in model.graph)
 
 
@@ -118,7 +126,8 @@ def test_static_convs_mixed_with_dynamic_matmul():
     opt = _optimized_ops(model)
     assert opt["QLinearConv"] == 1 and opt["DynamicQuantizeMatMul"] == 1, opt
     ref, got = run_model(proto, feeds[0])["y"], run_model(model, feeds[0])["y"]
-    assert np.abs(ref - got).max() < 0.03 * np.abs(ref).max()
+    # Gaussian weights, K = 288: pair-safe int8 measured 3.0% of the output peak (full range: 2.9%).
+    assert np.abs(ref - got).max() < 0.04 * np.abs(ref).max()
 
 
 def test_already_quantized_model_is_not_quantized_again():

@@ -104,7 +104,7 @@ def test_bad_recipe_files(tmp_path):
         recipe.parse_file(bad)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("steps: [toy]\n")
-    with pytest.raises(RecipeError, match="single key 'passes'"):
+    with pytest.raises(RecipeError, match="with the key 'passes'"):
         recipe.parse_file(wrong)
     with pytest.raises(RecipeError, match="no such file"):
         recipe.parse_file(tmp_path / "missing.yaml")
