@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=50)
     be.add_argument("--warmup", type=int, default=5)
 
-    ins = sub.add_parser("inspect", help="op histogram, params, MACs per layer, largest initializers")
+    ins = sub.add_parser("inspect", help="op histogram, params, MACs per layer, largest initializers; for an int8 "
+                                         "model, the layers that can saturate on AVX2-class CPUs")
     ins.add_argument("model")
     ins.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC")
+    ins.add_argument("--data", help="samples (.npz or folder) to count clipped int8 pair sums and emulate AVX2")
+    ins.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
     sub.add_parser("passes", help="list every pass with its options")
     return parser
@@ -147,10 +150,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt import modelio
+    from graphopt import cpu, modelio, saturation_check
     from graphopt.inspection import format_inspect, inspect_model
 
-    print(format_inspect(inspect_model(modelio.load_model(args.model), _shapes(args.shape))))
+    model = modelio.load_model(args.model)
+    data = None
+    if args.data is not None:
+        from graphopt import data as datamod
+
+        data = datamod.load_data(args.data, datamod.input_specs(model))
+    print(f"host CPU: {cpu.host().describe()}")
+    print(format_inspect(inspect_model(model, _shapes(args.shape))))
+    saturation = saturation_check.check(model, data, args.threads)
+    if saturation.layers:  # an int8 model: can it clip on AVX2-class kernels?
+        print()
+        print(saturation_check.format_report(saturation))
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -82,9 +83,19 @@ def parse_cpuinfo(text: str, arch: str) -> HostCpu:
     return HostCpu(arch.lower(), model, frozenset(flags.split()))
 
 
+HOST_ENV = "GRAPHOPT_HOST_ISA"  # overrides detection: an emulator (qemu -cpu Haswell) shows the real CPU's flags
+_ISA_FLAGS = {"sse": set(), "avx2": {"avx2"}, "avx512": {"avx2", "avx512bw"},
+              "vnni": {"avx2", "avx512bw", "avx512_vnni"}, "amx": {"avx2", "avx512bw", "avx512_vnni", "amx_int8"}}
+
+
 @functools.lru_cache(maxsize=1)
 def host() -> HostCpu:
     """The CPU this process runs on (Linux /proc/cpuinfo; elsewhere only the architecture is known)."""
+    forced = os.environ.get(HOST_ENV, "").strip().lower()
+    if forced:
+        if forced not in _ISA_FLAGS:
+            raise GraphoptError(f"{HOST_ENV}={forced}: expected one of {', '.join(_ISA_FLAGS)}")
+        return HostCpu("x86_64", f"{HOST_ENV}={forced}", frozenset(_ISA_FLAGS[forced]))
     arch = platform.machine().lower()
     path = Path("/proc/cpuinfo")
     try:
@@ -118,6 +129,19 @@ class Target:
         if self.isa in X86_TIERS and isa in X86_TIERS:
             return X86_TIERS.index(self.isa) >= X86_TIERS.index(isa)
         return self.isa == isa
+
+
+def placement_note(target: Target, cpu: HostCpu | None = None) -> tuple[bool, str]:
+    """Whether this host's timings may place int8 for ``target``, and a note saying where they hold.
+
+    A target whose int8 kernels are faster than the host's (host AVX2, target VNNI) is not placed by host
+    timings: int8 slower than float here says nothing about there, so every op stays int8 that accuracy allows."""
+    host_isa = (cpu or host()).isa
+    if target.isa != host_isa and target.at_least_as_fast_as(host_isa):
+        return False, (f"latency placement not timed: this host's int8 kernels ({host_isa}) are slower than the "
+                       f"target's ({target.isa}), so int8 wherever the accuracy budget allows")
+    note = f"latency placement timed on this host (int8 kernels: {host_isa})"
+    return True, note + ("" if target.isa == host_isa else f"; it may differ on the target ({target.describe()})")
 
 
 def resolve_target(name: str | None = None, cpu: HostCpu | None = None) -> Target:

@@ -18,8 +18,10 @@ Feed = Mapping[str, np.ndarray]
 ModelLike = ir.Model | onnx.ModelProto | str | os.PathLike
 
 
-def session_options(threads: int = 1, optimized_path: str | None = None, lean: bool = False) -> ort.SessionOptions:
-    """``lean``: no weight pre-packing and no memory arena — for checking big models, not for timing them."""
+def session_options(threads: int = 1, optimized_path: str | None = None, lean: bool = False,
+                    optimize: bool = True) -> ort.SessionOptions:
+    """``lean``: no weight pre-packing and no memory arena — for checking big models, not for timing them.
+    ``optimize=False``: no graph optimizations (QDQ pairs then run as float ops, not integer kernels)."""
     opts = ort.SessionOptions()
     if lean:
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -27,7 +29,8 @@ def session_options(threads: int = 1, optimized_path: str | None = None, lean: b
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     return opts
@@ -42,9 +45,9 @@ def _has_external(model: ir.Model) -> bool:
 
 
 def make_session(model: ModelLike, threads: int = 1, optimized_path: str | None = None,
-                 lean: bool = False) -> ort.InferenceSession:
+                 lean: bool = False, optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session. Large or external-data models go through a temporary file."""
-    opts = session_options(threads, optimized_path, lean)
+    opts = session_options(threads, optimized_path, lean, optimize)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), opts, providers=providers)

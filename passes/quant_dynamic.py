@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt import cpu
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.qdq import quantize_weight
@@ -203,7 +204,11 @@ class QuantizeDynamic(GraphoptPass):
             return self.result(model, [], ["nothing to quantize: no MatMul/Gemm/LSTM with constant float weights"],
                                modified=False)
         calib = self.context.calib
-        if opts.target == "latency" and calib is not None and not calib.synthetic:
+        timed = opts.target == "latency" and calib is not None and not calib.synthetic
+        if timed:
+            timed, note = cpu.placement_note(self.context.target)
+            notes.append(note)
+        if timed:
             from graphopt.passes import quant_placement as qp
 
             placer = qp.Placement(self.context.threads, opts.latency_budget_s, self.layer_timer, self.model_timer)
@@ -212,7 +217,7 @@ class QuantizeDynamic(GraphoptPass):
             notes += place_notes
         else:
             place_rows = []
-            if opts.target == "latency":
+            if opts.target == "latency" and (calib is None or calib.synthetic):
                 notes.append("no calibration data to time on: every candidate quantized (target=latency unmeasured)")
         rows = emit_dynamic(model, nodes, opts.per_channel, self.mark, self.context.target.saturates)
         if not rows:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 import onnx_ir as ir
 
+from graphopt import cpu
 from graphopt import sensitivity as sens
 from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
@@ -67,6 +68,9 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
     for name in dyn:
         reasons[name] = "dynamic int8"
     measure = opts.target == "latency"
+    if measure:
+        measure, note = cpu.placement_note(ctx.target)
+        notes.append(note)
     placer = qp.Placement(ctx.threads, opts.latency_budget_s, qpass.layer_timer, qpass.model_timer)
     data = ctx.calib
     current = replan(model, set(reasons))

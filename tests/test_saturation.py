@@ -1,0 +1,196 @@
+"""Pair-safe int8 weights, the saturation check and its emulator, and the CPU targets.
+
+The emulator is checked three ways: against an independent numpy model of the AVX2 kernel (im2col in the
+kernel's channels-last order, int16-clipped pair sums), against onnxruntime on this host — whatever its kernels:
+where they saturate (no VNNI) the real outputs must match the emulated ones, elsewhere the exact ones — and for
+pair-safe weights, where emulated and exact must agree on every CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from graphopt import cpu, saturation as sat
+from graphopt import data as datamod
+from graphopt.passbase import PassContext
+from graphopt.passes.qdq import quantize_weight_safe
+from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.runtime import make_session
+from graphopt.saturation_check import check, emulate, find_layers
+from tests.helpers import make_proto, tensor_info
+
+RNG = np.random.default_rng(7)
+
+AVX2_INFO = "processor\t: 0\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+VNNI_INFO = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
+AVX512_INFO = "model name\t: Intel Xeon Skylake\nflags\t\t: avx2 avx512f avx512bw\n"
+AMX_INFO = "model name\t: Intel Xeon Sapphire\nflags\t\t: avx2 avx512bw avx512_vnni amx_int8 amx_tile\n"
+ARM_INFO = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nCPU part\t: 0xd0c\n"
+
+
+@pytest.mark.parametrize("text,arch,isa", [(AVX2_INFO, "x86_64", "avx2"), (VNNI_INFO, "x86_64", "vnni"),
+                                           (AVX512_INFO, "x86_64", "avx512"), (AMX_INFO, "x86_64", "amx"),
+                                           (ARM_INFO, "aarch64", "arm64"), ("", "x86_64", "sse")])
+def test_host_isa_from_cpuinfo(text, arch, isa):
+    host = cpu.parse_cpuinfo(text, arch)
+    assert host.isa == isa
+    assert cpu.resolve_target("host", host).isa == isa
+    assert cpu.resolve_target("host", host).saturates == (isa in ("avx2", "avx512", "sse"))
+
+
+def test_targets():
+    assert cpu.resolve_target(None).name == "portable" and cpu.resolve_target(None).saturates
+    assert not cpu.resolve_target("vnni").saturates and not cpu.resolve_target("arm64").saturates
+    assert cpu.resolve_target("avx512").saturates
+    with pytest.raises(cpu.GraphoptError, match="target CPU 'avx3'"):
+        cpu.resolve_target("avx3")
+
+
+def test_placement_is_timed_only_where_it_holds():
+    avx2, vnni = cpu.parse_cpuinfo(AVX2_INFO, "x86_64"), cpu.parse_cpuinfo(VNNI_INFO, "x86_64")
+    timed, note = cpu.placement_note(cpu.resolve_target("vnni"), avx2)  # int8 slow here says nothing there
+    assert not timed and "slower than the target's (vnni)" in note
+    timed, note = cpu.placement_note(cpu.resolve_target("portable"), vnni)
+    assert timed and "timed on this host (int8 kernels: vnni)" in note and "may differ" in note
+    assert cpu.placement_note(cpu.resolve_target("host", vnni), vnni) == (True, "latency placement timed on this "
+                                                                             "host (int8 kernels: vnni)")
+
+
+ORDERS = [(sat.KernelOrder("Conv"), (16, 7, 3, 3), 0), (sat.KernelOrder("Conv", 2), (8, 3, 1, 5), 0),
+          (sat.KernelOrder("Gemm", trans_b=True), (16, 24), 0), (sat.KernelOrder("Gemm"), (24, 16), 1),
+          (sat.KernelOrder("MatMul"), (33, 16), 1), (sat.KernelOrder("MatMul"), (2, 24, 16), None)]
+
+
+@pytest.mark.parametrize("order,shape,axis", ORDERS)
+def test_pair_safe_weights(order, shape, axis):
+    w = RNG.normal(size=shape).astype(np.float32)
+    assert np.array_equal(order.unrows(order.rows(w), w.shape), w)
+    q, scale, changed = quantize_weight_safe(w, axis, order)
+    assert q.dtype == np.int8 and not sat.overflow_rows(order.rows(q)).any()
+    assert sat.worst_pair(order.rows(q)) <= sat.INT16_MAX
+    plain_q, plain_scale, _ = quantize_weight_safe(w, axis)
+    assert changed > 0 and sat.overflow_rows(order.rows(plain_q)).any()  # Gaussian weights overflow plain
+    assert np.all(scale >= plain_scale * (1 - 1e-6))
+    shape_s = [1] * w.ndim
+    if axis is not None:
+        shape_s[axis] = -1
+    err = ((q * scale.reshape(shape_s) - w) ** 2).sum()
+    seven = np.clip(np.round(w / (plain_scale.reshape(shape_s) * 2)), -64, 64) * plain_scale.reshape(shape_s) * 2
+    assert err < ((seven - w) ** 2).sum()  # better than blanket 7-bit weights (reduce_range)
+
+
+def test_safe_weights_are_left_alone():
+    w = (RNG.uniform(-1, 1, size=(8, 10)) * np.array([1.0, 0.01] * 5)).astype(np.float32)  # big, small, ...
+    q, scale, changed = quantize_weight_safe(w, 0, sat.KernelOrder("Gemm", trans_b=True))
+    assert changed == 0 and np.allclose(scale, np.abs(w).max(axis=1) / 127)
+
+
+# --- the emulator --------------------------------------------------------------------------------------------
+
+def _qdq_model(op: str, q: np.ndarray, scale: np.ndarray, y_step: float, x_shape, group: int = 1) -> ir.Model:
+    """x (float) → Q/DQ uint8 (step 0.02) → Conv/MatMul with int8 per-channel weights → Q/DQ (``y_step``) → y."""
+    axis = 0 if op == "Conv" else 1
+    inits = {"wq": q, "ws": scale, "wz": np.zeros(scale.shape, np.int8), "xs": np.array(0.02, np.float32),
+             "xz": np.array(0, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=axis)]
+    if op == "Conv":
+        nodes.append(helper.make_node("Conv", ["xd", "wd"], ["c"], group=group, pads=[1, 1, 1, 1], name="layer"))
+    else:
+        nodes.append(helper.make_node("MatMul", ["xd", "wd"], ["c"], name="layer"))
+    inits.update({"ys": np.array(y_step, np.float32), "yz": np.array(128, np.uint8)})
+    nodes += [helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"])]
+    return ir.serde.deserialize_model(make_proto(nodes, [tensor_info("x", np.float32, x_shape)], ["y"], inits))
+
+
+def _numpy_avx2(op: str, x: np.ndarray, q: np.ndarray, group: int = 1, limit: int = 32767) -> np.ndarray:
+    """The int32 result of onnxruntime's AVX2 u8×s8 kernel: pairs along K, each pair sum clipped to int16
+    (``limit`` 2**31: no clipping, the exact result)."""
+    xb = np.clip(np.round(x / 0.02), 0, 255)
+    if op == "MatMul":
+        prod = xb[..., :, None] * q[None, :, :]  # [M, K, N]
+        if prod.shape[-2] % 2:
+            prod = np.concatenate([prod, np.zeros_like(prod[..., :1, :])], axis=-2)
+        pairs = prod.reshape(prod.shape[0], -1, 2, prod.shape[-1]).sum(axis=2)
+        return np.clip(pairs, -limit - 1, limit).sum(axis=1)
+    n, c, h, w_ = xb.shape
+    cout, cin_g, kh, kw = q.shape
+    xp = np.pad(xb, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((n, cout, h, w_))
+    for co in range(cout):
+        g = co // (cout // group)
+        wk = q[co].transpose(1, 2, 0).reshape(-1)  # K = (kh, kw, cin), cin fastest
+        for i in range(h):
+            for j in range(w_):
+                patch = xp[:, g * cin_g:(g + 1) * cin_g, i:i + kh, j:j + kw].transpose(0, 2, 3, 1).reshape(n, -1)
+                prod = patch * wk
+                if prod.shape[1] % 2:
+                    prod = np.concatenate([prod, np.zeros((n, 1))], axis=1)
+                out[:, co, i, j] = np.clip(prod.reshape(n, -1, 2).sum(2), -limit - 1, limit).sum(1)
+    return out
+
+
+CASES = [("MatMul", (24, 16), (6, 24), 1), ("MatMul", (33, 8), (5, 33), 1), ("Conv", (8, 6, 3, 3), (2, 6, 5, 5), 1),
+         ("Conv", (6, 3, 3, 3), (2, 6, 4, 4), 2)]
+
+
+@pytest.mark.parametrize("op,w_shape,x_shape,group", CASES)
+def test_emulator_matches_the_kernel_model_and_this_host(op, w_shape, x_shape, group):
+    w = RNG.normal(size=w_shape).astype(np.float32)
+    w.reshape(-1)[::7] *= 4  # a few large weights: pairs that clip
+    q, wscale, _ = quantize_weight_safe(w, 0 if op == "Conv" else 1)  # full range
+    x = RNG.uniform(3.5, 5.1, size=x_shape).astype(np.float32)  # activation bytes 175..255
+    unit = 0.02 * (wscale.reshape(-1, 1, 1) if op == "Conv" else wscale)
+    exact_y = _numpy_avx2(op, x, q, group, limit=2 ** 31) * unit
+    step = float(np.abs(exact_y).max()) / 120  # the output range covers the exact sums
+    model = _qdq_model(op, q, wscale, step, x_shape, group)
+    layer, = find_layers(model)
+    assert layer.risky
+    emulated = make_session(emulate(model), optimize=False).run(None, {"x": x})
+    exact = make_session(model, optimize=False).run(None, {"x": x})[0]
+    clipped = emulated[1]
+    assert clipped > 0  # these inputs do clip
+    # The emulated output before requantization equals the numpy kernel model's: compare after the same rounding.
+    ref = _numpy_avx2(op, x, q, group) * unit
+    ref_y = (np.clip(np.round(ref / step) + 128, 0, 255) - 128) * step
+    assert np.abs(emulated[0] - ref_y).max() <= step * 1.001  # within one output step (float rounding)
+    assert np.abs(emulated[0] - exact).max() > 3 * step  # and clipping really changed it
+    real = make_session(model).run(None, {"x": x})[0]  # onnxruntime's integer kernel on this host
+    expected = emulated[0] if cpu.resolve_target("host").saturates else exact
+    assert np.abs(real - expected).max() <= step * 1.001
+
+
+def _calibrated(op, w, x_shape, target):
+    """graphopt's quantize of a float Conv/MatMul with these weights, for ``target``."""
+    if op == "Conv":
+        node = helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1], name="layer")
+    else:
+        node = helper.make_node("MatMul", ["x", "W"], ["y"], name="layer")
+    proto = make_proto([node], [tensor_info("x", np.float32, x_shape)], ["y"], {"W": w})
+    model = ir.serde.deserialize_model(proto)
+    feeds = [{"x": RNG.uniform(0, 5, size=x_shape).astype(np.float32)} for _ in range(4)]
+    data = datamod.load_data(feeds, datamod.input_specs(model))
+    opts = QuantizeOptions(target="size", bias_correction=False, quantize_outputs=True)
+    Quantize(opts, PassContext(calib=data, target=cpu.resolve_target(target)))(model)
+    return model, data
+
+
+@pytest.mark.parametrize("op,w_shape,x_shape,group", CASES[:3])
+def test_portable_weights_never_clip(op, w_shape, x_shape, group):
+    w = RNG.normal(size=w_shape).astype(np.float32)
+    safe, data = _calibrated(op, w, x_shape, "portable")
+    assert find_layers(safe) and not any(layer.risky for layer in find_layers(safe))
+    report = check(safe, data)
+    assert not report.at_risk and report.emulated is None
+    x = data.feeds[0]
+    real = make_session(safe).run(None, x)[0]  # any CPU: the integer kernel equals exact int32
+    exact = make_session(safe, optimize=False).run(None, x)[0]
+    step = float(np.abs(exact).max()) / 127
+    assert np.abs(real - exact).max() <= step
+    full, _ = _calibrated(op, w, x_shape, "vnni")  # the same weights in full range do risk clipping
+    assert any(layer.risky for layer in find_layers(full))
