@@ -2,7 +2,7 @@
 does to the outputs, emulated on any CPU.
 
 :func:`find_layers` reads a QDQ model (graphopt's or onnxruntime's quantizer's): each default-domain
-Conv/MatMul/Gemm whose input is a DequantizeLinear of uint8 activations and whose weight is a DequantizeLinear of
+Conv/MatMul/Gemm whose input is a DequantizeLinear of 8-bit activations and whose weight is a DequantizeLinear of
 int8 constants, with the weight pairs (:class:`graphopt.saturation.KernelOrder`) that can leave int16 for some
 activation bytes — a bound from the weights alone.
 
@@ -36,9 +36,10 @@ class Layer:
 
     node: ir.Node
     order: sat.KernelOrder
-    x_q: ir.Value  # the activation bytes (uint8)
+    x_q: ir.Value  # the activation bytes
     x_scale: float
     x_zero_point: int
+    x_shift: int  # 128 for int8 activations: onnxruntime feeds x + 128 to the uint8 kernel
     w_q: np.ndarray  # int8, as stored
     w_scale: np.ndarray  # one per output channel (or a scalar)
     risky: list[tuple[int, int]]  # (kernel row, pair index) whose same-sign |q0| + |q1| > 128
@@ -67,8 +68,9 @@ def _dq_const(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return arrays[0], arrays[1], zp, attr(node, "axis", 1)
 
 
-def _activation(value: ir.Value) -> tuple[ir.Value, float, int] | None:
-    """(bytes, scale, zero point) when ``value`` is DequantizeLinear(uint8 bytes, scalar scale, zero point)."""
+def _activation(value: ir.Value) -> tuple[ir.Value, float, int, int] | None:
+    """(bytes, scale, zero point, shift) when ``value`` is DequantizeLinear(8-bit bytes, scalar scale, zero
+    point). onnxruntime runs int8 QDQ activations as uint8 (x + 128, shift 128) through the same kernel."""
     node = value.producer()
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return None
@@ -76,9 +78,9 @@ def _activation(value: ir.Value) -> tuple[ir.Value, float, int] | None:
     scale = constant_array(node.inputs[1], nodes=True)
     zp = constant_array(node.inputs[2], nodes=True) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     dtype = zp.dtype if zp is not None else (x_q.dtype.numpy() if x_q.dtype is not None else None)
-    if dtype != np.uint8 or scale is None or scale.size != 1 or zp.size != 1:
-        return None  # int8 activations run a kernel without the int16 pair limit (measured, onnxruntime 1.32)
-    return x_q, float(scale.reshape(())), int(zp.reshape(())) if zp is not None else 0
+    if dtype not in (np.uint8, np.int8) or scale is None or scale.size != 1 or zp.size != 1:
+        return None
+    return x_q, float(scale.reshape(())), int(zp.reshape(())), 128 if dtype == np.int8 else 0
 
 
 def find_layers(model: ir.Model) -> list[Layer]:
@@ -157,7 +159,7 @@ def _conv_pair_sums(b: _Builder, layer: Layer, raw: ir.Value, members: np.ndarra
     nd = len(kernel)
     pads = list(attr(node, "pads", [0] * (2 * nd)))
     padded = b.op("Pad", [raw, b.const("pads", np.array([0, 0, *pads[:nd], 0, 0, *pads[nd:]], np.int64)),
-                          b.const("pad_value", np.array(layer.x_zero_point, np.float32))])
+                          b.const("pad_value", np.array(layer.x_zero_point + layer.x_shift, np.float32))])
     picked = b.op("Gather", [padded, b.const("index", channel.reshape(-1).astype(np.int64))], axis=1)
     sums = b.op("Conv", [picked, b.const("w", wk)], group=len(members),
                 strides=list(attr(node, "strides", [1] * nd)), dilations=list(attr(node, "dilations", [1] * nd)))
@@ -176,6 +178,8 @@ def emulate(model: ir.Model, counts: bool = True) -> ir.Model:
         b = _Builder(out.graph, node)
         x_q = node.inputs[0].producer().inputs[0]
         raw = b.op("Cast", [x_q], to=ir.DataType.FLOAT)
+        if layer.x_shift:
+            raw = b.op("Add", [raw, b.const("shift", np.array(layer.x_shift, np.float32))])
         members = _pair_elements(layer)
         build = _conv_pair_sums if layer.order.op == "Conv" else _matmul_pair_sums
         sums, channel = build(b, layer, raw, members)
@@ -253,7 +257,7 @@ def check(model: ir.Model, dataset=None, threads: int = 1) -> SaturationReport:
 def format_report(report: SaturationReport) -> str:
     """Plain text for `graphopt inspect`."""
     if not report.layers:
-        return "int8 saturation: no int8 Conv/MatMul/Gemm with uint8 activations (nothing an AVX2 kernel can clip)"
+        return "int8 saturation: no int8 Conv/MatMul/Gemm with 8-bit activations (nothing an AVX2 kernel can clip)"
     lines = [f"int8 saturation on AVX2-class u8×s8 kernels (no VNNI): {len(report.at_risk)} of "
              f"{len(report.layers)} int8 layers can overflow an int16 pair sum (limit {sat.INT16_MAX})"]
     if not report.at_risk:
