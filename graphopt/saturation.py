@@ -9,8 +9,8 @@ weight pair can overflow when its same-sign magnitudes add up to more than 128 (
 :class:`KernelOrder` lays a weight out as the kernel reads it — one row per output channel, K in the kernel's
 order — so pairs are columns (2j, 2j+1). :func:`safe_quantize` requantizes just the channels that could
 overflow: a larger scale, or the overflowing pairs clamped, whichever is closer to the float weights.
-The rules were measured with onnxruntime 1.32 under ``qemu-x86_64 -cpu Haswell`` (AVX2, no VNNI). Depthwise convolutions run a separate kernel that
-widens to int16 before multiplying: they do not saturate.
+Depthwise convolutions run a separate kernel that widens to int16 before multiplying: they do not saturate.
+These rules were measured with onnxruntime 1.32 under ``qemu-x86_64 -cpu Haswell`` (AVX2, no VNNI).
 """
 
 from __future__ import annotations
@@ -83,15 +83,15 @@ def kernel_order(node: ir.Node, weight_shape: tuple[int, ...] | None = None) -> 
     return None
 
 
+def pair_magnitudes(rows: np.ndarray) -> np.ndarray:
+    """[rows, pairs]: each pair's (columns 2j, 2j+1) larger same-sign sum, |q0| + |q1| when the signs agree."""
+    pairs = rows.reshape(rows.shape[0], -1, 2)
+    return np.maximum(np.maximum(pairs, 0).sum(axis=2), np.maximum(-pairs, 0).sum(axis=2))
+
+
 def pair_peaks(rows: np.ndarray) -> np.ndarray:
-    """Per row, the largest same-sign |q0| + |q1| over its pairs (columns 2j, 2j+1) of integer weights."""
-    q = np.asarray(rows, np.int32)
-    if q.shape[1] == 0:
-        return np.zeros(q.shape[0], np.int32)
-    pairs = q.reshape(q.shape[0], -1, 2)
-    pos = np.maximum(pairs, 0).sum(axis=2)
-    neg = np.maximum(-pairs, 0).sum(axis=2)
-    return np.maximum(pos, neg).max(axis=1)
+    """Per row, the largest same-sign |q0| + |q1| over its pairs of integer weights."""
+    return pair_magnitudes(np.asarray(rows, np.int32)).max(axis=1, initial=0)
 
 
 def overflow_rows(rows: np.ndarray) -> np.ndarray:
@@ -103,22 +103,10 @@ def _quantize(rows: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rows / scale[:, None]), -127, 127)
 
 
-def safe_scales(rows: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
-    """The smallest scales, at least ``scale``, whose rounded int8 rows have no overflowing pair.
-
-    ``rows``: float weights from :meth:`KernelOrder.rows`; ``scale``: one per row, or a scalar shared by all
-    rows (per-tensor weights). Returns the scales (shape of ``scale``) and how many of them were raised."""
-    rows = np.asarray(rows, np.float64)
-    shared = np.ndim(scale) == 0
-    if shared:  # one scale for all rows: the search runs on one row holding every pair
-        rows = rows.reshape(1, -1)
-    lo = np.asarray(scale, np.float64).reshape(-1).copy()
-    bad = overflow_rows(_quantize(rows, lo))
-    if not bad.any():
-        return np.asarray(scale, np.float32), 0
-    r, lo = rows[bad], lo[bad]
-    pairs = r.reshape(r.shape[0], -1, 2)
-    peak = np.maximum(np.maximum(pairs, 0).sum(2), np.maximum(-pairs, 0).sum(2)).max(axis=1)
+def _no_clamp_scales(r: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Per row of float weights ``r`` (each overflowing at its scale ``lo``), the smallest larger float32 scale
+    whose rounded int8 row has no overflowing pair."""
+    peak = pair_magnitudes(r).max(axis=1)
     hi = np.maximum(lo, peak / (PAIR_LIMIT - 1.0))  # rounding adds at most 1 to a pair: this one is safe
     for _ in range(_SEARCH_STEPS):
         mid = (lo + hi) / 2
@@ -131,9 +119,7 @@ def safe_scales(rows: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, int]:
         if not still.any():
             break
         hi32 = np.where(still, np.nextafter(hi32 * np.float32(1.0001), np.float32(np.inf)), hi32)
-    out = np.asarray(scale, np.float32).reshape(-1).copy()
-    out[bad] = hi32
-    return (out.reshape(()) if shared else out), int(bad.sum())
+    return hi32
 
 
 def clamp_pairs(q: np.ndarray) -> np.ndarray:
@@ -160,8 +146,8 @@ _GRID = 12  # scales tried between the plain one and the smallest one that needs
 def safe_quantize(rows: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """int8 rows that cannot overflow a pair, with the least squared weight error per row.
 
-    For each row that overflows at ``scale``, scales from there up to :func:`safe_scales`' (which needs no
-    clamp) are tried, the overflowing pairs of each cut by :func:`clamp_pairs`, and the one closest to the float
+    For each row that overflows at ``scale``, scales from there up to the smallest one that needs no clamp are
+    tried, the overflowing pairs of each cut by :func:`clamp_pairs`, and the one closest to the float
     weights is kept: a channel with one large pair keeps its resolution and loses a few steps on that pair; a
     channel with many gets a larger scale. ``scale``: one per row, or a scalar shared by all rows.
     Returns (int8 rows, scales, rows changed)."""
@@ -173,8 +159,8 @@ def safe_quantize(rows: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.n
     bad = overflow_rows(q)
     if not bad.any():
         return q.reshape(rows.shape).astype(np.int8), np.asarray(scale, np.float32), 0
-    top, _ = safe_scales(work[bad], base[bad].astype(np.float32))
-    r, lo, hi = work[bad], base[bad], np.asarray(top, np.float64)
+    r, lo = work[bad], base[bad]
+    hi = _no_clamp_scales(r, lo).astype(np.float64)
     best_q, best_s = _quantize(r, hi), hi.astype(np.float32)
     best_err = ((r - best_q * best_s[:, None].astype(np.float64)) ** 2).sum(axis=1)
     for t in np.linspace(0.0, 1.0, _GRID, endpoint=False):
@@ -191,5 +177,4 @@ def safe_quantize(rows: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.n
 
 def worst_pair(rows: np.ndarray) -> int:
     """The largest magnitude a pair sum of these int8 rows can reach with activation bytes in 0..255."""
-    peaks = pair_peaks(rows)
-    return int(peaks.max(initial=0)) * ACT_MAX
+    return int(pair_peaks(rows).max(initial=0)) * ACT_MAX

@@ -99,9 +99,7 @@ def find_layers(model: ir.Model) -> list[Layer]:
         if order is None or (order.op == "MatMul" and weight[0].ndim != 2):
             continue
         rows = order.rows(weight[0]).astype(np.int32)
-        pairs = rows.reshape(rows.shape[0], -1, 2)
-        peak = np.maximum(np.maximum(pairs, 0).sum(2), np.maximum(-pairs, 0).sum(2))
-        risky = [(int(r), int(j)) for r, j in zip(*np.nonzero(peak > sat.PAIR_LIMIT))]
+        risky = [(int(r), int(j)) for r, j in zip(*np.nonzero(sat.pair_magnitudes(rows) > sat.PAIR_LIMIT))]
         layers.append(Layer(node, order, *act, weight[0], np.asarray(weight[1], np.float32), risky, rows.shape[0]))
     return layers
 
