@@ -57,15 +57,36 @@ class Layer:
 
 
 def _dq_const(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None] | None:
-    """(q, scale, zero point, axis) of a DequantizeLinear of constants, else None."""
+    """(q, scale, zero point, axis) of a DequantizeLinear of constants, else None. A weight quantized at run
+    time (QuantizeLinear of a constant, as onnxruntime's quantizer writes weights held in Constant nodes) counts
+    as its constant-folded bytes: onnxruntime folds it before the kernel sees it."""
     node = value.producer() if value is not None else None
     if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
         return None
     arrays = [constant_array(v, nodes=True) if v is not None else None for v in node.inputs]
+    if arrays[0] is None and arrays[1] is not None:
+        arrays[0] = _quantized_const(node.inputs[0])
     if arrays[0] is None or arrays[1] is None:
         return None
     zp = arrays[2] if len(arrays) > 2 and arrays[2] is not None else np.zeros((), arrays[0].dtype)
     return arrays[0], arrays[1], zp, attr(node, "axis", 1)
+
+
+def _quantized_const(value: ir.Value) -> np.ndarray | None:
+    """QuantizeLinear(constant, scale, zero point) evaluated (round half to even, saturate), else None."""
+    node = value.producer()
+    if node is None or node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    arrays = [constant_array(v, nodes=True) if v is not None else None for v in node.inputs]
+    if len(arrays) < 3 or any(a is None for a in arrays[:3]) or arrays[2].dtype not in (np.int8, np.uint8):
+        return None
+    x, scale, zp = arrays[0].astype(np.float32), arrays[1].astype(np.float32), arrays[2]
+    if scale.size > 1:  # per channel along ``axis``
+        shape = [1] * x.ndim
+        shape[attr(node, "axis", 1) % x.ndim] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    return np.clip(np.rint(x / scale) + zp.astype(np.int32), info.min, info.max).astype(zp.dtype)
 
 
 def _activation(value: ir.Value) -> tuple[ir.Value, float, int, int] | None:
@@ -85,23 +106,38 @@ def _activation(value: ir.Value) -> tuple[ir.Value, float, int, int] | None:
 
 def find_layers(model: ir.Model) -> list[Layer]:
     """Every main-graph int8 Conv/MatMul/Gemm read by a pairing u8×s8 kernel, with its pairs at risk."""
-    layers = []
-    for node in model.graph:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type == "Gemm" and attr(node, "transA", 0):
-            continue
-        act = _activation(node.inputs[0])
-        weight = _dq_const(node.inputs[1]) if len(node.inputs) > 1 else None
-        if act is None or weight is None or weight[0].dtype != np.int8 or np.any(weight[2] != 0):
-            continue
-        order = sat.kernel_order(node, weight[0].shape)
-        if order is None or (order.op == "MatMul" and weight[0].ndim != 2):
-            continue
-        rows = order.rows(weight[0]).astype(np.int32)
-        risky = [(int(r), int(j)) for r, j in zip(*np.nonzero(sat.pair_magnitudes(rows) > sat.PAIR_LIMIT))]
-        layers.append(Layer(node, order, *act, weight[0], np.asarray(weight[1], np.float32), risky, rows.shape[0]))
-    return layers
+    return [c for c in map(_classify, model.graph) if isinstance(c, Layer)]
+
+
+def skipped_layers(model: ir.Model) -> dict[str, int]:
+    """The other QDQ Conv/MatMul/Gemm layers, counted by why the check leaves them out."""
+    reasons = [c for c in map(_classify, model.graph) if isinstance(c, str)]
+    return {r: reasons.count(r) for r in dict.fromkeys(reasons)}
+
+
+def _classify(node: ir.Node) -> Layer | str | None:
+    """A Layer when a pairing kernel reads ``node``, the reason it is exact when it is another QDQ
+    Conv/MatMul/Gemm, None when it is not one."""
+    if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        return None
+    act = _activation(node.inputs[0])
+    weight = _dq_const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if act is None or weight is None:
+        return None
+    if weight[0].dtype != np.int8:
+        return "uint8 weights (u8×u8 kernels widen to 16 bits)"
+    if np.any(weight[2] != 0):
+        return "int8 weights with a zero point (not a symmetric u8×s8 kernel)"
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        return "Gemm with transA (not checked)"
+    order = sat.kernel_order(node, weight[0].shape)
+    if order is None:
+        return "depthwise or transposed convolution (exact kernels)"
+    if order.op == "MatMul" and weight[0].ndim != 2:
+        return "batched MatMul weights (not checked)"
+    rows = order.rows(weight[0]).astype(np.int32)
+    risky = [(int(r), int(j)) for r, j in zip(*np.nonzero(sat.pair_magnitudes(rows) > sat.PAIR_LIMIT))]
+    return Layer(node, order, *act, weight[0], np.asarray(weight[1], np.float32), risky, rows.shape[0])
 
 
 class _Builder:
@@ -217,6 +253,7 @@ class SaturationReport:
     """:func:`check`'s answer: the layers, and with data what clipping does (emulated AVX2 vs exact int32)."""
 
     layers: list[dict]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # why -> how many QDQ layers
     samples: int = 0
     clipped_per_sample: dict[str, float] = dataclasses.field(default_factory=dict)
     emulated: Comparison | None = None  # the emulated AVX2 outputs against the exact (int32) ones
@@ -231,7 +268,7 @@ def check(model: ir.Model, dataset=None, threads: int = 1) -> SaturationReport:
     Dataset how many pair sums clip per sample and what that does to the outputs (both models run with graph
     optimizations off, so the exact one is int32-exact on any CPU)."""
     layers = find_layers(model)
-    report = SaturationReport([layer.row() for layer in layers])
+    report = SaturationReport([layer.row() for layer in layers], skipped_layers(model))
     if dataset is None or not report.at_risk:
         return report
     emulated = emulate(model)
@@ -254,12 +291,17 @@ def check(model: ir.Model, dataset=None, threads: int = 1) -> SaturationReport:
 
 def format_report(report: SaturationReport) -> str:
     """Plain text for `graphopt inspect`."""
+    skipped = "; ".join(f"{n} with {why}" for why, n in report.skipped.items())
     if not report.layers:
-        return "int8 saturation: no int8 Conv/MatMul/Gemm with 8-bit activations (nothing an AVX2 kernel can clip)"
+        return ("int8 saturation: no int8 Conv/MatMul/Gemm read by a u8×s8 kernel (nothing an AVX2 kernel can "
+                "clip)" + (f"; QDQ layers: {skipped}" if skipped else ""))
     lines = [f"int8 saturation on AVX2-class u8×s8 kernels (no VNNI): {len(report.at_risk)} of "
              f"{len(report.layers)} int8 layers can overflow an int16 pair sum (limit {sat.INT16_MAX})"]
+    if skipped:
+        lines.append(f"left out: {skipped}")
     if not report.at_risk:
-        return lines[0] + ": none, safe on any CPU"
+        lines[0] += ": none, safe on any CPU"
+        return "\n".join(lines)
     head = ["layer", "op", "channels at risk", "pairs at risk", "worst pair sum"]
     if report.samples:
         head.append("clipped per sample")

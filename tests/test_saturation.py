@@ -24,7 +24,7 @@ from graphopt.passbase import PassContext
 from graphopt.passes.qdq import quantize_weight_safe
 from graphopt.passes.quantize import Quantize, QuantizeOptions
 from graphopt.runtime import make_session
-from graphopt.saturation_check import check, emulate, find_layers
+from graphopt.saturation_check import check, emulate, find_layers, format_report
 from tests.helpers import make_proto, tensor_info
 
 RNG = np.random.default_rng(7)
@@ -178,6 +178,39 @@ def test_emulator_matches_the_kernel_model_and_this_host(op, w_shape, x_shape, g
     real = make_session(model).run(None, {"x": x})[0]  # onnxruntime's integer kernel on this host
     expected = emulated[0] if cpu.resolve_target("host").saturates else exact
     assert np.abs(real - expected).max() <= step * 1.001
+
+
+def _weights_quantized_at_run_time(model: ir.Model, dtype) -> ir.Model:
+    """The same model with its weight bytes computed by a QuantizeLinear of the float weights, as
+    onnxruntime's quantizer writes weights held in Constant nodes (``dtype`` uint8: it treats them as
+    activations)."""
+    proto = ir.serde.serialize_model(model)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    scale = inits["ws"].reshape(-1, *[1] * (inits["wq"].ndim - 1)) if inits["wq"].ndim == 4 else inits["ws"]
+    w = inits["wq"].astype(np.float32) * scale
+    zp = np.zeros(inits["ws"].shape, dtype) + (128 if dtype == np.uint8 else 0)
+    dq = next(n for n in proto.graph.node if n.output == ["wd"])
+    quant = helper.make_node("QuantizeLinear", ["wf", "ws", "wz"], ["wq_rt"], axis=dq.attribute[0].i)
+    dq.input[0] = "wq_rt"
+    proto.graph.node.insert(0, quant)
+    keep = [t for t in proto.graph.initializer if t.name not in ("wq", "wz")]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep + [onnx.numpy_helper.from_array(w, "wf"),
+                                           onnx.numpy_helper.from_array(zp, "wz")])
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("op,w_shape,x_shape,group", CASES[:3])
+def test_weights_quantized_at_run_time(op, w_shape, x_shape, group):
+    q, wscale, _ = quantize_weight_safe(RNG.normal(size=w_shape).astype(np.float32), 0 if op == "Conv" else 1)
+    model = _qdq_model(op, q, wscale, 0.1, x_shape, group)
+    layer, = find_layers(model)
+    runtime, = find_layers(_weights_quantized_at_run_time(model, np.int8))
+    assert np.array_equal(runtime.w_q, q) and runtime.risky == layer.risky and layer.risky
+    as_u8 = _weights_quantized_at_run_time(model, np.uint8)
+    report = check(as_u8)
+    assert not find_layers(as_u8) and report.skipped == {"uint8 weights (u8×u8 kernels widen to 16 bits)": 1}
+    assert "1 with uint8 weights" in format_report(report)
 
 
 def _calibrated(op, w, x_shape, target):
