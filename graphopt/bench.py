@@ -54,6 +54,7 @@ __all__ = [
     "lzma_preset",
     "stored_tensors",
     "table",
+    "time_rounds",
 ]
 
 # lzma: preset 6 (xz's default) normally; above LZMA_FAST_ABOVE bytes preset 1. Measured on the 2-core dev
@@ -153,30 +154,15 @@ def _label(model: object, index: int) -> str:
     return f"model{index}"
 
 
-def benchmark(
-    models: list,
-    feeds: list[dict[str, np.ndarray]],
-    threads: int = 1,
-    warmup: int = 3,
-    repeats: int = 20,
-    labels: list[str] | None = None,
-    min_time_s: float = 0.0,
-    progress: bool = False,
-    max_time_s: float | None = None,
-    stats: bool = True,
-) -> list[BenchRow]:
-    """Median/p90 latency of each model on the same feeds, models interleaved round by round.
+def time_rounds(models: Sequence, feeds: list[dict[str, np.ndarray]], threads: int = 1, warmup: int = 3,
+                repeats: int = 20, min_time_s: float = 0.0, max_time_s: float | None = None,
+                labels: list[str] | None = None, progress: bool = False) -> list[list[float]]:
+    """Milliseconds of each model (a path, proto, ir.Model or session) in each round, models interleaved.
 
     Round r runs every model once on ``feeds[r % len(feeds)]``, in a seeded random order, so clock drift
-    and ordering effects (a model's predecessor evicting its caches) fall on all models alike. Rounds continue past ``repeats`` until
-    ``min_time_s`` seconds of timed runs have passed.
+    and ordering effects (a model's predecessor evicting its caches) fall on all models alike. Rounds continue
+    past ``repeats`` until ``min_time_s`` seconds of timed runs have passed, and stop (after 3) at ``max_time_s``.
     """
-    if not models:
-        raise GraphoptError("benchmark: no models given")
-    if not feeds:
-        raise GraphoptError("benchmark: no input feeds given")
-    if labels is not None and len(labels) != len(models):
-        raise GraphoptError(f"benchmark: {len(labels)} labels for {len(models)} models")
     labels = labels or [_label(m, i) for i, m in enumerate(models)]
     sessions = [m if hasattr(m, "get_inputs") else runtime.make_session(m, threads) for m in models]
     # Each model gets only the inputs it declares (an optimized model may have dropped one).
@@ -212,6 +198,31 @@ def benchmark(
             bar.update(1)
     if bar is not None:
         bar.close()
+    return times
+
+
+def benchmark(
+    models: list,
+    feeds: list[dict[str, np.ndarray]],
+    threads: int = 1,
+    warmup: int = 3,
+    repeats: int = 20,
+    labels: list[str] | None = None,
+    min_time_s: float = 0.0,
+    progress: bool = False,
+    max_time_s: float | None = None,
+    stats: bool = True,
+) -> list[BenchRow]:
+    """Median/p90 latency of each model on the same feeds, models interleaved round by round (:func:`time_rounds`),
+    with file sizes, parameters and MACs when ``stats``."""
+    if not models:
+        raise GraphoptError("benchmark: no models given")
+    if not feeds:
+        raise GraphoptError("benchmark: no input feeds given")
+    if labels is not None and len(labels) != len(models):
+        raise GraphoptError(f"benchmark: {len(labels)} labels for {len(models)} models")
+    labels = labels or [_label(m, i) for i, m in enumerate(models)]
+    times = time_rounds(models, feeds, threads, warmup, repeats, min_time_s, max_time_s, labels, progress)
     # One lzma preset for the whole table, so the compressed sizes compare.
     paths = [m for m in models if isinstance(m, (str, os.PathLike))]
     preset = lzma_preset(max((disk_bytes(p) for p in paths), default=0))

@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--target-cpu", choices=list(TARGETS), help="the CPU the model is built for: portable "
                      "(default: right on any x86-64 with AVX2 and any ARM64), host, or a kernel family")
     opt.add_argument("--report", help="JSON report path (a Markdown report is written beside it)")
-    opt.add_argument("--no-latency", action="store_true", help="skip the per-pass latency measurement")
+    opt.add_argument("--no-latency", action="store_true",
+                     help="skip the per-pass latency measurement (and with it the latency guard)")
+    opt.add_argument("--allow-slower", action="store_true",
+                     help="keep passes that make the model slower (default: rolled back beyond the measured noise, "
+                          "unless the pass aims at size)")
     opt.add_argument("--samples", type=int, default=8,
                      help="how many synthetic samples to verify with when no data is given (default 8)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,7 +100,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
                      score_output=args.score_output, map_threshold=args.map_threshold, debug=args.debug,
-                     target_cpu=args.target_cpu)
+                     target_cpu=args.target_cpu, allow_slower=args.allow_slower)
     report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
                       data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
                       metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples)

@@ -18,6 +18,7 @@ from graphopt.options import BaseOptions
 
 if TYPE_CHECKING:
     from graphopt.data import Dataset
+    from graphopt.latency import LatencyProbe
     from graphopt.metrics import Evaluator
 
 # metadata_props key on rewritten nodes naming the pass that made them (provenance).
@@ -37,6 +38,7 @@ class PassContext:
     max_drop: float | None = None  # the budget this pass aims for (its own option, else the run's)
     progress: bool = False
     target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
+    latency: LatencyProbe | None = None  # times rewrites a pass chooses between (None: timing is off)
     _evaluator: Evaluator | None = dataclasses.field(default=None, repr=False)
 
     def require_calib(self, pass_name: str) -> Dataset:
@@ -75,11 +77,16 @@ class GraphoptPass(ir.passes.InPlacePass):
     Options: ClassVar[type] = BaseOptions
     needs_data: ClassVar[bool] = False  # True: refuses to run without real calibration data
     exact: ClassVar[bool] = False  # True: outputs are unchanged up to float rounding
+    size_objective: ClassVar[bool] = False  # True: trades speed for size, so the latency guard lets it be slower
 
     def __init__(self, options: Any = None, context: PassContext | None = None) -> None:
         super().__init__()
         self.options = options if options is not None else self.Options()
         self.context = context if context is not None else PassContext()
+
+    def accepts_slower(self) -> bool:
+        """Whether this pass, with these options, aims at size: the pipeline keeps it even when slower."""
+        return self.size_objective
 
     def result(self, model: ir.Model, rows: list[dict] | None = None, notes: list[str] | None = None,
                modified: bool | None = None) -> GraphoptResult:

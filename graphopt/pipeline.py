@@ -2,7 +2,9 @@
 
 After every pass: the onnx checker, an onnxruntime session, and the outputs compared with the original model
 on the evaluation samples. A pass whose result breaks its budget (its own ``max_drop``, else the run's) or the
-worst-channel SNR floor is rolled back and the run goes on. Passes must never modify a weight array in place
+worst-channel SNR floor is rolled back and the run goes on. So is one that makes the model slower than before
+it, or than the input, beyond the measured noise (:mod:`graphopt.latency`), unless it aims at size or the run
+allows slower models. Passes must never modify a weight array in place
 (snapshots share tensors); they give an initializer a new tensor instead.
 """
 
@@ -21,6 +23,7 @@ import onnx_ir as ir
 
 from graphopt import bench, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
+from graphopt.latency import MIN_MARGIN, LatencyProbe, Timer, Timing, batch_one
 from graphopt.metrics import Comparison, Evaluator
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve_recipe
@@ -45,6 +48,8 @@ class RunOptions:
     map_threshold: float = 0.5  # agreement on a one-channel [N, 1, H, W] score output (metrics.MAP_THRESHOLD)
     debug: bool = False
     target_cpu: str | None = None  # graphopt.cpu.TARGETS; None: the recipe's, else portable
+    allow_slower: bool = False  # keep passes that make the model slower (the latency guard only reports)
+    timer: Timer | None = None  # how models are timed (graphopt.latency); tests inject fake timings
 
 
 def machine_line() -> str:
@@ -57,6 +62,8 @@ class _Verdict:
     comparison: Comparison | None
     failure: str | None
     latency: tuple[float, float] | None = None
+    timing: Timing | None = None
+    session: Any = None  # the candidate's onnxruntime session, the next pass's "before" when it is kept
     nbytes: int | None = None
     materialized: Materialized | None = None  # the candidate's file, when checkpoints live on disk
 
@@ -69,12 +76,18 @@ class Pipeline:
         self._shapes: dict | None = None
         self.model: ir.Model | None = None  # the model as it stands, while execute() runs
         self.in_place = False  # the caller's ir.Model: rewritten in place, rollbacks from in-memory snapshots
+        self.probe: LatencyProbe | None = None
+        self._before: Any = None  # session of the model as it stands, once a pass was kept (else the original)
+        self._ceiling = 1.0  # the input's latency, raised by kept passes that were allowed to be slower
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
                 report: Report) -> ir.Model:
         # MACs per inference: the first evaluation feed's shapes with one sample.
         self._shapes = {k: (1, *v.shape[1:]) for k, v in evaluation.feeds[0].items() if v.ndim}
-        self._bench_feeds = evaluation.feeds[:4]
+        self._bench_feeds = batch_one(datamod.input_specs(model), evaluation.feeds[:4])
+        if self.run.latency:
+            self.probe = LatencyProbe(self._bench_feeds, self.run.threads, self.run.latency_repeats,
+                                      self.run.latency_seconds, self.run.timer)
         evaluator = Evaluator(reference, evaluation, threads=self.run.threads, score_output=self.run.score_output,
                               progress=self.run.progress, map_threshold=self.run.map_threshold)
         self.current = evaluator.evaluate(reference, progress=False)
@@ -90,6 +103,7 @@ class Pipeline:
             # An in-memory model from the caller is rewritten in place, so its state is never swapped for reloads.
             large = modelio.tensor_bytes(model) > LARGE_BYTES and not self.in_place
             self._checkpoints = Checkpoints(Path(tmp), large, reference)
+            report.passes[0].notes.append(self._guard_note(is_heavy(model)))
             self.model, model = model, None  # only self.model may hold it: large runs free it while verifying
             for step in self.steps:
                 self._step(step, teacher, calib, evaluator, reference, report)
@@ -107,10 +121,13 @@ class Pipeline:
         context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
                               max_drop=budget, progress=self.run.progress,
-                              target=cpu.resolve_target(self.run.target_cpu))
+                              target=cpu.resolve_target(self.run.target_cpu),
+                              latency=None if self._checkpoints.on_disk else self.probe)
         start = time.perf_counter()
         try:
-            result = step.pass_cls(step.options, context)(self.model)
+            instance = step.pass_cls(step.options, context)
+            slower_ok = self.run.allow_slower or instance.accepts_slower()
+            result = instance(self.model)
         except GraphoptError:
             raise
         except Exception as err:  # a pass bug or an unsupported graph: roll back, go on
@@ -129,21 +146,28 @@ class Pipeline:
             row = self._row(step.label(), NO_CHANGE, seconds, self.model)
         else:
             params_macs = self._params_macs(self.model)
-            verdict = self._verify(evaluator, budget, reference)
+            verdict = self._verify(evaluator, budget, reference, slower_ok)
             kept = verdict.failure is None
             if kept:
                 self.current = verdict.comparison
+                self._kept_timing(verdict, slower_ok)
             if self.model is None or not kept:  # freed while verifying, or rolled back
                 self.model = (self._checkpoints.keep(verdict.materialized) if kept
                               else self._checkpoints.restore())
             row = self._row(step.label(), KEPT if kept else ROLLED_BACK, seconds, None, verdict.comparison,
                             verdict.latency, verdict.nbytes, params_macs if kept else None)
             row.reason = verdict.failure or ""
+            if verdict.timing is not None:
+                row.latency_vs_before = round(verdict.timing.vs_before.value, 4)
+                row.latency_noise = round(verdict.timing.vs_before.margin, 4)
+                if kept and slower_ok and verdict.timing.vs_before.slower:
+                    row.notes.append(f"slower than before it, {verdict.timing.vs_before.describe()}: kept, "
+                                     + ("--allow-slower" if self.run.allow_slower else "the pass aims at size"))
             release_memory()
-        row.notes, row.rows = notes, rows
+        row.notes, row.rows = row.notes + notes, rows
         report.passes.append(row)
 
-    def _verify(self, evaluator: Evaluator, budget: float, reference: Any) -> _Verdict:
+    def _verify(self, evaluator: Evaluator, budget: float, reference: Any, slower_ok: bool) -> _Verdict:
         """Check, run and gate ``self.model``. With checkpoints on disk the in-memory model is freed once it
         is written, so onnxruntime's copy of the weights does not sit beside it; the caller reloads."""
         on_disk = self._checkpoints.on_disk
@@ -164,9 +188,41 @@ class Pipeline:
                 return _Verdict(None, f"onnxruntime could not run it: {first_line(err)}", materialized=mat)
             verdict = _Verdict(comparison, self.gate.failure(comparison, budget), nbytes=mat.nbytes,
                                materialized=mat)
-            if verdict.failure is None and self.run.latency and not mat.heavy:
-                verdict.latency = self._latency(reference, session)
+            if verdict.failure is None and self.probe is not None and not mat.heavy:
+                self._guard(verdict, reference, session, slower_ok)
         return verdict
+
+    def _guard(self, verdict: _Verdict, reference: Any, session: Any, slower_ok: bool) -> None:
+        """Time the candidate against the model before it (and the input); fail it when slower."""
+        if self._before is None:
+            timing = self.probe.compare(reference, session)
+        else:
+            timing = self.probe.compare(self._before, session, original=reference)
+        verdict.timing, verdict.session = timing, session
+        verdict.latency = (timing.candidate_ms, timing.vs_original.value)
+        if slower_ok:
+            return
+        if timing.vs_before.slower:
+            verdict.failure = f"slower than before it: {timing.vs_before.describe()}"
+        elif timing.vs_original.value > self._ceiling * (1.0 + timing.vs_original.margin):
+            verdict.failure = f"slower than the input: {timing.vs_original.describe()}"
+
+    def _kept_timing(self, verdict: _Verdict, slower_ok: bool) -> None:
+        if verdict.timing is None:  # not timed (a large model): later passes are timed against the input
+            self._before = None
+            return
+        self._before = verdict.session
+        if slower_ok:
+            self._ceiling = max(self._ceiling, verdict.timing.vs_original.value)
+
+    def _guard_note(self, heavy: bool) -> str:
+        if self.probe is None:
+            return "latency guard off: no timing (--no-latency)"
+        if heavy:
+            return "latency guard off: the model is too large to time each pass; only the final model is timed"
+        allowed = " (--allow-slower: slower passes are kept and noted)" if self.run.allow_slower else ""
+        return (f"latency guard: a pass slower than the model before it, or than the input, beyond the noise "
+                f"margin (at least {MIN_MARGIN:.0%}) is rolled back, unless it aims at size{allowed}")
 
     def _latency(self, reference: Any, candidate: Any, interleaved: bool = True) -> tuple[float, float] | None:
         """Median ms of ``candidate`` and its ratio to ``reference``: interleaved, or one model after the
@@ -184,16 +240,21 @@ class Pipeline:
         return second, second / first
 
     def final_latency(self, reference: Any, final: Any, heavy: bool, report: Report) -> None:
-        """The final model (a file, or a proto) against the original; always, since per-pass timing skips
-        large models. Large models are timed one after the other: two sessions would not fit together."""
-        last = report.passes[-1]
-        if not self.run.latency or last.latency_ms is not None or len(report.passes) < 2:
+        """The final model (a file, or a proto) against the original, on the last kept pass's row, when per-pass
+        timing did not measure it (large models). Large models are timed one after the other: two sessions
+        would not fit together."""
+        kept = [row for row in report.passes if row.status == KEPT]
+        if not self.run.latency or not kept or kept[-1].latency_ms is not None:
             return
+        last = kept[-1]
         latency = self._latency(reference, final, interleaved=not heavy)
         if latency is not None:
             last.latency_ms, last.latency_ratio = round(latency[0], 4), round(latency[1], 4)
             last.notes.append("latency: the final model against the original"
                               + (", one after the other" if heavy else ""))
+            if latency[1] > 1.0 + MIN_MARGIN and not self.run.allow_slower:
+                last.notes.append(f"the final model is slower than the input (x{latency[1]:.3f}): this model was "
+                                  "too large to time each pass, so no pass was rolled back for it")
 
     def _params_macs(self, model: ir.Model) -> tuple[int, int | None]:
         try:

@@ -22,6 +22,8 @@ class PassRow:
     metrics: dict[str, Any] | None = None  # graphopt.metrics.Comparison.to_dict() against the original
     latency_ms: float | None = None
     latency_ratio: float | None = None  # to the original model, measured interleaved
+    latency_vs_before: float | None = None  # to the model before this pass (the latency guard's ratio)
+    latency_noise: float | None = None  # the guard's noise margin on that ratio
     reason: str = ""  # why it was rolled back / failed
     notes: list[str] = dataclasses.field(default_factory=list)
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the pass's per-layer rows
@@ -83,7 +85,7 @@ def _metric_cells(row: PassRow) -> tuple[str, str, str]:
 
 
 HEADER = ("pass", "status", "time s", "params", "size", "MACs", "accuracy", "agreement", "worst SNR dB",
-          "latency ms", "x orig")
+          "latency ms", "x orig", "x before")
 
 
 def table_rows(report: Report) -> list[tuple[str, ...]]:
@@ -93,7 +95,8 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
         rows.append((row.step, row.status, f"{row.seconds:.2f}", _num(row.params), _num(row.file_bytes, "B"),
                      _num(row.macs), acc, agree, snr,
                      "-" if row.latency_ms is None else f"{row.latency_ms:.3f}",
-                     "-" if row.latency_ratio is None else f"{row.latency_ratio:.3f}"))
+                     "-" if row.latency_ratio is None else f"{row.latency_ratio:.3f}",
+                     "-" if row.latency_vs_before is None else f"{row.latency_vs_before:.3f}±{row.latency_noise:.3f}"))
     return rows
 
 

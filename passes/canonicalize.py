@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, ShapeInferencePass
 
+from graphopt import modelio
 from graphopt.errors import GraphoptError
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
@@ -46,7 +47,7 @@ def serialize_loaded(model: ir.Model) -> onnx.ModelProto:
                 swapped.append((value, tensor))
                 value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
     try:
-        return ir.serde.serialize_model(model)
+        return modelio.drop_inferred_shapes(ir.serde.serialize_model(model), model)
     finally:
         for value, tensor in swapped:
             value.const_value = tensor
@@ -253,6 +254,7 @@ class Canonicalize(GraphoptPass):
     def call(self, model: ir.Model) -> GraphoptResult:
         rows: list[dict] = []
         notes: list[str] = []
+        modelio.record_written_shapes(model)  # before inferring any: an in-memory model was not loaded by us
         converted = ensure_opset(model, self.options.opset)
         if converted is not None:
             rows.append({"change": "opset", "from": converted[0], "to": converted[1]})

@@ -189,6 +189,7 @@ class KMeans(GraphoptPass):
 
     name = "kmeans"
     summary = "weight sharing: k-means codebook of 2^bits values per layer/channel, uint8 or UINT4 indices"
+    size_objective = True  # the Gather that decodes the codebook costs time
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):

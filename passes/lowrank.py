@@ -169,6 +169,9 @@ class LowRank(GraphoptPass):
             if len(given) > 1:
                 raise ValueError(f"give one of rank, energy, ratio, macs (got {', '.join(given)})")
 
+    def accepts_slower(self) -> bool:
+        return self.options.ratio_of == "params"  # a parameter budget: the user asked for size
+
     def call(self, model: ir.Model) -> GraphoptResult:
         from graphopt.costs import infer_shapes
         from graphopt.data import feed_shapes

@@ -196,6 +196,7 @@ class Prune(GraphoptPass):
 
     name = "prune"
     summary = "unstructured magnitude pruning (per layer, global, or sensitivity-aware); sparse storage at save"
+    size_objective = True  # dense kernels run zeros as fast as weights
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):

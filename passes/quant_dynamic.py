@@ -191,6 +191,9 @@ class QuantizeDynamic(GraphoptPass):
     layer_timer = None  # tests inject fake timings (quant_placement.LayerTimer / ModelTimer)
     model_timer = None
 
+    def accepts_slower(self) -> bool:
+        return self.options.target == "size"
+
     def call(self, model: ir.Model) -> GraphoptResult:
         from graphopt.passes.quantize import already_quantized
 

@@ -221,6 +221,9 @@ class Quantize(GraphoptPass):
     needs_data = True
     exact = False
 
+    def accepts_slower(self) -> bool:
+        return self.options.target == "size"
+
     # --- hooks ------------------------------------------------------------------------------------------
     def plan(self, model: ir.Model, ranges: dict[str, calib.Range] | None = None) -> Plan:
         return plan(model, self.options, ranges)

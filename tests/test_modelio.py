@@ -149,3 +149,26 @@ def test_dense_to_sparse_declines_when_not_smaller(weight):
 def test_default_output_in_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert modelio.default_output("/some/where/net.onnx") == tmp_path / "net.opt.onnx"
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_inferred_shapes_are_not_written(tmp_path, external):
+    """The source declared the shape of `a`, not of `b`: after canonicalize infers both, only `a`'s is written."""
+    from graphopt.passes.canonicalize import Canonicalize
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"]),
+         helper.make_node("Abs", ["b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        value_info=[helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4])])
+    src = tmp_path / "src.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    model = modelio.load_model(src)
+    Canonicalize()(model)
+    assert next(n for n in model.graph if n.op_type == "Neg").outputs[0].shape is not None  # inferred in memory
+    out = modelio.save_model(model, tmp_path / "out.onnx", external=external)
+    assert [v.name for v in onnx.load(str(out), load_external_data=False).graph.value_info] == ["a"]
+    assert [v.name for v in modelio.to_proto(model).graph.value_info] == ["a"]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4) - 4
+    assert np.array_equal(_run(out, x), np.abs(np.maximum(x, 0)))
