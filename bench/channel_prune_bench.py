@@ -18,7 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from graphopt import bench, data as datamod, modelio  # noqa: E402
+from graphopt import bench, data as datamod, formatting, modelio  # noqa: E402
 from graphopt.options import build_options  # noqa: E402
 from graphopt.passbase import PassContext  # noqa: E402
 from graphopt.passes.channel_deps import analyze  # noqa: E402
@@ -50,11 +50,11 @@ def zoo(names: list[str]) -> str:
         after = bench.count_macs(model)
         rows.append([name, str(len(groups)), str(len(ok)), str(sum(len(g.producers) > 1 for g in ok)),
                      str(sum(g.unit_sizes is not None for g in ok)),
-                     bench.human(before), bench.human(after), f"{1 - after / before:.1%}", f"{seconds:.1f}"])
+                     formatting.human(before), formatting.human(after), f"{1 - after / before:.1%}", f"{seconds:.1f}"])
     return ("`python bench/channel_prune_bench.py --skip-digits --skip-latency` (ratio 0.3, scope global, l1, no "
             "data; seeded random weights; MACs at the model's input shape). *grouped*: groups whose removal units "
             "are channel sets (grouped convs / channel shuffle: equal counts per conv group).\n\n"
-            + bench.table(["model", "groups", "prunable", "coupled (>1 producer)", "grouped", "MACs before",
+            + formatting.table(["model", "groups", "prunable", "coupled (>1 producer)", "grouped", "MACs before",
                            "MACs after", "MACs removed", "pass s"], rows))
 
 
@@ -114,8 +114,8 @@ def digits(ratios=(0.1, 0.2, 0.3, 0.4, 0.5)) -> str:
         fig.savefig(RESULTS / "channel_prune_digits.png", dpi=120)
     except ImportError:
         pass
-    return (f"original accuracy {base_acc:.4f}, {bench.human(base_macs)} MACs\n\n"
-            + bench.table(["ratio", "repair", "MACs removed", "test acc", "loss (points)"], rows))
+    return (f"original accuracy {base_acc:.4f}, {formatting.human(base_macs)} MACs\n\n"
+            + formatting.table(["ratio", "repair", "MACs removed", "test acc", "loss (points)"], rows))
 
 
 def main(argv: list[str]) -> int:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ocr  # noqa: E402
 import graphopt  # noqa: E402
-from graphopt import bench, modelio  # noqa: E402
+from graphopt import formatting, modelio  # noqa: E402
 from graphopt.costs import count_macs  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line  # noqa: E402
 
@@ -95,10 +95,10 @@ def table(points: list[dict[str, Any]]) -> str:
             rows.append([f"{p['ratio']:.2f}", p["scope"], str(p["repair"]).lower(), "-", "-", "-", "-",
                          "rolled back", f"{p['seconds']:.0f}"])
             continue
-        rows.append([f"{p['ratio']:.2f}", p["scope"], str(p["repair"]).lower(), bench.human(p["macs"]),
+        rows.append([f"{p['ratio']:.2f}", p["scope"], str(p["repair"]).lower(), formatting.human(p["macs"]),
                      f"{1 - p['macs'] / base:.1%}", f"{p['line_acc']:.3f}", f"{p['cer']:.4f}",
                      p.get("status", "float model"), f"{p['seconds']:.0f}" if "seconds" in p else "-"])
-    return bench.table(["ratio", "scope", "repair", "MACs (48x320)", "MACs removed", "line acc", "CER",
+    return formatting.table(["ratio", "scope", "repair", "MACs (48x320)", "MACs removed", "line acc", "CER",
                         "pass status", "optimize s"], rows)
 
 

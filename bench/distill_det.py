@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ocr  # noqa: E402
 import graphopt  # noqa: E402
-from graphopt import bench, modelio  # noqa: E402
+from graphopt import formatting, modelio  # noqa: E402
 from graphopt.costs import count_macs  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line  # noqa: E402
 
@@ -65,7 +65,7 @@ def run(ratio: float, macs: float) -> tuple[list[list[str]], dict[str, Any]]:
     ocr.write_feed_folder(gate, tmp / "gate")
     base_macs = count_macs(modelio.load_model(model), SHAPE)
     float_scores = ocr.score_det(model, model, test, boxes)
-    rows = [["float model", bench.human(base_macs), "-", f"{float_scores['map_mae']:.4f}",
+    rows = [["float model", formatting.human(base_macs), "-", f"{float_scores['map_mae']:.4f}",
              f"{float_scores['map_agree']:.4f}", f"{float_scores['f1']:.3f}", "-", "-"]]
     for recipe in recipes(ratio, macs):
         out = tmp / "out.onnx"
@@ -81,7 +81,7 @@ def run(ratio: float, macs: float) -> tuple[list[list[str]], dict[str, Any]]:
         seconds = time.perf_counter() - start
         macs = count_macs(modelio.load_model(out), SHAPE)
         s = ocr.score_det(out, model, test, boxes)
-        rows.append([f"`{recipe}`", bench.human(macs), f"{1 - macs / base_macs:.1%}", f"{s['map_mae']:.4f}",
+        rows.append([f"`{recipe}`", formatting.human(macs), f"{1 - macs / base_macs:.1%}", f"{s['map_mae']:.4f}",
                      f"{s['map_agree']:.4f}", f"{s['f1']:.3f}", _step_cell(report, "distill"), f"{seconds:.0f}"])
         print(rows[-1], flush=True)
     return rows, float_scores
@@ -109,7 +109,7 @@ def conclusion(rows: list[list[str]]) -> str:
 
 
 def markdown(rows: list[list[str]], command: str) -> str:
-    tab = bench.table(["recipe", "MACs (480x640)", "MACs removed", "map MAE vs float", "map agreement (0.3)",
+    tab = formatting.table(["recipe", "MACs (480x640)", "MACs removed", "map MAE vs float", "map agreement (0.3)",
                        "box F1", "distill step", "optimize s"], rows)
     return (f"## distill after channel_prune / lowrank on PP-OCRv4 det (segmentation map)\n\n"
             f"Machine: 2-core AMD EPYC, onnxruntime 1 thread ({machine_line()}). Data: Pillow-rendered pages "

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import ocr  # noqa: E402
 import graphopt  # noqa: E402
-from graphopt import bench, modelio  # noqa: E402
+from graphopt import formatting, modelio  # noqa: E402
 from graphopt.costs import count_macs  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line  # noqa: E402
 
@@ -94,7 +94,7 @@ def _cell(p: dict[str, Any] | None) -> list[str]:
 
 def table(points: list[dict[str, Any]]) -> str:
     base = points[0]
-    rows = [["1.0 (float)", bench.human(base["macs"]), "100.0%", f"{base['line_acc']:.3f}", f"{base['cer']:.4f}",
+    rows = [["1.0 (float)", formatting.human(base["macs"]), "100.0%", f"{base['line_acc']:.3f}", f"{base['cer']:.4f}",
              f"{base['line_acc']:.3f}", f"{base['cer']:.4f}"]]
     for budget in sorted({p["budget"] for p in points[1:]}, reverse=True):
         plain = next((p for p in points[1:] if p["budget"] == budget and not p["data_aware"]), None)
@@ -102,10 +102,10 @@ def table(points: list[dict[str, Any]]) -> str:
         macs = [p["macs"] for p in (plain, aware) if p and "macs" in p]
         kept = " / ".join(f"{m / base['macs']:.1%}" for m in macs) if len(set(macs)) > 1 else (
             f"{macs[0] / base['macs']:.1%}" if macs else "-")
-        human = " / ".join(bench.human(m) for m in macs) if len(set(macs)) > 1 else (
-            bench.human(macs[0]) if macs else "-")
+        human = " / ".join(formatting.human(m) for m in macs) if len(set(macs)) > 1 else (
+            formatting.human(macs[0]) if macs else "-")
         rows.append([f"{budget:.1f}", human, kept, *_cell(plain), *_cell(aware)])
-    return bench.table(["macs budget", "MACs (48x320), plain / aware", "model MACs kept, plain / aware", "plain line acc", "plain CER",
+    return formatting.table(["macs budget", "MACs (48x320), plain / aware", "model MACs kept, plain / aware", "plain line acc", "plain CER",
                         "data-aware line acc", "data-aware CER"], rows)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from graphopt import bench, modelio  # noqa: E402
+from graphopt import bench, formatting, modelio  # noqa: E402
 from graphopt.errors import first_line  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line, optimize  # noqa: E402
 from graphopt.runtime import make_session  # noqa: E402
@@ -243,7 +243,7 @@ def run_model(name: str, repeats: int, lines: list[str], min_time_s: float = 5.0
             except Exception as err:  # noqa: BLE001
                 qtext = f"failed: {_first_line(err)}"
             r = timing[label]
-            lines.append(f"| {label} | {r.median_ms:.2f} | {r.ratio:.2f}x | {bench.human(r.file_bytes, 'B')} | "
+            lines.append(f"| {label} | {r.median_ms:.2f} | {r.ratio:.2f}x | {formatting.human(r.file_bytes, 'B')} | "
                          f"{qtext} | {secs:.1f} |")
         print("\n".join(lines[-(len(variants) + 4):]), flush=True)
 

@@ -32,6 +32,7 @@ from graphopt.costs import (
     stored_tensors,
 )
 from graphopt.errors import DataError, GraphoptError
+from graphopt.formatting import human, table
 
 __all__ = [
     "DATA_PROP_OPSET",
@@ -48,12 +49,10 @@ __all__ = [
     "disk_bytes",
     "file_sizes",
     "format_bench",
-    "human",
     "infer_shapes",
     "layer_costs",
     "lzma_preset",
     "stored_tensors",
-    "table",
     "time_rounds",
 ]
 
@@ -236,31 +235,6 @@ def benchmark(
     for row in rows:
         row.ratio = row.median_ms / first if first > 0 else float("nan")
     return rows
-
-
-def human(n: int | float | None, unit: str = "") -> str:
-    """1234567 -> '1.23M' (B for bytes uses 1024 steps: '1.18 MiB')."""
-    if n is None:
-        return "-"
-    if unit == "B":
-        for suffix, step in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-            if abs(n) >= step:
-                return f"{n / step:.2f} {suffix}"
-        return f"{int(n)} B"
-    for suffix, step in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= step:
-            return f"{n / step:.2f}{suffix}"
-    return str(int(n))
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned first column, right-aligned numbers."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for row in [header, ["-" * w for w in widths], *rows]:
-        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def format_bench(rows: list[BenchRow]) -> str:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.modelio import proto_graphs as _proto_graphs  # every GraphProto level, subgraphs included
-from graphopt.weights import all_graphs
+from graphopt.graphs import all_graphs, default_opset, is_default_domain
 
 __all__ = [
     "DATA_PROP_OPSET",
@@ -99,7 +99,7 @@ def stored_tensors(model: ir.Model) -> list[tuple[str, ir.TensorProtocol]]:
                 found.append((value.name, value.const_value))
         for node in graph:
             attr = node.attributes.get("value")
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and attr is not None:
+            if node.op_type == "Constant" and is_default_domain(node) and attr is not None:
                 if attr.type == ir.AttributeType.TENSOR:
                     found.append((node.outputs[0].name or node.name or "", attr.as_tensor()))
     return found
@@ -226,7 +226,7 @@ def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | Non
             raise GraphoptError(f"input shape given for {name!r}, but the model has no input of that name")
     proto = _weightless_model(model, input_shapes)
     shapes = _read_shapes(_run_inference(proto))
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = default_opset(model, 0)
     if 0 < opset < DATA_PROP_OPSET:
         # ONNX propagates Shape->Slice->Concat->Reshape values only at newer opsets; the weight-less copy
         # converts in milliseconds, and what it learns fills the gaps (the original's answer wins ties).
@@ -278,7 +278,7 @@ def _is_const(value: ir.Value, memo: dict[int, bool]) -> bool:
         result = True
     elif producer is None:
         result = False
-    elif producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
+    elif producer.op_type == "Constant" and is_default_domain(producer):
         result = True
     else:
         inputs = [v for v in producer.inputs if v is not None]

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from graphopt.bench import LayerCost, count_params, human, layer_costs, stored_tensors, table
+from graphopt.graphs import default_opset, is_default_domain
+from graphopt.bench import LayerCost, count_params, layer_costs, stored_tensors
+from graphopt.formatting import human, table
 
 
 @dataclass
@@ -34,7 +36,7 @@ def describe_value(value: ir.Value) -> str:
 
 
 def _op_name(node: ir.Node) -> str:
-    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+    return node.op_type if is_default_domain(node) else f"{node.domain}::{node.op_type}"
 
 
 def inspect_model(
@@ -54,7 +56,7 @@ def inspect_model(
         macs=sum(layer.macs for layer in layers),
         layers=layers,
         largest=tensors[:top],
-        opset=model.opset_imports.get("", 0),
+        opset=default_opset(model, 0),
         ir_version=model.ir_version,
         inputs=[describe_value(v) for v in model.graph.inputs if not v.is_initializer()],
         outputs=[describe_value(v) for v in model.graph.outputs],

@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.weights import attr as _attr, constant_array, encoding_of, set_initializer, write_input
+from graphopt.graphs import attr as _attr, is_default_domain
+from graphopt.weights import constant_array, encoding_of, set_initializer, write_input
 
 _FLOAT_KINDS = "f"
 
@@ -215,7 +216,7 @@ def _matmul_bias(node: ir.Node, d_out: int) -> tuple[ir.Node, ir.Value] | None:
     if len(uses) != 1 or out.is_graph_output():
         return None
     add = uses[0].node
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    if add.op_type != "Add" or not is_default_domain(add) or len(add.inputs) != 2:
         return None
     other = add.inputs[1 - uses[0].idx]
     array = _float_const(other)
@@ -226,7 +227,7 @@ def _matmul_bias(node: ir.Node, d_out: int) -> tuple[ir.Node, ir.Value] | None:
 
 def as_linear(node: ir.Node) -> LinearLayer | None:
     """The node as a linear layer, or None if it is not a supported op with a constant, plain float weight."""
-    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2 or node.inputs[0] is None:
+    if not is_default_domain(node) or len(node.inputs) < 2 or node.inputs[0] is None:
         return None
     weight = node.inputs[1]
     w = _float_const(weight)

@@ -21,7 +21,6 @@ Conventions (SNR and cosine are always finite, never NaN; to_dict() is JSON-safe
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from graphopt.channel_stats import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
 from graphopt.errors import DataError, GraphoptError, first_line
+from graphopt.formatting import json_safe
 from graphopt.runtime import make_session
 
 __all__ = [
@@ -88,8 +88,8 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: non-finite floats (only max/mean abs of broken outputs can be) become None."""
-        data = _json_safe(asdict(self))
-        data["worst_snr_db"] = _json_safe(self.worst_snr_db)
+        data = json_safe(asdict(self))
+        data["worst_snr_db"] = json_safe(self.worst_snr_db)
         return data
 
     def summary(self) -> str:
@@ -116,16 +116,6 @@ def _check_score_output(score_output: str | None, output_names: list[str]) -> No
         raise GraphoptError(
             f"score output {score_output!r} is not a model output (outputs: {', '.join(output_names)})"
         )
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _is_score(array: np.ndarray) -> bool:

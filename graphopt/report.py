@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from graphopt.formatting import human, json_safe, table
 
 KEPT, ROLLED_BACK, NO_CHANGE, FAILED, BASELINE = "kept", "rolled back", "no change", "failed", "input"
 
@@ -45,34 +46,13 @@ class Report:
     target_cpu: str = ""  # the CPU the model was built for (graphopt.cpu.Target.describe)
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def write_markdown(self, path: str | Path) -> None:
         Path(path).write_text(to_markdown(self))
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _json_safe(obj.item())
-    return obj
-
-
-def _num(value: float | int | None, unit: str = "") -> str:
-    if value is None:
-        return "-"
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= div:
-            return f"{value / div:.2f}{suffix}{unit}"
-    return f"{value:g}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
 
 def _metric_cells(row: PassRow) -> tuple[str, str, str]:
@@ -92,8 +72,8 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
     rows = []
     for row in report.passes:
         acc, agree, snr = _metric_cells(row)
-        rows.append((row.step, row.status, f"{row.seconds:.2f}", _num(row.params), _num(row.file_bytes, "B"),
-                     _num(row.macs), acc, agree, snr,
+        rows.append((row.step, row.status, f"{row.seconds:.2f}", human(row.params), human(row.file_bytes, "B"),
+                     human(row.macs), acc, agree, snr,
                      "-" if row.latency_ms is None else f"{row.latency_ms:.3f}",
                      "-" if row.latency_ratio is None else f"{row.latency_ratio:.3f}",
                      "-" if row.latency_vs_before is None else f"{row.latency_vs_before:.3f}±{row.latency_noise:.3f}"))
@@ -101,16 +81,12 @@ def table_rows(report: Report) -> list[tuple[str, ...]]:
 
 
 def format_table(report: Report) -> str:
-    rows = [HEADER, *table_rows(report)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
     out = [f"model: {report.model}", f"data: {report.data}"]
     if report.machine:
         out.append(f"host: {report.machine}; target CPU: {report.target_cpu}")
     if report.synthetic:
         out.append("WARNING: synthetic inputs: the metrics below say nothing about accuracy")
-    out += lines
+    out.append(table(HEADER, table_rows(report), align_numbers=False))
     for row in report.passes:
         if row.reason:
             out.append(f"  {row.step}: {row.status}: {row.reason}")
@@ -151,7 +127,7 @@ def to_markdown(report: Report) -> str:
             keys = list(dict.fromkeys(k for r in row.rows for k in r))
             out += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             for r in row.rows[:200]:
-                out.append("| " + " | ".join(str(_json_safe(r.get(k, ""))) for k in keys) + " |")
+                out.append("| " + " | ".join(str(json_safe(r.get(k, ""))) for k in keys) + " |")
             if len(row.rows) > 200:
                 out.append(f"\n({len(row.rows) - 200} more rows in the JSON report)")
     return "\n".join(out) + "\n"

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.weights import attr
+from graphopt.graphs import attr, is_default_domain
 
 ACT_MAX = 255  # the largest activation byte the kernel multiplies
 INT16_MAX, INT16_MIN = 32767, -32768
@@ -68,7 +68,7 @@ class KernelOrder:
 def kernel_order(node: ir.Node, weight_shape: tuple[int, ...] | None = None) -> KernelOrder | None:
     """The order a default-domain Conv/Gemm/MatMul weight is read in by a pairing kernel; None when the op has
     no such kernel (ConvTranspose runs float; depthwise Conv runs a kernel that does not saturate)."""
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default_domain(node):
         return None
     op = node.op_type
     if op == "Conv":

@@ -22,10 +22,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import saturation as sat
-from graphopt.bench import table
+from graphopt.formatting import table
 from graphopt.metrics import Comparison, compare
 from graphopt.runtime import make_session
-from graphopt.weights import attr, constant_array, set_initializer
+from graphopt.graphs import attr, is_default_domain
+from graphopt.weights import constant_array, set_initializer
 
 COUNT_PREFIX = "saturated::"
 
@@ -61,7 +62,7 @@ def _dq_const(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, np.ndarra
     time (QuantizeLinear of a constant, as onnxruntime's quantizer writes weights held in Constant nodes) counts
     as its constant-folded bytes: onnxruntime folds it before the kernel sees it."""
     node = value.producer() if value is not None else None
-    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != "DequantizeLinear" or not is_default_domain(node):
         return None
     arrays = [constant_array(v, nodes=True) if v is not None else None for v in node.inputs]
     if arrays[0] is None and arrays[1] is not None:
@@ -75,7 +76,7 @@ def _dq_const(value: ir.Value | None) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _quantized_const(value: ir.Value) -> np.ndarray | None:
     """QuantizeLinear(constant, scale, zero point) evaluated (round half to even, saturate), else None."""
     node = value.producer()
-    if node is None or node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != "QuantizeLinear" or not is_default_domain(node):
         return None
     arrays = [constant_array(v, nodes=True) if v is not None else None for v in node.inputs]
     if len(arrays) < 3 or any(a is None for a in arrays[:3]) or arrays[2].dtype not in (np.int8, np.uint8):
@@ -93,7 +94,7 @@ def _activation(value: ir.Value) -> tuple[ir.Value, float, int, int] | None:
     """(bytes, scale, zero point, shift) when ``value`` is DequantizeLinear(8-bit bytes, scalar scale, zero
     point). onnxruntime runs int8 QDQ activations as uint8 (x + 128, shift 128) through the same kernel."""
     node = value.producer()
-    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != "DequantizeLinear" or not is_default_domain(node):
         return None
     x_q = node.inputs[0]
     scale = constant_array(node.inputs[1], nodes=True)
@@ -118,7 +119,7 @@ def skipped_layers(model: ir.Model) -> dict[str, int]:
 def _classify(node: ir.Node) -> Layer | str | None:
     """A Layer when a pairing kernel reads ``node``, the reason it is exact when it is another QDQ
     Conv/MatMul/Gemm, None when it is not one."""
-    if node.op_type not in ("Conv", "MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in ("Conv", "MatMul", "Gemm") or not is_default_domain(node):
         return None
     act = _activation(node.inputs[0])
     weight = _dq_const(node.inputs[1]) if len(node.inputs) > 1 else None

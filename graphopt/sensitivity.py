@@ -37,6 +37,7 @@ import onnx_ir as ir
 from graphopt import metrics
 from graphopt import sensitivity_suffix as suffix
 from graphopt.errors import GraphoptError
+from graphopt.formatting import json_safe
 from graphopt.passbase import PassContext
 
 SNR_FLOOR = -metrics.SNR_CAP  # the SNR recorded for rows that were not measured or failed
@@ -76,9 +77,9 @@ class SensitivityRow:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: non-finite floats become None, numpy scalars and tuples plain Python."""
         return {
-            "key": self.key, "layer": self.layer, "setting": _json_safe(self.setting),
-            "drop": _json_safe(self.drop), "worst_snr_db": _json_safe(self.worst_snr_db),
-            "value": _json_safe(self.value), "seconds": round(self.seconds, 4), "status": self.status,
+            "key": self.key, "layer": self.layer, "setting": json_safe(self.setting),
+            "drop": json_safe(self.drop), "worst_snr_db": json_safe(self.worst_snr_db),
+            "value": json_safe(self.value), "seconds": round(self.seconds, 4), "status": self.status,
             "error": self.error, "metric": self.metric, "samples": self.samples,
         }
 
@@ -103,22 +104,6 @@ class SensitivityTable(list):
 
 def to_rows(rows: Sequence[SensitivityRow]) -> list[dict[str, Any]]:
     return [r.to_dict() for r in rows]
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray) and obj.size <= 16:
-        return _json_safe(obj.tolist())
-    return str(obj)
 
 
 def sort_key(row: SensitivityRow) -> tuple:

@@ -1,6 +1,6 @@
 """Weight access shared by all passes: constant weights, compressed forms, new initializers, subgraphs.
 
-Compressed weight forms are sacred (DESIGN.md): a weight stored as Gather(codebook, Cast(indices)), as
+Compressed weight forms are sacred (ARCHITECTURE.md): a weight stored as Gather(codebook, Cast(indices)), as
 int8/int4 behind DequantizeLinear, or marked for sparse storage is not a plain float initializer, and
 passes that rewrite float weights skip it and say so.
 """
@@ -8,32 +8,16 @@ passes that rewrite float weights skip it and say so.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.graphs import attr, is_default_domain
 from graphopt.modelio import SPARSE, STORAGE_KEY
 
 # Ops whose output is a weight kept in a compressed form; folding them would undo the compression.
 ENCODING_OPS = frozenset({"DequantizeLinear", "Gather", "Cast", "DynamicQuantizeLinear"})
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def attr(node: ir.Node, name: str, default):
-    """The value of a node attribute, or ``default`` when it is absent."""
-    found = node.attributes.get(name)
-    return default if found is None else found.value
-
-
-def all_graphs(model: ir.Model) -> list[ir.Graph]:
-    """The main graph and every subgraph (If/Loop/Scan bodies), outermost first."""
-    return [model.graph, *model.graph.subgraphs()]
-
-
-def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
-    for graph in all_graphs(model):
-        yield from list(graph)
 
 
 def constant_tensor(value: ir.Value | None, nodes: bool = True) -> ir.TensorProtocol | None:
@@ -47,7 +31,7 @@ def constant_tensor(value: ir.Value | None, nodes: bool = True) -> ir.TensorProt
     if value.is_initializer():
         return value.const_value
     producer = value.producer() if nodes else None
-    if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
+    if producer is None or producer.op_type != "Constant" or not is_default_domain(producer):
         return None
     return ir.convenience.get_const_tensor(value)
 
@@ -93,7 +77,7 @@ def weight_layout(node: ir.Node, constant_a: bool = False) -> WeightLayout | Non
     is a constant; with ``constant_a``, input 0 when it is a constant of rank >= 2 and input 1 is not a
     constant of rank >= 2 (Y = W @ X: the rows of W are the output channels)."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in LINEAR_OPS or len(node.inputs) < 2:
+    if not is_default_domain(node) or op not in LINEAR_OPS or len(node.inputs) < 2:
         return None
     if op == "Conv":
         return WeightLayout(1, 0, 1)

@@ -22,7 +22,8 @@ import onnx_ir as ir
 from graphopt.passes import channel_ops as ops
 from graphopt.passes.channel_types import Atom, Chan, Group, Link, Seg, Slot, const_array, label
 from graphopt.passes.channel_units import build_groups
-from graphopt.weights import attr as _attr, encoding_of
+from graphopt.graphs import attr as _attr, is_default_domain
+from graphopt.weights import encoding_of
 
 UNARY = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
@@ -125,7 +126,7 @@ class Analysis:
 
     def visit(self, node: ir.Node) -> None:
         ins = [self.state.get(v) if v is not None else None for v in node.inputs]
-        if node.domain not in ("", "ai.onnx"):
+        if not is_default_domain(node):
             for chan in ins:
                 self.block(chan, f"custom op {node.domain}::{node.op_type} ({label(node)!r})")
             return

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes.channel_types import Chan, Seg, const_array, cut, label, to_segs
-from graphopt.weights import attr as _attr
+from graphopt.graphs import attr as _attr
 
 if TYPE_CHECKING:
     from graphopt.passes.channel_deps import Analysis

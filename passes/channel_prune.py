@@ -18,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import bench
+from graphopt.graphs import default_opset
 from graphopt.capture import tensor_stats
 from graphopt.data import feed_shapes
 from graphopt.errors import GraphoptError
@@ -322,4 +323,4 @@ def _costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = No
 
 
 def _opset(model: ir.Model) -> int:
-    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13)))
+    return int(default_opset(model, 13))

@@ -17,12 +17,12 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.graphs import input_channel_axis
 from graphopt.capture import layer_moments, stream, stream_pair
 from graphopt.data import split
 from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.passbase import PassContext
-from graphopt.passes.channel_rewrite import input_channel_axis
 from graphopt.passes.channel_types import Slot, label
 from graphopt.refit import dependency_waves, refit_layer
 

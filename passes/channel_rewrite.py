@@ -15,7 +15,8 @@ import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
 from graphopt.passes.channel_types import Slot, const_array, label
-from graphopt.weights import attr, set_initializer, write_input
+from graphopt.graphs import attr
+from graphopt.weights import set_initializer, write_input
 
 
 def expand(removed: np.ndarray, block: int) -> np.ndarray:
@@ -176,11 +177,6 @@ def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
 
 
 # --- mean compensation: removed inputs are replaced by their calibration mean, folded into the bias ---------
-
-
-def input_channel_axis(node: ir.Node) -> int:
-    """Axis of a consumer's data input that holds the channels it reads (Conv: 1, Gemm/MatMul: last)."""
-    return 1 if node.op_type == "Conv" else -1
 
 
 def _output_axis(node: ir.Node) -> int | None:

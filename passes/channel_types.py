@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.weights import attr as _attr, constant_array
+from graphopt.graphs import attr as _attr, is_default_domain
+from graphopt.weights import constant_array
 
 
 def label(node: ir.Node) -> str:
@@ -29,7 +30,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if array is not None or value.is_graph_input():
         return array
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
+    if node is None or not is_default_domain(node):
         return None
     if node.op_type in ("Identity", "Unsqueeze", "Squeeze", "Reshape"):
         data = const_array(node.inputs[0])

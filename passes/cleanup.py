@@ -31,8 +31,9 @@ from onnxscript import optimizer as onnxscript_optimizer
 from graphopt.modelio import drop_inferred_shapes, tensor_bytes
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.canonicalize import adopt, serialize_loaded
-from graphopt.weights import all_graphs, all_nodes, constant_tensor, is_sparse_marked
+from graphopt.proto_handoff import adopt, serialize_loaded
+from graphopt.graphs import all_graphs, all_nodes
+from graphopt.weights import constant_tensor, is_sparse_marked
 
 # Storage dtypes of compressed weights: a node reading one of these constants decompresses it.
 LOW_BIT = frozenset({

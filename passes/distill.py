@@ -34,7 +34,8 @@ from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_nodes, encoding_of, is_constant
+from graphopt.graphs import all_nodes, is_default_domain
+from graphopt.weights import encoding_of, is_constant
 
 LAST = "last"
 _LINEAR = ("Gemm", "MatMul", "Conv")
@@ -63,7 +64,7 @@ def last_linear_nodes(graph: ir.Graph, refuse: Callable[[ir.Node], str | None] |
         if node is None or id(node) in seen or node.graph is not graph:
             continue
         seen.add(id(node))
-        if node.op_type in _LINEAR and node.domain in ("", "ai.onnx"):
+        if node.op_type in _LINEAR and is_default_domain(node):
             why = refuse(node) if refuse is not None else None
             if why is None:
                 found.append(node)

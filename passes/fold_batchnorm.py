@@ -15,8 +15,8 @@ import onnx_ir as ir
 
 from graphopt.options import BaseOptions
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import (all_graphs, attr as _attr, constant_array, encoding_of, owned_initializer,
-                              replace_initializer, set_initializer)
+from graphopt.graphs import all_graphs, attr as _attr, is_default_domain
+from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, set_initializer
 
 LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 _FLOATS = (np.float16, np.float32, np.float64)
@@ -93,10 +93,10 @@ class FoldBatchNorm(GraphoptPass):
         notes: list[str] = []
         for graph in all_graphs(model):
             for bn in list(graph):
-                if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or bn.graph is None:
+                if bn.op_type != "BatchNormalization" or not is_default_domain(bn) or bn.graph is None:
                     continue
                 layer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
-                if layer is None or layer.op_type not in LAYERS or layer.domain not in ("", "ai.onnx"):
+                if layer is None or layer.op_type not in LAYERS or not is_default_domain(layer):
                     continue
                 reason = self._fold(layer, bn)
                 if reason is None:

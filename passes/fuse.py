@@ -26,10 +26,11 @@ import onnx_ir as ir
 
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.canonicalize import default_opset, ensure_opset
-from graphopt.passes.fuse_patterns import DEFAULT_DOMAINS, MATCHERS, Match, const
-from graphopt.weights import (all_graphs, constant_array, encoding_of, owned_initializer,
-                              replace_initializer, set_initializer)
+from graphopt.graphs import default_opset, is_default_domain
+from graphopt.proto_handoff import ensure_opset
+from graphopt.passes.fuse_patterns import MATCHERS, Match, const
+from graphopt.graphs import all_graphs
+from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, set_initializer
 
 FAMILIES = (*MATCHERS, "conv_affine")
 # Measured on PP-OCRv4 det/rec and PP-OCR mobile cls, 1 thread, median of 50 interleaved runs
@@ -144,7 +145,7 @@ class Fuse(GraphoptPass):
     def _fold_conv_affine(self, graph: ir.Graph, notes: list[str]) -> list[dict]:
         rows = []
         for conv in list(graph):
-            if conv.op_type != "Conv" or conv.domain not in DEFAULT_DOMAINS:
+            if conv.op_type != "Conv" or not is_default_domain(conv):
                 continue
             folded = []
             while (op := self._fold_one(graph, conv, notes)) is not None:
@@ -161,7 +162,7 @@ class Fuse(GraphoptPass):
         if out.is_graph_output() or len(uses) != 1:
             return None
         user = uses[0].node
-        if user.graph is not graph or user.domain not in DEFAULT_DOMAINS or len(user.inputs) != 2:
+        if user.graph is not graph or not is_default_domain(user) or len(user.inputs) != 2:
             return None
         if user.op_type in ("Mul", "Add"):
             other = user.inputs[1 - uses[0].idx]

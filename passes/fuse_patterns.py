@@ -16,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.weights import attr, constant_array
+from graphopt.graphs import is_default_domain
+from graphopt.graphs import attr
+from graphopt.weights import constant_array
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 TOL = 1e-6
 
 
@@ -46,7 +47,7 @@ class Match:
 def producer(value: ir.Value | None, *op_types: str) -> ir.Node | None:
     """The default-domain node of one of ``op_types`` that produces ``value``, else None."""
     node = value.producer() if value is not None else None
-    if node is None or node.domain not in DEFAULT_DOMAINS or node.op_type not in op_types:
+    if node is None or not is_default_domain(node) or node.op_type not in op_types:
         return None
     return node
 
@@ -164,7 +165,7 @@ def hard_sigmoid_of(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | 
 
 def match_hardswish(node: ir.Node) -> Match | None:
     """x * HardSigmoid-like(x), or (x * Relu6(x + 3)) / 6 → HardSwish(x)."""
-    if node.op_type == "Mul" and node.domain in DEFAULT_DOMAINS:
+    if node.op_type == "Mul" and is_default_domain(node):
         for x, s in pairs(node):
             found = hard_sigmoid_of(s)
             if found is not None and found[0] is x:
@@ -205,7 +206,7 @@ def match_hardsigmoid(node: ir.Node) -> Match | None:
 
 def match_silu(node: ir.Node) -> Match | None:
     """x * Sigmoid(x) or x * Sigmoid(alpha * x) → QuickGelu(x, alpha) (com.microsoft) / Swish (opset 24)."""
-    if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS:
+    if node.op_type != "Mul" or not is_default_domain(node):
         return None
     for x, s in pairs(node):
         sig = producer(s, "Sigmoid")
@@ -233,7 +234,7 @@ def _erf_term(value: ir.Value | None) -> tuple[ir.Value, list[ir.Node]] | None:
 
 def match_gelu(node: ir.Node) -> Match | None:
     """x * 0.5 * (1 + Erf(x / sqrt 2)) in its three Mul orders → Gelu(x)."""
-    if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS:
+    if node.op_type != "Mul" or not is_default_domain(node):
         return None
     for p, q in pairs(node):
         inner = producer(p, "Mul")
@@ -256,7 +257,7 @@ def match_gelu(node: ir.Node) -> Match | None:
 
 def match_mish(node: ir.Node) -> Match | None:
     """x * Tanh(Softplus(x)) or x * Tanh(Log(Exp(x) + 1)) → Mish(x)."""
-    if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS:
+    if node.op_type != "Mul" or not is_default_domain(node):
         return None
     for x, t in pairs(node):
         tanh = producer(t, "Tanh")

@@ -30,10 +30,12 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import DataError
+from graphopt.graphs import infer_shapes, is_default_domain
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import all_graphs, attr as _attr, constant_array, encoding_of, set_initializer
+from graphopt.graphs import all_graphs, attr as _attr
+from graphopt.weights import constant_array, encoding_of, set_initializer
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
 # Single-input elementwise ops that may sit between the fully connected layers that through=K swallows.
@@ -132,7 +134,7 @@ def _avgpool_full_window(node: ir.Node) -> bool:
 
 def _exact_rewrites(pass_: Gap, graph: ir.Graph, rows: list[dict]) -> None:
     for node in list(graph):
-        if node.domain not in ("", "ai.onnx"):
+        if not is_default_domain(node):
             continue
         if node.op_type == "ReduceMean":
             keepdims = _reduce_mean_plan(node)
@@ -207,7 +209,7 @@ def _next_layer(layer: LinearLayer) -> tuple[list[ir.Node], LinearLayer] | None:
         if value.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
             return None
         node = uses[0].node
-        if node.domain not in ("", "ai.onnx"):
+        if not is_default_domain(node):
             return None
         if node.op_type in _BETWEEN and all(not o.uses() and not o.is_graph_output() for o in node.outputs[1:]):
             between.append(node)
@@ -220,7 +222,7 @@ def _next_layer(layer: LinearLayer) -> tuple[list[ir.Node], LinearLayer] | None:
 def find_heads(graph: ir.Graph, through: int, notes: list[str]) -> list[Head]:
     heads = []
     for node in list(graph):
-        if node.op_type not in ("Flatten", "Reshape") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Flatten", "Reshape") or not is_default_domain(node):
             continue
         x, out = node.inputs[0], node.outputs[0]
         dims = _dims(x)
@@ -285,7 +287,6 @@ class Gap(GraphoptPass):
         rows: list[dict] = []
         notes: list[str] = []
         if self._needs_shapes(model):
-            from graphopt.passes.canonicalize import infer_shapes
 
             failed = infer_shapes(model)
             if failed:

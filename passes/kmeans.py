@@ -22,7 +22,9 @@ from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.kmeans1d import HIST_MIN_SIZE, INITS, kmeans1d, kmeans1d_hist
 from graphopt.passes.prune import Target, find_targets
-from graphopt.weights import attr, set_initializer
+from graphopt.proto_handoff import ensure_opset
+from graphopt.graphs import attr, input_channel_axis
+from graphopt.weights import set_initializer
 
 UINT4_OPSET = 21
 
@@ -150,16 +152,6 @@ def importance_of(target: Target, mean_square: np.ndarray) -> np.ndarray:
     return np.broadcast_to(h.reshape(shape), w.shape)
 
 
-def _input_channel_axis(target: Target) -> int:
-    """Axis of the layer's activation input that matches the weight's input-channel axis."""
-    op = target.node.op_type
-    if op in ("Conv", "ConvTranspose"):
-        return 1
-    if op == "Gemm":
-        return 0 if int(attr(target.node, "transA", 0)) else 1
-    return -1 if target.index == 1 else -2  # MatMul: x @ W contracts x's last axis; W @ x contracts x's rows
-
-
 def input_mean_squares(context, model: ir.Model, targets: list[Target], max_samples: int) -> dict[str, np.ndarray]:
     """Mean square of each layer's input activation per input channel, over calibration samples."""
     from graphopt.capture import stream
@@ -171,7 +163,7 @@ def input_mean_squares(context, model: ir.Model, targets: list[Target], max_samp
             continue
         x = t.node.inputs[1 - t.index if t.node.op_type == "MatMul" else 0]
         if x is not None and x.name:
-            wanted[t.layer] = (x.name, _input_channel_axis(t))
+            wanted[t.layer] = (x.name, input_channel_axis(t.node, t.index))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     names = sorted({name for name, _ in wanted.values()})
@@ -213,7 +205,6 @@ class KMeans(GraphoptPass):
         targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, [], "shared")
         packed = False
         if targets and opts.bits <= 4 and opts.uint4:
-            from graphopt.passes.canonicalize import ensure_opset
 
             try:  # the upgrade rebuilds the graph, so the targets are found again afterwards
                 raised = ensure_opset(model, UINT4_OPSET)

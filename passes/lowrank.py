@@ -30,7 +30,8 @@ from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.lowrank_factor import Curve, Factorizer, Geometry, Whitener, pareto
-from graphopt.weights import all_graphs, all_nodes, constant_array, encoding_of, set_initializer
+from graphopt.graphs import all_graphs, all_nodes
+from graphopt.weights import constant_array, encoding_of, set_initializer
 
 DEFAULT_ENERGY = 0.98
 _CONV_GEOMETRY = ("kernel_shape", "strides", "dilations", "pads", "auto_pad", "group")

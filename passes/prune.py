@@ -20,8 +20,8 @@ from graphopt.errors import GraphoptError
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.weights import (all_nodes, constant_array, encoding_of, owned_initializer, replace_initializer,
-                              weight_layout)
+from graphopt.graphs import all_nodes
+from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, weight_layout
 
 FLOATS = (np.float16, np.float32, np.float64)
 SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]

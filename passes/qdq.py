@@ -25,7 +25,8 @@ import onnx_ir as ir
 
 from graphopt import saturation
 from graphopt.errors import GraphoptError
-from graphopt.weights import LINEAR_OPS, attr as _attr, constant_array, set_initializer, weight_layout
+from graphopt.graphs import attr as _attr, is_default_domain
+from graphopt.weights import LINEAR_OPS, constant_array, set_initializer, weight_layout
 
 WEIGHT_OPS = frozenset(LINEAR_OPS)
 OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -74,7 +75,7 @@ def fold_target(node: ir.Node, quantize_outputs: bool = False) -> ir.Value:
     if len(uses) != 1 or uses[0].idx != 0:
         return out
     user = uses[0].node
-    if user.op_type not in FOLD_OPS or user.domain not in ("", "ai.onnx") or user.graph is not node.graph:
+    if user.op_type not in FOLD_OPS or not is_default_domain(user) or user.graph is not node.graph:
         return out
     if user.outputs[0].is_graph_output() and not quantize_outputs:
         return out

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.graphs import default_opset, is_default_domain
 from graphopt.passes.qdq import quantize_bias
 from graphopt.weights import constant_array, replace_initializer, set_initializer
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def find_sites(model: ir.Model) -> tuple[list[Site], dict[str, str]]:
     sites: list[Site] = []
     skipped: dict[str, str] = {}
     for node in model.graph:
-        if node.op_type not in CORRECTED_OPS or node.domain not in _DEFAULT_DOMAINS:
+        if node.op_type not in CORRECTED_OPS or not is_default_domain(node):
             continue
         if len(node.inputs) < 2 or _dq_input(node.inputs[1]) is None or _dq_input(node.inputs[0]) is None:
             continue  # float op (not quantized, or weight-only): nothing to correct
@@ -129,7 +129,7 @@ def _new_bias_scale(node: ir.Node, channels: int) -> np.ndarray | None:
     sw = _scalar_or_vector(w_dq.inputs[1]) if w_dq is not None and len(w_dq.inputs) > 1 else None
     if sx is None or sw is None or sx.size != 1 or sw.size not in (1, channels) or node.op_type == "ConvTranspose":
         return None
-    if node.graph is None or node.graph.opset_imports.get("", 0) < 13:
+    if node.graph is None or default_opset(node.graph, 0) < 13:
         return None  # a per-axis DequantizeLinear needs opset 13: the new bias stays float
     scale = (sx[0] * np.broadcast_to(sw, (channels,))).astype(np.float32)
     return scale if np.all(scale > 0) else None

@@ -24,7 +24,8 @@ from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.qdq import quantize_weight
 from graphopt.saturation import KernelOrder
-from graphopt.weights import attr as _attr, constant_array, set_initializer
+from graphopt.graphs import attr as _attr, default_opset, is_default_domain
+from graphopt.weights import constant_array, set_initializer
 
 MS_DOMAIN = "com.microsoft"
 Mark = Callable[[ir.Node], ir.Node]
@@ -33,7 +34,7 @@ Mark = Callable[[ir.Node], ir.Node]
 def dynamic_reason(node: ir.Node) -> str | None:
     """Why ``node`` cannot be quantized dynamically (None: it can)."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
+    if not is_default_domain(node):
         return "not a standard op"
     if op not in ("MatMul", "Gemm", "LSTM"):
         return f"op {op} has no dynamic int8 form"
@@ -157,7 +158,7 @@ def emit_dynamic(model: ir.Model, nodes: Iterable[ir.Node], per_channel: bool = 
         rows.append(_emit_lstm(node, mark, safe_pairs) if node.op_type == "LSTM"
                     else _emit_matmul(node, per_channel, mark, safe_pairs))
     if rows:
-        opset = model.opset_imports.get("", 0)
+        opset = default_opset(model, 0)
         if opset and opset < 11:  # DynamicQuantizeLinear is opset 11
             model.opset_imports[""] = 11
         if any(r["op"] == "LSTM" for r in rows):

@@ -295,16 +295,6 @@ class Placement:
         return [by_name[n] for n in by_name if n in kept], rows, self.notes
 
 
-def _name_nodes(model: ir.Model) -> None:
-    """Selection works by node name (clones, exclude lists): unnamed or duplicate names get unique ones."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph):
-        if not node.name or node.name in seen:
-            base = f"{node.op_type}_{i}"
-            node.name = base if base not in seen else f"{base}_{id(node)}"
-        seen.add(node.name)
-
-
 def weight_anchors(nodes: Sequence[ir.Node]) -> list[ir.Node]:
     """The planned nodes with a constant weight (the ones worth timing)."""
     return [n for n in nodes if qdq.weight_index(n) is not None and constant_array(n.inputs[1]) is not None]

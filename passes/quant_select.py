@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graphopt import cpu
 from graphopt import sensitivity as sens
+from graphopt.graphs import name_nodes
 from graphopt.passes import calibrate as calib
 from graphopt.passes import qdq
 from graphopt.passes import quant_dynamic as qd
@@ -48,7 +49,7 @@ def select(qpass: Quantize, model: ir.Model, planned: Plan, ranges: dict[str, ca
     opts, ctx = qpass.options, qpass.context
     cfg = qpass.config(model)
     base = cfg.activation_type
-    qp._name_nodes(model)
+    name_nodes(model)  # selection works by node name (clones, exclude lists)
     rows: list[dict] = []
     notes: list[str] = []
     reasons: dict[str, str] = {}  # node name → why it went back to float (or dynamic)

@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import bench, capture, modelio
+from graphopt.graphs import default_opset
 from graphopt.passes import qdq
 from graphopt.passes.quant_dynamic import emit_dynamic
 
@@ -127,7 +128,7 @@ def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, 
                 shapes: Mapping[str, tuple], threads: int = 1, budget_s: float = 30.0,
                 dynamic: bool = False) -> dict[str, LayerTiming]:
     """Time each node's float, int8 and boundary one-node models (see the module doc) within ``budget_s``."""
-    opset = model.opset_imports.get("", 13)
+    opset = default_opset(model, 13)
     rng = np.random.default_rng(0)
     start, out = time.perf_counter(), {}
     for node in nodes:

@@ -26,6 +26,7 @@ import dataclasses
 
 import onnx_ir as ir
 
+from graphopt.graphs import default_opset, infer_shapes, is_default_domain
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes import calibrate as calib
@@ -33,13 +34,13 @@ from graphopt.passes import qdq
 from graphopt.passes import quant_dynamic as qd
 from graphopt.passes import quant_select
 from graphopt.passes.quant_correct import correct_biases, mark_corrected
-from graphopt.weights import all_graphs, constant_array, encoding_of
+from graphopt.graphs import all_graphs
+from graphopt.weights import constant_array, encoding_of
 
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm",
                            "QLinearAdd", "QLinearMul", "QLinearConcat", "DynamicQuantizeMatMul",
                            "DynamicQuantizeLSTM", "MatMulNBits"})
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,7 @@ def plan(model: ir.Model, options: QuantizeOptions, ranges: dict[str, calib.Rang
             result.skipped[node] = reason
     for graph in model.graph.subgraphs():
         for node in graph:
-            if node.op_type not in qdq.WEIGHT_OPS or node.domain not in _DEFAULT_DOMAINS:
+            if node.op_type not in qdq.WEIGHT_OPS or not is_default_domain(node):
                 continue
             if node.name in excluded_nodes or node.op_type in excluded_ops:
                 result.skipped[node] = "excluded by option"
@@ -178,7 +179,7 @@ def _node_reason(node: ir.Node, excluded_nodes: set[str], excluded_ops: set[str]
             return ""  # its range is the quantized producer's output range; onnxruntime removes it
     if op == "Constant":
         return ""
-    if node.domain not in _DEFAULT_DOMAINS or op not in qdq.COVERED_OPS:
+    if not is_default_domain(node) or op not in qdq.COVERED_OPS:
         return f"op {op} not covered: stays float"
     if node.name in excluded_nodes:
         return "excluded by exclude_nodes"
@@ -252,7 +253,7 @@ class Quantize(GraphoptPass):
 
     def config(self, model: ir.Model) -> qdq.QdqConfig:
         """The emission config; ``activation_type=auto`` starts from uint8 (what x86 runs fast on most nets)."""
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = default_opset(model, 0)
         act = "uint8" if self.options.activation_type == "auto" else self.options.activation_type
         return qdq.QdqConfig(act, self.options.per_channel and opset >= 13, self.options.quantize_outputs,
                              self.context.target.saturates)
@@ -264,7 +265,6 @@ class Quantize(GraphoptPass):
             return self.result(model, [], [note], modified=False)
         notes: list[str] = []
         if any(v.dtype is None for node in model.graph for v in node.outputs):
-            from graphopt.passes.canonicalize import infer_shapes
 
             shape_note = infer_shapes(model)
             if shape_note:

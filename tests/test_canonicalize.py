@@ -9,11 +9,11 @@ import pytest
 from helpers import assert_same_outputs, make_model, make_proto, op_types, randn, run_model, tensor_info
 from onnx import helper, numpy_helper
 
-from graphopt import modelio
+from graphopt import modelio, proto_handoff
 from graphopt.errors import GraphoptError
 from graphopt.options import build_options
-from graphopt.passes import canonicalize
-from graphopt.passes.canonicalize import Canonicalize, ensure_opset
+from graphopt.passes.canonicalize import Canonicalize
+from graphopt.proto_handoff import ensure_opset
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
@@ -88,7 +88,7 @@ def test_upgrades_opset_11_to_13() -> None:
 
 def test_upgrade_keeps_big_weights_as_the_same_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     # Big initializers travel to the converter as typed inputs only; they come back as the same objects.
-    monkeypatch.setattr(canonicalize, "_HOLD_BYTES", 16)
+    monkeypatch.setattr(proto_handoff, "_HOLD_BYTES", 16)
     w, small = randn((4, 3)), np.array([0.5], np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Mul", ["m", "small"], ["u"]),
              helper.make_node("Unsqueeze", ["u"], ["y"], axes=[0])]

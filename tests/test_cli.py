@@ -15,7 +15,8 @@ import graphopt
 from graphopt import cli, recipe
 from graphopt.options import BaseOptions
 from graphopt.passbase import GraphoptPass
-from graphopt.weights import all_nodes, constant_array, replace_initializer
+from graphopt.graphs import all_nodes
+from graphopt.weights import constant_array, replace_initializer
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
