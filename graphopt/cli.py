@@ -94,10 +94,6 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.pipeline import RunOptions, optimize
     from graphopt.report import format_table
 
-    if args.samples < 1:
-        raise GraphoptError(f"--samples {args.samples}: expected at least 1")
-    if not 0.0 <= args.max_drop <= 1.0:
-        raise GraphoptError(f"--max-drop {args.max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     run = RunOptions(threads=args.threads, latency=not args.no_latency, progress=not args.quiet,
                      score_output=args.score_output, map_threshold=args.map_threshold, debug=args.debug,
                      target_cpu=args.target_cpu, allow_slower=args.allow_slower)

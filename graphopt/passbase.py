@@ -75,7 +75,7 @@ class GraphoptPass(ir.passes.InPlacePass):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = BaseOptions
-    needs_data: ClassVar[bool] = False  # True: refuses to run without real calibration data
+    data_required: ClassVar[bool] = False  # True: refuses to run without real calibration data (any options)
     exact: ClassVar[bool] = False  # True: outputs are unchanged up to float rounding
     size_objective: ClassVar[bool] = False  # True: trades speed for size, so the latency guard lets it be slower
 
@@ -83,6 +83,12 @@ class GraphoptPass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options if options is not None else self.Options()
         self.context = context if context is not None else PassContext()
+
+    @classmethod
+    def needs_data(cls, options: Any) -> str | None:
+        """Why this pass, with these options, needs real calibration data; None when it does not. The pipeline
+        asks before the first pass runs, so a run never stops half-way for want of data."""
+        return "it calibrates on data" if cls.data_required else None
 
     def accepts_slower(self) -> bool:
         """Whether this pass, with these options, aims at size: the pipeline keeps it even when slower."""

@@ -298,6 +298,18 @@ def _load(model: str | os.PathLike | ir.Model, output: str | os.PathLike | None)
     return modelio.load_model(model), output
 
 
+def _check_run_values(max_drop: float, min_snr: float | None, synthetic_samples: int, run: RunOptions) -> None:
+    """The same refusals for the API as for the CLI, before any work."""
+    if not 0.0 <= max_drop <= 1.0:
+        raise GraphoptError(f"--max-drop {max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
+    if min_snr is not None and not -1000.0 <= min_snr <= 1000.0:
+        raise GraphoptError(f"--min-snr {min_snr}: expected decibels (for example 30)")
+    if synthetic_samples < 1:
+        raise GraphoptError(f"--samples {synthetic_samples}: expected at least 1")
+    if run.threads < 1:
+        raise GraphoptError(f"--threads {run.threads}: expected at least 1")
+
+
 def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | None = None, *,
              passes: str | list | None = None, recipe: str | os.PathLike | None = None,
              calib: Any = None, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
@@ -313,6 +325,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     (:data:`graphopt.cpu.TARGETS`; else the run's, the recipe's, or ``portable``) is the CPU the model is built for.
     """
     run = run or RunOptions()
+    _check_run_values(max_drop, min_snr, synthetic_samples, run)
     steps, recipe_target = resolve_recipe(passes, recipe)  # recipe errors before any work
     target = cpu.resolve_target(target_cpu or run.target_cpu or recipe_target)
     run = dataclasses.replace(run, target_cpu=target.name)
@@ -323,10 +336,11 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     specs = datamod.input_specs(loaded)
     calib_ds, eval_ds = datamod.resolve(specs, data=data, calib=calib, shapes=shapes,
                                         synthetic_samples=synthetic_samples)
-    needy = [s.name for s in steps if getattr(s.pass_cls, "needs_data", False)]
-    if needy and calib_ds.synthetic:
-        raise GraphoptError(f"pass {needy[0]!r} needs calibration data: give --calib or --data "
-                            "(an .npz with the model's inputs, or a folder of .npz feeds)")
+    if calib_ds.synthetic:
+        for step in steps:
+            if why := step.pass_cls.needs_data(step.options):
+                raise GraphoptError(f"pass {step.label()!r} needs calibration data ({why}): give --calib or --data "
+                                    "(an .npz with the model's inputs, or a folder of .npz feeds)")
     if metric is None:
         metric = "accuracy" if eval_ds.labels is not None else "agreement"
     if metric == "accuracy" and eval_ds.labels is None:

@@ -171,7 +171,7 @@ class Distill(GraphoptPass):
 
     name = "distill"
     summary = "training-free distillation: ridge-refit the last (or named) linear layers to the teacher's outputs"
-    needs_data = True
+    data_required = True
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):

@@ -183,6 +183,10 @@ class KMeans(GraphoptPass):
     summary = "weight sharing: k-means codebook of 2^bits values per layer/channel, uint8 or UINT4 indices"
     size_objective = True  # the Gather that decodes the codebook costs time
 
+    @classmethod
+    def needs_data(cls, options) -> str | None:
+        return "data_aware weighs each weight by its input's activations" if options.data_aware else None
+
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
         bits: int = option(4, "index bits: 2^bits codes (1 = sign × per-channel scale)", low=1, high=8)

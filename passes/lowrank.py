@@ -170,6 +170,10 @@ class LowRank(GraphoptPass):
             if len(given) > 1:
                 raise ValueError(f"give one of rank, energy, ratio, macs (got {', '.join(given)})")
 
+    @classmethod
+    def needs_data(cls, options) -> str | None:
+        return "data_aware fits each layer's output on calibration activations" if options.data_aware else None
+
     def accepts_slower(self) -> bool:
         return self.options.ratio_of == "params"  # a parameter budget: the user asked for size
 

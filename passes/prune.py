@@ -198,6 +198,10 @@ class Prune(GraphoptPass):
     summary = "unstructured magnitude pruning (per layer, global, or sensitivity-aware); sparse storage at save"
     size_objective = True  # dense kernels run zeros as fast as weights
 
+    @classmethod
+    def needs_data(cls, options) -> str | None:
+        return "sensitivity measures each layer's damage on data" if options.sensitivity else None
+
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
         sparsity: float | dict[str, float] = option(

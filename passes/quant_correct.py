@@ -312,7 +312,7 @@ class BiasCorrect(GraphoptPass):
     name = "bias_correct"
     summary = "after quantize: subtract each int8 layer's per-channel output mean shift (vs float) from its bias"
     Options = BiasCorrectOptions
-    needs_data = True
+    data_required = True
     exact = False
 
     def call(self, model: ir.Model) -> GraphoptResult:

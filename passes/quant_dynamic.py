@@ -187,7 +187,6 @@ class QuantizeDynamic(GraphoptPass):
     name = "quantize_dynamic"
     summary = "dynamic int8: int8 weights, activations quantized at run time (MatMul, Gemm, LSTM)"
     Options = QuantizeDynamicOptions
-    needs_data = False
     exact = False
     layer_timer = None  # tests inject fake timings (quant_placement.LayerTimer / ModelTimer)
     model_timer = None

@@ -219,7 +219,7 @@ class Quantize(GraphoptPass):
     name = "quantize"
     summary = "static int8 (QDQ): int8 per-channel weights, int32 bias, calibrated activations"
     Options = QuantizeOptions
-    needs_data = True
+    data_required = True
     exact = False
 
     def accepts_slower(self) -> bool:

@@ -146,6 +146,12 @@ def test_output_equal_to_input_refused(tmp_path, capsys):
     (["optimize", str(MODEL), "--passes", "nosuch"], "unknown pass 'nosuch'"),
     (["optimize", str(MODEL), "--passes", "fold_batchnorm:colour=1"], "unknown option 'colour'"),
     (["optimize", str(MODEL), "--max-drop", "5"], "--max-drop"),
+    (["optimize", str(MODEL), "--passes", "fold_batchnorm; lowrank:data_aware=true"],
+     "pass 'lowrank:data_aware=True' needs calibration data (data_aware fits"),
+    (["optimize", str(MODEL), "--passes", "fold_batchnorm; prune:sensitivity=true"],
+     "pass 'prune:sensitivity=True' needs calibration data (sensitivity measures"),
+    (["optimize", str(MODEL), "--passes", "kmeans:data_aware=true"], "pass 'kmeans:data_aware=True' needs calibration"),
+    (["optimize", str(MODEL), "--passes", "distill"], "pass 'distill' needs calibration data (it calibrates"),
     (["optimize"], "required"),
     ([], "give a command"),
     (["frobnicate"], "invalid choice"),
@@ -154,6 +160,14 @@ def test_usage_errors(tmp_path, capsys, monkeypatch, args, match):
     monkeypatch.chdir(tmp_path)
     assert cli.main(args) == 2
     assert match in _err(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs,match", [({"max_drop": 5}, "--max-drop 5"), ({"min_snr": 1e9}, "--min-snr"),
+                                          ({"synthetic_samples": 0}, "--samples 0")])
+def test_python_api_refuses_what_the_cli_refuses(tmp_path, kwargs, match):
+    with pytest.raises(graphopt.GraphoptError, match=match):
+        graphopt.optimize(str(MODEL), tmp_path / "o.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
 
 

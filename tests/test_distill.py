@@ -232,7 +232,7 @@ def test_needs_teacher_and_real_data():
         Distill(context=PassContext(calib=_calib()))(clone(teacher))
     with pytest.raises(GraphoptError, match="calibration"):
         Distill(context=PassContext(teacher=teacher))(clone(teacher))
-    assert Distill.needs_data
+    assert Distill.needs_data(Distill.Options()) == "it calibrates on data"
 
 
 @pytest.mark.parametrize("raw", [{"ridge": -1}, {"max_samples": 0}, {"layers": []}, {"layer": "last"},

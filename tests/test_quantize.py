@@ -298,7 +298,7 @@ def test_already_quantized_model_is_left_alone():
 
 
 def test_needs_calibration_data_and_options_parse():
-    assert Quantize.needs_data
+    assert Quantize.needs_data(QuantizeOptions()) == "it calibrates on data"
     proto, _, _ = _linear_model("MatMul")
     with pytest.raises(GraphoptError, match="calibration data"):
         Quantize()(ir.serde.deserialize_model(proto))
