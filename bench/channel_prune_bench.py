@@ -21,8 +21,7 @@ sys.path.insert(0, str(ROOT))
 from graphopt import bench, data as datamod, formatting, modelio  # noqa: E402
 from graphopt.options import build_options  # noqa: E402
 from graphopt.passbase import PassContext  # noqa: E402
-from graphopt.passes.channel_deps import analyze  # noqa: E402
-from graphopt.passes.channel_prune import ChannelPrune  # noqa: E402
+from graphopt.passes.channels import ChannelPrune, analyze  # noqa: E402
 from graphopt.runtime import make_session  # noqa: E402
 
 ZOO = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet", "vgg19")

@@ -5,7 +5,7 @@ Per model, after canonicalize (the teacher), fold_batchnorm and fuse, with the s
 - budget: quantize with its defaults (target=latency, max_drop 0.01 on the calibration data), then + bias_correct;
 - budget after correction: the same (quantize's bias_correction off), but each of the budget's combination
   checks runs bias correction on its candidate before comparing with the float model
-  (quant_placement.accuracy_budget's build wrapped here;
+  (quantize.placement.accuracy_budget's build wrapped here;
   the single-op sensitivity screen is unchanged), then + bias_correct on the result;
 - quantize bias_correction=true: quantize's own option (its default), which does the above by itself.
 Quality on held-out data (digits test accuracy; PP-OCRv4 rec exact-line accuracy and CER; det probability-map
@@ -33,12 +33,11 @@ from graphopt import bench, modelio  # noqa: E402
 from graphopt import data as datamod  # noqa: E402
 from graphopt.options import build_options  # noqa: E402
 from graphopt.passbase import PassContext  # noqa: E402
-from graphopt.passes import quant_placement as qp  # noqa: E402
 from graphopt.passes.canonicalize import Canonicalize  # noqa: E402
 from graphopt.passes.fold_batchnorm import FoldBatchNorm  # noqa: E402
 from graphopt.passes.fuse import Fuse  # noqa: E402
-from graphopt.passes.quant_correct import BiasCorrect, correct_biases  # noqa: E402
-from graphopt.passes.quantize import Quantize, QuantizeOptions  # noqa: E402
+from graphopt.passes.quantize import BiasCorrect, Quantize, QuantizeOptions, correct_biases  # noqa: E402
+from graphopt.passes.quantize import placement as qp  # noqa: E402
 from graphopt.pipeline import machine_line  # noqa: E402
 from graphopt.runtime import make_session  # noqa: E402
 
@@ -96,7 +95,7 @@ def setup(name: str) -> dict[str, Any]:
 
 
 def _corrected_budget():
-    """quant_placement.accuracy_budget with bias correction inside each combination check."""
+    """quantize.placement.accuracy_budget with bias correction inside each combination check."""
     real = qp.accuracy_budget
 
     def wrapped(context, model, anchors, build, *args, **kwargs):

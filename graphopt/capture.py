@@ -32,7 +32,8 @@ Feed = dict[str, np.ndarray]
 # --- exposing values -----------------------------------------------------------------------------------
 
 
-def _main_values(graph: ir.Graph) -> dict[str, ir.Value]:
+def main_values(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every value of the main graph by name: inputs, initializers, node outputs (what capture can expose)."""
     values = {v.name: v for v in graph.inputs}
     values.update({name: v for name, v in graph.initializers.items()})
     for node in graph:
@@ -41,7 +42,7 @@ def _main_values(graph: ir.Graph) -> dict[str, ir.Value]:
 
 
 def _check_names(model: ir.Model, names: Iterable[str]) -> dict[str, ir.Value]:
-    values = _main_values(model.graph)
+    values = main_values(model.graph)
     missing = [n for n in names if n not in values]
     if missing:
         raise GraphoptError(f"value {missing[0]!r} is not in the model's main graph (values inside If/Loop "
@@ -63,7 +64,7 @@ def exposed(model: ir.Model, names: list[str]) -> ir.Model:
     known type is exposed untyped and onnxruntime infers it."""
     _check_names(model, names)
     copy = model.clone()
-    values = _main_values(copy.graph)
+    values = main_values(copy.graph)
     outputs = {v.name for v in copy.graph.outputs}
     for name in dict.fromkeys(names):
         value = values[name]
@@ -75,7 +76,7 @@ def exposed(model: ir.Model, names: list[str]) -> ir.Model:
     return copy
 
 
-class _Runner:
+class Runner:
     """One session over the exposed copy; returns the named values for a feed."""
 
     def __init__(self, model: ir.Model, names: list[str], threads: int) -> None:
@@ -116,7 +117,7 @@ def _feeds(dataset, max_samples: int | None, progress: bool, what: str) -> Itera
 def stream(model: ir.Model, names: list[str], dataset, threads: int = 1, max_samples: int | None = None,
            progress: bool = False) -> Iterator[Feed]:
     """Per feed, {name: activation} of the named main-graph values; one onnxruntime session."""
-    runner = _Runner(model, names, threads)
+    runner = Runner(model, names, threads)
     for feed in _feeds(dataset, max_samples, progress, "capture"):
         yield runner(feed)
 
@@ -125,7 +126,7 @@ def stream_pair(model: ir.Model, names: list[str], other: ir.Model, other_names:
                 threads: int = 1, max_samples: int | None = None,
                 progress: bool = False) -> Iterator[tuple[Feed, Feed]]:
     """Two models (student, teacher) in lockstep on the same feeds: per feed (model's values, other's values)."""
-    first, second = _Runner(model, names, threads), _Runner(other, other_names, threads)
+    first, second = Runner(model, names, threads), Runner(other, other_names, threads)
     for feed in _feeds(dataset, max_samples, progress, "capture"):
         yield first(feed), second(feed)
 

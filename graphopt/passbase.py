@@ -14,12 +14,12 @@ import onnx_ir as ir
 
 from graphopt.cpu import Target, resolve_target
 from graphopt.errors import GraphoptError
+from graphopt.metrics import Evaluator
 from graphopt.options import BaseOptions
 
 if TYPE_CHECKING:
     from graphopt.data import Dataset
     from graphopt.latency import LatencyProbe
-    from graphopt.metrics import Evaluator
 
 # metadata_props key on rewritten nodes naming the pass that made them (provenance).
 PROVENANCE_KEY = "graphopt.pass"
@@ -39,7 +39,9 @@ class PassContext:
     progress: bool = False
     target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
     latency: LatencyProbe | None = None  # times rewrites a pass chooses between (None: timing is off)
-    _evaluator: Evaluator | None = dataclasses.field(default=None, repr=False)
+    # Evaluators against the teacher, by how many calibration samples they read (None: all); the teacher is
+    # fixed for a context, so they are built once per pass.
+    _evaluators: dict[int | None, Evaluator] = dataclasses.field(default_factory=dict, repr=False)
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None or self.calib.synthetic:
@@ -49,16 +51,17 @@ class PassContext:
             )
         return self.calib
 
-    def calib_evaluator(self) -> Evaluator:
-        """Compares candidates with the teacher on the calibration data (for sensitivity and budgets)."""
-        if self._evaluator is None:
-            from graphopt.metrics import Evaluator
-
+    def calib_evaluator(self, max_samples: int | None = None) -> Evaluator:
+        """Compares candidates with the teacher on the calibration data, or its first ``max_samples``
+        (for sensitivity and budgets)."""
+        if max_samples not in self._evaluators:
             if self.teacher is None or self.calib is None:
                 raise GraphoptError("this pass needs the teacher model and calibration data in its context")
-            self._evaluator = Evaluator(self.teacher, self.calib, threads=self.threads,
-                                        score_output=self.score_output, map_threshold=self.map_threshold)
-        return self._evaluator
+            data = self.calib if max_samples is None else self.calib.head(max(1, int(max_samples)))
+            self._evaluators[max_samples] = Evaluator(self.teacher, data, threads=self.threads,
+                                                      score_output=self.score_output,
+                                                      map_threshold=self.map_threshold)
+        return self._evaluators[max_samples]
 
 
 @dataclasses.dataclass

@@ -31,8 +31,6 @@ from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, Pass
 from graphopt.verify import LARGE_BYTES, Checkpoints, Gate, Materialized, is_heavy, release_memory
 
 DEFAULT_MAX_DROP = 0.01
-# When no class-score output exists (regression, detection maps), the gate is the worst-channel SNR.
-DEFAULT_MIN_SNR_WITHOUT_SCORES = 30.0
 
 __all__ = ["DEFAULT_MAX_DROP", "Gate", "Pipeline", "RunOptions", "optimize"]
 
@@ -93,11 +91,10 @@ class Pipeline:
         self.current = evaluator.evaluate(reference, progress=False)
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
-        if self.current.value(self.gate.metric) is None and self.gate.metric != "snr":
-            self.gate = Gate("snr", self.gate.max_drop, self.gate.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES)
-            report.metric, report.min_snr = self.gate.metric, self.gate.min_snr
-            report.passes[0].notes.append(
-                f"no class-score output: the gate is worst-channel SNR >= {self.gate.min_snr:g} dB")
+        self.gate, note = self.gate.resolved(self.current)
+        report.metric, report.min_snr = self.gate.metric, self.gate.min_snr
+        if note:
+            report.passes[0].notes.append(note)
         teacher = None
         with tempfile.TemporaryDirectory(prefix="graphopt-run-") as tmp:
             # An in-memory model from the caller is rewritten in place, so its state is never swapped for reloads.
@@ -341,12 +338,10 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
             if why := step.pass_cls.needs_data(step.options):
                 raise GraphoptError(f"pass {step.label()!r} needs calibration data ({why}): give --calib or --data "
                                     "(an .npz with the model's inputs, or a folder of .npz feeds)")
-    if metric is None:
-        metric = "accuracy" if eval_ds.labels is not None else "agreement"
     if metric == "accuracy" and eval_ds.labels is None:
         raise GraphoptError("--metric accuracy needs labels: the evaluation .npz has no 'labels' key")
     report = Report(model=source, output=str(output) if output else None, data=eval_ds.describe(),
-                    synthetic=eval_ds.synthetic, metric=metric, max_drop=max_drop, min_snr=min_snr, passes=[],
+                    synthetic=eval_ds.synthetic, metric=metric or "", max_drop=max_drop, min_snr=min_snr, passes=[],
                     machine=machine_line(), target_cpu=target.describe())
     pipeline = Pipeline(steps, Gate(metric, max_drop, min_snr), run)
     pipeline.in_place = isinstance(model, ir.Model)

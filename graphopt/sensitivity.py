@@ -42,7 +42,6 @@ from graphopt.passbase import PassContext
 
 SNR_FLOOR = -metrics.SNR_CAP  # the SNR recorded for rows that were not measured or failed
 OK, ERROR, SKIPPED = "ok", "error", "skipped"
-_CACHE_ATTR = "_sensitivity_evaluators"
 FRONTIER_BYTES = 256 << 20  # captured frontier values held at once (sets how many candidates a chunk takes)
 
 ApplyFn = Callable[[ir.Model], None]
@@ -128,29 +127,15 @@ def _metric(context: PassContext, labels: Any) -> tuple[str, str | None]:
 
 
 def _evaluator(context: PassContext, model: ir.Model, max_samples: int) -> tuple[metrics.Evaluator, Any]:
-    """One Evaluator on (reference, calib head); cached on the context when the reference is the teacher."""
+    """An Evaluator on (reference, the first ``max_samples`` calibration samples), and those samples: against
+    the teacher (built once per context), else against the model as it is now (it will change: not kept)."""
     if context.calib is None:
         raise GraphoptError("sensitivity needs calibration data in the pass context")
     head = context.calib.head(max(1, int(max_samples)))
-    if context.teacher is None:  # the model itself, as it is now: it will change, so no caching
+    if context.teacher is None:
         return metrics.Evaluator(model, head, threads=context.threads, score_output=context.score_output,
                                  map_threshold=context.map_threshold), head
-    key = (int(max_samples), context.threads, context.score_output, context.map_threshold)
-    cache = getattr(context, _CACHE_ATTR, None)
-    if not isinstance(cache, dict):
-        cache = {}
-        try:
-            setattr(context, _CACHE_ATTR, cache)
-        except AttributeError:  # a context that takes no new attributes: just do not cache
-            pass
-    hit = cache.get(key)
-    # Identity checks: the cache holds the objects, so an id can never be reused by another model.
-    if hit is not None and hit[0] is context.teacher and hit[1] is context.calib:
-        return hit[2], head
-    evaluator = metrics.Evaluator(context.teacher, head, threads=context.threads,
-                                  score_output=context.score_output, map_threshold=context.map_threshold)
-    cache[key] = (context.teacher, context.calib, evaluator)
-    return evaluator, head
+    return context.calib_evaluator(int(max_samples)), head
 
 
 def _row(evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn], metric: str,

@@ -103,7 +103,7 @@ class FrontierCache:
         missing = [n for n in dict.fromkeys(names) if n not in self.values[0]]
         if not missing:
             return
-        runner = capture._Runner(self.model, missing, self.threads)
+        runner = capture.Runner(self.model, missing, self.threads)
         for store, feed in zip(self.values, self.feeds):
             got = runner(feed)
             for n in missing:

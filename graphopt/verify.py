@@ -26,11 +26,25 @@ from graphopt.metrics import Comparison
 LARGE_BYTES = 100_000_000
 
 
+# When no class-score output exists (regression, detection maps), the gate is the worst-channel SNR.
+DEFAULT_MIN_SNR_WITHOUT_SCORES = 30.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    metric: str  # accuracy | agreement | snr
+    metric: str | None  # accuracy | agreement | snr; None: chosen by resolved()
     max_drop: float
     min_snr: float | None
+
+    def resolved(self, reference: Comparison) -> tuple[Gate, str | None]:
+        """The one place the gate metric is chosen, from the original model's own comparison: the metric asked
+        for, else accuracy when the data has labels, else agreement; worst-channel SNR when the model has no
+        class-score output to judge either by. Returns the gate and a note when it is not the one asked for."""
+        metric = self.metric or ("accuracy" if reference.reference_accuracy is not None else "agreement")
+        if metric != "snr" and reference.value(metric) is None:
+            floor = self.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES
+            return Gate("snr", self.max_drop, floor), f"no class-score output: the gate is worst-channel SNR >= {floor:g} dB"
+        return Gate(metric, self.max_drop, self.min_snr), None
 
     def failure(self, comparison: Comparison, budget: float) -> str | None:
         """Why ``comparison`` breaks the gate with ``budget``, or None if it holds."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from graphopt.passes.canonicalize import Canonicalize
-from graphopt.passes.channel_prune import ChannelPrune
+from graphopt.passes.channels import ChannelPrune
 from graphopt.passes.cleanup import Cleanup
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.distill import Distill
@@ -12,9 +12,7 @@ from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.lowrank import LowRank
 from graphopt.passes.prune import Prune
-from graphopt.passes.quant_correct import BiasCorrect
-from graphopt.passes.quant_dynamic import QuantizeDynamic
-from graphopt.passes.quantize import Quantize
+from graphopt.passes.quantize import BiasCorrect, Quantize, QuantizeDynamic
 
 # The one registry: recipe names → pass classes. A new pass family adds its classes here.
 REGISTRY = {

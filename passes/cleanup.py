@@ -1,6 +1,6 @@
 """cleanup: constant folding, identities, dead nodes, topological order, then onnxsim when it helps.
 
-Compressed weight forms are held out of folding (DESIGN.md): a folder would turn Gather(codebook,
+Compressed weight forms are held out of folding (ARCHITECTURE.md, rule 2): a folder would turn Gather(codebook,
 Cast(indices)), int8/int4 weights behind DequantizeLinear and sparse-marked initializers back into dense
 float. onnxscript's folder takes a ``should_fold`` veto for that; onnxsim has none, so it runs only on
 models without compressed forms, on a copy, and its result is taken only when it has fewer nodes and the

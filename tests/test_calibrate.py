@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphopt import data as datamod
-from graphopt.passes import calibrate as C
+from graphopt.passes.quantize import calibrate as C
 from tests.helpers import make_proto, tensor_info
 
 

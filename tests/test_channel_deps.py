@@ -6,7 +6,7 @@ import numpy as np
 from onnx import helper
 
 from graphopt.bench import infer_shapes
-from graphopt.passes.channel_deps import analyze
+from graphopt.passes.channels import analyze
 from tests.helpers import make_model, randn, tensor_info
 
 X = tensor_info("x", np.float32, [1, 3, 8, 8])

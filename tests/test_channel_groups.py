@@ -10,8 +10,7 @@ from onnx import helper
 from graphopt import modelio
 from graphopt.bench import count_macs, infer_shapes
 from graphopt.options import build_options
-from graphopt.passes.channel_deps import analyze
-from graphopt.passes.channel_prune import ChannelPrune
+from graphopt.passes.channels import ChannelPrune, analyze
 from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
 
 X = tensor_info("x", np.float32, [2, 8, 6, 6])

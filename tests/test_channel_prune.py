@@ -15,7 +15,7 @@ from graphopt.bench import count_macs
 from graphopt.errors import RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
-from graphopt.passes.channel_prune import ChannelPrune, legal_keep
+from graphopt.passes.channels import ChannelPrune, legal_keep
 from graphopt.weights import constant_array
 from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
 
@@ -463,7 +463,7 @@ def test_unit_group_round_to_unreachable_is_noted() -> None:
 
 
 def test_unit_scores_are_per_channel_over_whole_slots() -> None:
-    from graphopt.passes.channel_importance import group_scores
+    from graphopt.passes.channels import group_scores
     from tests.test_channel_groups import _shufflenet_unit, _unit_rows
 
     model, inits = _shufflenet_unit()

@@ -18,9 +18,8 @@ from graphopt.errors import GraphoptError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt import metrics
-from graphopt.passes.quant_correct import (MARKER, BiasCorrect, BiasCorrectOptions, apply_shift, correct_biases,
-                                           find_sites)
-from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.passes.quantize import MARKER, BiasCorrect, BiasCorrectOptions, Quantize, QuantizeOptions, correct_biases
+from graphopt.passes.quantize.bias import apply_shift, find_sites
 from graphopt.runtime import make_session
 from tests.helpers import make_proto, run_model, tensor_info
 
@@ -298,7 +297,7 @@ def test_budget_checks_judge_the_corrected_model():
 
 def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
     from graphopt import sensitivity as sens
-    from graphopt.passes import quant_select
+    from graphopt.passes.quantize import select as quant_select
 
     proto, feeds, _ = _net()
     corrections, checks, firsts = [], [], []
@@ -327,12 +326,12 @@ def test_checks_correct_on_fewer_samples_and_use_budget_samples(monkeypatch):
 
 
 def test_a_wave_that_cannot_be_measured_is_undone_and_stops(monkeypatch):
-    import graphopt.passes.quant_correct as qc
+    import graphopt.passes.quantize.correct as qc
 
     proto, feeds, test = _net()
     model, data = _quantized(proto, feeds)
     before = run_model(model, test)["y"]
-    real, calls = qc._capture, []
+    real, calls = qc.capture_means, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -340,7 +339,7 @@ def test_a_wave_that_cannot_be_measured_is_undone_and_stops(monkeypatch):
             raise GraphoptError("onnxruntime refused the corrected model")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qc, "_capture", failing)
+    monkeypatch.setattr(qc, "capture_means", failing)
     rows, notes = correct_biases(ir.serde.deserialize_model(proto), model, data, samples=8, waves=0)
     assert any("stopped at wave 1" in n for n in notes), notes
     assert not any(r["action"] == "bias corrected" for r in rows)

@@ -18,9 +18,8 @@ from graphopt import modelio, saturation
 from graphopt.cpu import resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
-from graphopt.passes import quant_placement as qp
-from graphopt.passes.quant_dynamic import QuantizeDynamic, QuantizeDynamicOptions
-from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.passes.quantize import Quantize, QuantizeDynamic, QuantizeDynamicOptions, QuantizeOptions
+from graphopt.passes.quantize import placement as qp
 from graphopt.runtime import make_session
 from tests.helpers import make_proto, run_model, tensor_info
 

@@ -14,11 +14,11 @@ from onnx import helper
 from graphopt import data as datamod
 from graphopt import metrics, modelio
 from graphopt.passbase import PassContext
-from graphopt.passes import quant_placement as qp
-from graphopt.passes import quant_select as qs
-from graphopt.passes import quant_timing as qt
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.passes.quantize import placement as qp
+from graphopt.passes.quantize import select as qs
+from graphopt.passes.quantize import timing as qt
 from tests.helpers import make_proto, run_model, tensor_info
 
 DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"

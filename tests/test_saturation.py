@@ -21,8 +21,7 @@ from onnx import helper
 from graphopt import cli, cpu, recipe, saturation as sat
 from graphopt import data as datamod
 from graphopt.passbase import PassContext
-from graphopt.passes.qdq import quantize_weight_safe
-from graphopt.passes.quantize import Quantize, QuantizeOptions
+from graphopt.passes.quantize import Quantize, QuantizeOptions, quantize_weight_safe
 from graphopt.runtime import make_session
 from graphopt.saturation_check import check, emulate, find_layers, format_report
 from tests.helpers import make_proto, tensor_info
@@ -289,7 +288,7 @@ def test_target_cpu_on_the_command_line(tmp_path, capsys, target, safe):
                      target, "-o", str(out), "--report", str(report), "--quiet", "--no-latency"])
     assert code == 0
     text = capsys.readouterr().out
-    assert f"host: " in text and f"(int8 kernels: {cpu.host().isa})" in text and f"target CPU: {target}" in text
+    assert "host: " in text and f"(int8 kernels: {cpu.host().isa})" in text and f"target CPU: {target}" in text
     data = json.loads(report.read_text())
     assert data["target_cpu"].startswith(target) and cpu.host().isa in data["machine"]
     final, layers = data["final"], find_layers(ir.serde.deserialize_model(onnx.load(str(out))))

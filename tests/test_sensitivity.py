@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt import metrics, sensitivity
+from graphopt import metrics, passbase, sensitivity
 from graphopt.data import Dataset
 from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
@@ -138,6 +138,7 @@ def test_reference_is_computed_once_per_context(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(metrics, "Evaluator", counting)
+    monkeypatch.setattr(passbase, "Evaluator", counting)  # the context builds the teacher's evaluators
     ctx = context()
     measure(ctx, two_branch(), [zero("WA"), zero("WB")])
     sensitivity.baseline(ctx, two_branch())

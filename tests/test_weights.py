@@ -144,7 +144,7 @@ def test_batched_matmul_weight_is_per_tensor_for_qdq_only():
 @pytest.mark.parametrize("shape,axis", [((4, 5), 1), ((3, 4, 5), None)])
 def test_qdq_weight_scales_follow_the_layout(shape, axis):
     """qdq: a 2-D MatMul B gets one scale per output column (DQ axis 1); a batched B one scale in all."""
-    from graphopt.passes.qdq import emit_weights_only
+    from graphopt.passes.quantize import emit_weights_only
 
     w = randn(shape, 9)
     x_shape = [3, 2, 4] if len(shape) == 3 else [2, 4]

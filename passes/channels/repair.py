@@ -22,8 +22,9 @@ from graphopt.capture import layer_moments, stream, stream_pair
 from graphopt.data import split
 from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import LinearLayer, as_linear
+from graphopt.metrics import Evaluator
 from graphopt.passbase import PassContext
-from graphopt.passes.channel_types import Slot, label
+from graphopt.passes.channels.types import Slot, label
 from graphopt.refit import dependency_waves, refit_layer
 
 MIN_ROWS_PER_INPUT = 4  # a ridge refit with fewer calibration rows per input column overfits
@@ -169,8 +170,6 @@ def compare(original: ir.Model, unrepaired: ir.Model, repaired: ir.Model, data, 
         if context.teacher is not None:
             evaluator = context.calib_evaluator()
         else:
-            from graphopt.metrics import Evaluator
-
             evaluator = Evaluator(original, data.head(max_samples), threads=context.threads,
                                   score_output=context.score_output, map_threshold=context.map_threshold)
         without, with_ = evaluator.evaluate(unrepaired), evaluator.evaluate(repaired)

@@ -1,24 +1,32 @@
-"""Op-specific propagation rules of the channel analysis (the walk in :mod:`channel_deps` dispatches here).
+"""Per-op channel rules of the analysis (the walk in :mod:`deps` dispatches here).
 
-Each rule reads the input :class:`Chan` states, records the slots/fixups that follow the pruning and sets
-the output state, or blocks the atoms it cannot prove (with a reason). Grouped convs and channel shuffles do
-not block: they add *constraints* (``an.colorings``: removal must take equal counts from each colour;
-``an.ties``: channels removed together) that :mod:`channel_units` turns into removal units.
+Each rule reads the input :class:`Chan` states, records in the :class:`Analysis` the slots/fixups that follow
+the pruning and sets the output state, or blocks the atoms it cannot prove (with a reason). Grouped convs and
+channel shuffles do not block: they add *constraints* (``an.colorings``: removal must take equal counts from
+each colour; ``an.ties``: channels removed together) that :mod:`units` turns into removal units.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.channel_types import Chan, Seg, const_array, cut, label, to_segs
 from graphopt.graphs import attr as _attr
+from graphopt.passes.channels.state import Analysis
+from graphopt.passes.channels.types import Chan, Seg, const_array, cut, label, to_segs
+from graphopt.weights import encoding_of
 
-if TYPE_CHECKING:
-    from graphopt.passes.channel_deps import Analysis
+UNARY = frozenset({
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal",
+    "Identity", "Dropout", "Cast", "Floor", "Ceil", "Round", "ThresholdedRelu", "Sin", "Cos", "Sign",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
+PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+NORMALIZATIONS = frozenset({"BatchNormalization", "InstanceNormalization"})
 
 
 def _axis(an: Analysis, value: ir.Value, axis: int) -> int | None:
@@ -32,6 +40,147 @@ def _only_use(value: ir.Value, op: str) -> ir.Node | None:
     if len(uses) != 1 or value.is_graph_output() or uses[0].idx != 0 or uses[0].node.op_type != op:
         return None
     return uses[0].node
+
+
+def unary(an: Analysis, node: ir.Node, chan: Chan) -> None:
+    """An op that keeps every channel where it is (activations, casts, pools on a spatial layout)."""
+    op, out = node.op_type, node.outputs[0]
+    if op in POOLS and chan.axis != -(len(an.dims(out) or ()) - 1):
+        an.block(chan, f"{op} {label(node)!r} on a non-spatial layout")
+        return
+    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
+        an.block(chan, f"second output of {op} {label(node)!r} is used")
+    an.set_state(out, chan)
+
+
+def elementwise(an: Analysis, node: ir.Node, ins: list[Chan | None]) -> None:
+    """A residual join or a per-channel constant (Add/Mul/…/PRelu): channels that meet must line up."""
+    chans = [c for c in ins if c is not None]
+    first = chans[0]
+    for other in chans[1:]:
+        if not an.merge(first, other) and not an.tie(first, other):
+            reason = f"{node.op_type} {label(node)!r} joins tensors whose channels do not line up"
+            for c in chans:
+                an.block(c, reason)
+            return
+    out_rank = len(an.dims(node.outputs[0]) or ())
+    for i, (value, chan) in enumerate(zip(node.inputs, ins)):
+        if chan is not None or value is None:
+            continue
+        dims = an.dims(value)
+        const = const_array(value)
+        shape = const.shape if const is not None else dims
+        if shape is None:
+            an.block(first, f"{node.op_type} {label(node)!r}: input {value.name!r} has an unknown shape")
+            return
+        pos = len(shape) + first.axis
+        if node.op_type == "PRelu" and const is not None and len(shape) == 1 and out_rank > 2:
+            pos = -1 if shape[0] == 1 else 0  # PRelu slope [C]: per channel (as exporters write it)
+        if pos < 0 or shape[pos] == 1:
+            continue  # broadcast along the channel axis: unchanged by pruning
+        if const is None or shape[pos] != first.total * first.block:
+            an.block(first, f"{node.op_type} {label(node)!r}: input {value.name!r} is channel-wise but "
+                            "not a constant")
+            return
+        an.link(node, i, pos, first, "member")
+    an.set_state(node.outputs[0], first)
+
+
+def normalization(an: Analysis, node: ir.Node, ins: list[Chan | None], chan: Chan) -> None:
+    op = node.op_type
+    last = 5 if op == "BatchNormalization" else 3
+    if ins[0] is None or any(c is not None for c in ins[1:]):
+        an.block(chan, f"{op} {label(node)!r} normalizes a channel-mixed tensor")
+        return
+    if any(const_array(v) is None for v in node.inputs[1:last]) or len(node.outputs) > 1 and any(
+            o.uses() for o in node.outputs[1:] if o is not None):
+        an.block(chan, f"{op} {label(node)!r} parameters are not constants")
+        return
+    for i in range(1, last):
+        an.link(node, i, 0, chan, "member")
+    an.set_state(node.outputs[0], chan)
+
+
+def layer(an: Analysis, node: ir.Node, ins: list[Chan | None]) -> None:
+    """A producer (Conv, ConvTranspose, Gemm, MatMul): consumes its input's channels through its weight and,
+    with a plain constant weight, creates an atom of its output channels."""
+    op = node.op_type
+    w_val = node.inputs[1] if len(node.inputs) > 1 else None
+    w = const_array(w_val)
+    encoded = w_val is not None and encoding_of(w_val) is not None
+    group = int(_attr(node, "group", 1))
+    x = ins[0]
+    if any(c is not None for c in ins[1:]):
+        for c in ins:
+            an.block(c, f"{op} {label(node)!r} takes channels as its weight")
+        return
+    ok = w is not None and not encoded and w.dtype.kind == "f"
+    if op == "Gemm" and (_attr(node, "transA", 0) or (w is not None and w.ndim != 2)):
+        ok = False
+    if op == "MatMul" and (w is None or w.ndim != 2):
+        ok = False
+    if op == "Conv" and ok and group > 1:
+        _grouped(an, node, x, w, group)
+        return
+    if op == "ConvTranspose" and group != 1:
+        ok = False
+    if x is not None:
+        _consume(an, node, x, ok)
+    if ok:
+        _produce(an, node, w)
+
+
+def _grouped(an: Analysis, node: ir.Node, x: Chan | None, w: np.ndarray, group: int) -> None:
+    if x is not None and w.shape[1] == 1 and group == w.shape[0] == x.total * x.block and x.block == 1:
+        an.link(node, 1, 0, x, "member")  # depthwise: its input and output channels are one
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            an.link(node, 2, 0, x, "member")
+        an.fixups[node] = {"kind": "depthwise", "value": node.inputs[0]}
+        an.set_state(node.outputs[0], x)
+    elif w.shape[1] > 1 or w.shape[0] > group:
+        grouped_conv(an, node, x, w, group)
+    else:
+        an.block(x, f"grouped Conv {label(node)!r} (group={group}) ties channels within groups")
+
+
+def _consume(an: Analysis, node: ir.Node, x: Chan, ok: bool) -> None:
+    """The layer's weight slot on its input-channel axis (a consumer of ``x``)."""
+    op = node.op_type
+    rank = len(an.dims(node.inputs[0]) or ())
+    want = -1 if op in ("Gemm", "MatMul") else (1 - rank if rank else None)
+    if not ok:
+        an.block(x, f"{op} {label(node)!r} weight is not a plain constant (compressed or computed)")
+    elif x.axis != want or (x.block != 1 and op in ("Conv", "ConvTranspose")):
+        an.block(x, f"{op} {label(node)!r} reads the channels on another axis")
+    else:
+        axis = {"Conv": 1, "ConvTranspose": 0, "MatMul": 0}.get(op, 1 if _attr(node, "transB", 0) else 0)
+        an.link(node, 1, axis, x, "consumer")
+
+
+def _produce(an: Analysis, node: ir.Node, w: np.ndarray) -> None:
+    """A new atom: the layer's output channels, linked to its weight (and bias) on the output axis."""
+    op = node.op_type
+    if op == "Conv":
+        size, axis, out_axis = w.shape[0], 0, 1 - w.ndim
+    elif op == "ConvTranspose":
+        size, axis, out_axis = w.shape[1], 1, 1 - w.ndim
+    elif op == "Gemm":
+        transb = _attr(node, "transB", 0)
+        size, axis, out_axis = w.shape[0] if transb else w.shape[1], 0 if transb else 1, -1
+    else:
+        size, axis, out_axis = w.shape[1], 1, -1
+    atom = an.new_atom(int(size), node)
+    chan = Chan([Seg(atom, 0, int(size))], out_axis)
+    an.link(node, 1, axis, chan, "producer")
+    if op != "MatMul" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = const_array(node.inputs[2])
+        if bias is None:
+            an.block(chan, f"{op} {label(node)!r} bias is not a constant")
+        elif bias.size == size:
+            an.link(node, 2, bias.ndim - 1, chan, "producer")
+        elif bias.size != 1:
+            an.block(chan, f"{op} {label(node)!r} bias is not a per-channel vector")
+    an.set_state(node.outputs[0], chan)
 
 
 def grouped_conv(an: Analysis, node: ir.Node, x: Chan | None, w: np.ndarray, group: int) -> None:
@@ -76,7 +225,7 @@ def concat(an: Analysis, node: ir.Node, ins: list[Chan | None]) -> None:
             an.block(c, f"Concat {label(node)!r} joins a tensor whose channels are not tracked")
         return
     if (axis - rank if axis >= 0 else axis) != known[0].axis:
-        an.elementwise(node, ins)  # joined along another axis: channels must line up
+        elementwise(an, node, ins)  # joined along another axis: channels must line up
         return
     if any(c.axis != known[0].axis or c.block != 1 for c in known):
         for c in known:

@@ -8,8 +8,9 @@ Union-find groups prune "the same channel indices" of every member. Two constrai
 Groups linked by such constraints form a component. Channels of blocked groups are fixed (never removed);
 the others are tied into classes, each class gets a deviation vector (per colouring: count·colours − total,
 zero when balanced), and classes are packed into *units* whose deviations sum to zero (a deficit-filling
-greedy from every start type, then a small exhaustive search). The component becomes one :class:`Group` whose "channels" are these units; its links map
-unit u to every slot position of every channel in u. Nothing balanced → the groups stay intact, with why.
+greedy from every start type, then a small exhaustive search). The component becomes one :class:`Group`
+whose "channels" are these units; its links map unit u to every slot position of every channel in u.
+Nothing balanced → the groups stay intact, with why.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from graphopt.passes.channel_types import Group, Link
+from graphopt.passes.channels.types import Element, Group, Link
 
-Element = tuple[int, int]
 MAX_UNIT_CLASSES = 4096  # recipe search bound (tie classes per unit)
 MAX_STARTS = 48
 SEARCH_BUDGET = 20000

@@ -13,10 +13,8 @@ the float model and every candidate interleaved round by round on calibration fe
 from __future__ import annotations
 
 import dataclasses
-
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -25,13 +23,13 @@ import onnx_ir as ir
 
 from graphopt import bench, capture, modelio
 from graphopt.graphs import default_opset
-from graphopt.passes import qdq
-from graphopt.passes.quant_dynamic import emit_dynamic
+from graphopt.passes.quantize import qdq
+from graphopt.passes.quantize.calibrate import Range
+from graphopt.passes.quantize.dynamic import emit_dynamic
+from graphopt.runtime import make_session
 
-Range = tuple[float, float]
 
-
-@dataclass
+@dataclasses.dataclass
 class LayerTiming:
     node: str
     op: str
@@ -172,8 +170,6 @@ def time_candidates(reference: ir.Model, candidates: Sequence[ir.Model], dataset
     Each round runs the models in a fresh (seeded) random order, so no model always follows the same one (a
     fixed order lets one model's cache and frequency footprint bias its successor). Sessions come from
     runtime.make_session on the models themselves (it handles large and file-backed tensors)."""
-    from graphopt.runtime import make_session
-
     sessions = [make_session(m, threads) for m in (reference, *candidates)]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
     feeds = [[{k: v for k, v in f.items() if k in n} for f in dataset.feeds[:2]] for n in names]

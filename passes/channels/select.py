@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt.passes.channel_types import Group
+from graphopt.passes.channels.types import Group
 
 MAX_TABLE = 20_000_000  # knapsack cells (units x channels); beyond it units are taken greedily by score
 

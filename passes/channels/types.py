@@ -1,4 +1,4 @@
-"""Data model of channel dependency analysis (shared by channel_deps, channel_ops, channel_units, the rewrite).
+"""Data model of the channel analysis, shared by every module of the package.
 
 A value that carries channels has a :class:`Chan` state: segments (atom, start, length) laid out along its
 channel axis. Every tensor that must shrink is a :class:`Slot`; a :class:`Link` says where a range of a
@@ -15,6 +15,9 @@ import onnx_ir as ir
 
 from graphopt.graphs import attr as _attr, is_default_domain
 from graphopt.weights import constant_array
+
+
+Element = tuple[int, int]  # (atom, channel)
 
 
 def label(node: ir.Node) -> str:

@@ -1,5 +1,6 @@
 """Where bias correction edits a QDQ model: the quantized weight ops whose output mean can be corrected
-(:func:`find_sites`) and the bias edit itself (:func:`apply_shift`), with the undo it returns.
+(:func:`find_sites`), the float tensor each one is compared with (:func:`float_reference`), and the bias edit
+itself (:func:`apply_shift`), with the undo it returns.
 
 - an int32 bias behind a DequantizeLinear is re-quantized with the same scale (so onnxruntime still fuses the
   node into QLinearConv/QGemm), a float bias is edited as is;
@@ -17,8 +18,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt import capture
 from graphopt.graphs import default_opset, is_default_domain
-from graphopt.passes.qdq import quantize_bias
+from graphopt.passes.quantize.qdq import quantize_bias
 from graphopt.weights import constant_array, replace_initializer, set_initializer
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -32,7 +34,7 @@ class Site:
     output: str  # the op's output value name (pre-activation)
     axis: int  # the output's channel axis (-1: last, for MatMul)
     channels: int
-    ref: str = ""  # the float model's value it is compared with (see _reference)
+    ref: str = ""  # the float model's value it is compared with (see float_reference)
 
 
 def _dq_input(value: ir.Value | None) -> ir.Node | None:
@@ -93,7 +95,6 @@ def _matmul_bias(node: ir.Node) -> tuple[ir.Node, int] | None:
     return (add, other) if array.ndim <= 1 else None
 
 
-
 def _bias_now(node: ir.Node) -> tuple[np.ndarray | None, float]:
     """The layer's bias as float64 (zeros without one) and its quantization step (0 for a float bias)."""
     bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -107,7 +108,6 @@ def _bias_now(node: ir.Node) -> tuple[np.ndarray | None, float]:
         return np.zeros(_channels(node) or 0), 0.0
     b = constant_array(bias)
     return (None if b is None else b.astype(np.float64).reshape(-1)), 0.0
-
 
 
 def _int_bias(dq: ir.Node) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
@@ -133,6 +133,93 @@ def _new_bias_scale(node: ir.Node, channels: int) -> np.ndarray | None:
         return None  # a per-axis DequantizeLinear needs opset 13: the new bias stays float
     scale = (sx[0] * np.broadcast_to(sw, (channels,))).astype(np.float32)
     return scale if np.all(scale > 0) else None
+
+
+# --- the float tensor a site is compared with ---------------------------------------------------------------
+
+
+def _mismatch(node: ir.Node, tw: np.ndarray, tb: np.ndarray | None) -> str | None:
+    """Why float weight ``tw`` / bias ``tb`` are not the ones this quantized layer was made from (None: they are)."""
+    w_dq = _dq_input(node.inputs[1])
+    q, sw = constant_array(w_dq.inputs[0]), _scalar_or_vector(w_dq.inputs[1])
+    if q is None or sw is None:
+        return None
+    if tw.shape != q.shape:
+        return f"float weight shape {tw.shape} != int8 weight shape {q.shape}"
+    shape = [1] * q.ndim
+    if sw.size > 1:
+        shape[w_dq.attributes.get_int("axis", 1)] = -1
+    err = np.abs(tw - q.astype(np.float64) * sw.reshape(shape))
+    if float(err.max(initial=0.0)) > 0.51 * float(sw.max()) + 1e-12:
+        return "float weight of the same-named output is not this layer's weight (a fused Mul/Div?)"
+    if node.op_type == "MatMul" or tb is None:
+        return None
+    b, step = _bias_now(node)
+    if b is not None and (b.shape != tb.shape or float(np.abs(b - tb).max(initial=0.0)) > max(
+            0.51 * step, 1e-5 * (1.0 + float(np.abs(tb).max(initial=0.0))))):
+        return "float bias of the same-named output is not this layer's bias (a fused Add/Sub?)"
+    return None
+
+
+_AFFINE = ("Mul", "Div", "Add", "Sub")
+
+
+def _affine_step(value: ir.Value, channels: int, rank: int) -> tuple[ir.Value, str, np.ndarray] | None:
+    """(next value, op, per-channel constant) when ``value``'s only consumer is x·c, x/c, x+c or x−c with c
+    constant per channel (axis 1): the ops fuse's conv_affine folds into a Conv."""
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    user, idx = uses[0].node, uses[0].idx
+    if user.op_type not in _AFFINE or len(user.inputs) != 2 or (idx == 1 and user.op_type in ("Sub", "Div")):
+        return None
+    c = constant_array(user.inputs[1 - idx])
+    if c is None or c.ndim > rank:
+        return None
+    padded = (1,) * (rank - c.ndim) + tuple(c.shape)
+    if c.size != 1 and (c.size != channels or padded[1] != channels):
+        return None
+    vec = np.broadcast_to(np.asarray(c, np.float64).reshape(-1), (channels,))
+    return user.outputs[0], user.op_type, vec
+
+
+def float_reference(site: Site, float_model: ir.Model) -> tuple[str | None, str | None]:
+    """(teacher value name to compare the site's output with, or None and why not).
+
+    The same name, unless the teacher's producer is the same op with other weights: then fuse's conv_affine
+    folded Mul/Add/Sub/Div by per-channel constants into this Conv but kept the Conv's output name, and the
+    tensor to compare with is at the end of that chain in the teacher (found by folding it into the teacher's
+    weights until they match the int8 ones)."""
+    value = capture.main_values(float_model.graph).get(site.output)
+    if value is None:
+        return None, f"output {site.output!r} has no counterpart in the float model"
+    node, producer = site.node, value.producer()
+    if producer is None or producer.op_type != node.op_type:
+        return site.output, None  # e.g. a BatchNormalization folded into the layer: same tensor, other producer
+    tw = constant_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
+    if tw is None:
+        return site.output, None
+    tw = tw.astype(np.float64)
+    tb = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 and producer.inputs[2] is not None else None
+    tb = np.zeros(site.channels) if tb is None else tb.astype(np.float64).reshape(-1)
+    reason = _mismatch(node, tw, tb)
+    if reason is None or node.op_type != "Conv" or tb.shape != (site.channels,):
+        return (site.output, None) if reason is None else (None, reason)
+    shape = (-1,) + (1,) * (tw.ndim - 1)
+    while (step := _affine_step(value, site.channels, tw.ndim)) is not None:
+        value, op, vec = step
+        if op == "Mul":
+            tw, tb = tw * vec.reshape(shape), tb * vec
+        elif op == "Div":
+            tw, tb = tw / vec.reshape(shape), tb / vec
+        else:
+            tb = tb + vec if op == "Add" else tb - vec
+        if _mismatch(node, tw, tb) is None:
+            return value.name, None
+    return None, reason
+
+
+# --- the edit -----------------------------------------------------------------------------------------------
 
 
 def apply_shift(site: Site, delta: np.ndarray, mark=lambda n: n) -> tuple[dict[str, Any], Callable[[], None]]:

@@ -1,30 +1,27 @@
-"""quantize_dynamic: int8 weights, activations quantized at run time (no calibration of activations needed).
+"""Dynamic int8 emission: int8 weights, activations quantized at run time (no calibration of activations needed).
 
 Emitted patterns (what onnxruntime 1.32 fuses on the CPU):
 - MatMul(x, W[K, N]) and Gemm(x, W, b) (transA=0, alpha=beta=1): DynamicQuantizeLinear(x) →
   MatMulInteger(xq, Wq int8, x_zp, 0) → Cast(float) → Mul(x_scale · w_scale) [→ Add b]
   onnxruntime fuses it into DynamicQuantizeMatMul (uint8 activations × int8 weights, per-column weight scales);
 - LSTM → com.microsoft DynamicQuantizeLSTM (int8 W/R transposed to [dirs, in, 4h], one scale per direction).
-Placement is the same as the static pass: candidates are timed against float on this machine
-(:mod:`.quant_placement`) and only those measured faster are rewritten (``target=latency``); the whole model is
-then timed against float and backed off until it is not slower. Calibration data is used for that timing and for
-the accuracy budget only; without it (or with ``target=size``) every candidate is quantized.
+The ``quantize_dynamic`` pass (:class:`.passes.QuantizeDynamic`) places them as the static pass does: candidates are
+timed against float on this machine (:mod:`.placement`) and only those measured faster are rewritten
+(``target=latency``); the whole model is then timed against float and backed off until it is not slower.
+Calibration data is used for that timing and for the accuracy budget only; without it (or with ``target=size``)
+every candidate is quantized.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import cpu
-from graphopt.options import BaseOptions, option
-from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.qdq import quantize_weight
-from graphopt.saturation import KernelOrder
 from graphopt.graphs import attr as _attr, default_opset, is_default_domain
+from graphopt.passes.quantize.qdq import quantize_weight
+from graphopt.saturation import KernelOrder
 from graphopt.weights import constant_array, set_initializer
 
 MS_DOMAIN = "com.microsoft"
@@ -169,60 +166,3 @@ def emit_dynamic(model: ir.Model, nodes: Iterable[ir.Node], per_channel: bool = 
                 graph.initializers.get(value.name) is value:
             graph.initializers.pop(value.name)
     return rows
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizeDynamicOptions(BaseOptions):
-    per_channel: bool = option(True, "one weight scale per output column (MatMul/Gemm)")
-    target: str = option("latency", "latency: only what is measured faster than float; size: every candidate",
-                         choices=("latency", "size"))
-    exclude_nodes: list[str] = option([], "node names kept float")
-    exclude_ops: list[str] = option([], "op types kept float (MatMul, Gemm, LSTM)")
-    latency_budget_s: float = option(60.0, "seconds spent timing candidates and the whole model", low=0.0)
-
-
-class QuantizeDynamic(GraphoptPass):
-    """int8 weights with run-time activation quantization for MatMul/Gemm/LSTM, placed where it is faster."""
-
-    name = "quantize_dynamic"
-    summary = "dynamic int8: int8 weights, activations quantized at run time (MatMul, Gemm, LSTM)"
-    Options = QuantizeDynamicOptions
-    exact = False
-    layer_timer = None  # tests inject fake timings (quant_placement.LayerTimer / ModelTimer)
-    model_timer = None
-
-    def accepts_slower(self) -> bool:
-        return self.options.target == "size"
-
-    def call(self, model: ir.Model) -> GraphoptResult:
-        from graphopt.passes.quantize import already_quantized
-
-        note = already_quantized(model)
-        if note:
-            return self.result(model, [], [note], modified=False)
-        opts = self.options
-        nodes = candidates(model, opts.exclude_nodes, opts.exclude_ops)
-        notes: list[str] = []
-        if not nodes:
-            return self.result(model, [], ["nothing to quantize: no MatMul/Gemm/LSTM with constant float weights"],
-                               modified=False)
-        calib = self.context.calib
-        timed = opts.target == "latency" and calib is not None and not calib.synthetic
-        if timed:
-            timed, note = cpu.placement_note(self.context.target)
-            notes.append(note)
-        if timed:
-            from graphopt.passes import quant_placement as qp
-
-            placer = qp.Placement(self.context.threads, opts.latency_budget_s, self.layer_timer, self.model_timer)
-            nodes, place_rows, place_notes = placer.place_dynamic(model, nodes, calib, opts.per_channel,
-                                                                  self.context.target.saturates)
-            notes += place_notes
-        else:
-            place_rows = []
-            if opts.target == "latency" and (calib is None or calib.synthetic):
-                notes.append("no calibration data to time on: every candidate quantized (target=latency unmeasured)")
-        rows = emit_dynamic(model, nodes, opts.per_channel, self.mark, self.context.target.saturates)
-        if not rows:
-            notes.append("nothing quantized: no candidate was measured faster than float")
-        return self.result(model, rows + place_rows, notes, modified=bool(rows))

@@ -1,8 +1,10 @@
 """Per-op rewrite handlers of channel pruning: slice every coupled tensor, fix the attributes that follow.
 
-Input: which channels each slot and each value loses (in the ORIGINAL indexing; several groups may meet in
-one slot — a Concat's consumer — so each tensor is sliced once with the union). Constants reached through
-Unsqueeze/Constant chains are folded into a new initializer; the chain is dropped when nothing else uses it.
+:func:`remove_channels` applies a plan (removed units per group) to the model the groups were found in.
+:func:`removals` turns it into the channels each slot and each value loses (in the ORIGINAL indexing; several
+groups may meet in one slot — a Concat's consumer — so each tensor is sliced once with the union). Constants
+reached through Unsqueeze/Constant chains are folded into a new initializer; the chain is dropped when nothing
+else uses it. With calibration means, each consumer's bias takes the removed channels' mean contribution.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.passes.channel_types import Slot, const_array, label
-from graphopt.graphs import attr
+from graphopt.graphs import attr, default_opset
+from graphopt.linear import as_linear
+from graphopt.passes.channels.types import Group, Slot, const_array, label
 from graphopt.weights import set_initializer, write_input
 
 
@@ -268,3 +271,63 @@ def _matmul_bias(node: ir.Node, delta: np.ndarray) -> bool:
     for use in uses:
         use.node.replace_input_with(use.idx, add.outputs[0])
     return True
+
+
+def removals(groups: list[Group], plan: dict[int, np.ndarray]
+             ) -> tuple[dict[Slot, np.ndarray], dict[ir.Value, np.ndarray]]:
+    """Removed indices per slot and per value, in their own (original) channel indexing."""
+    slot_removed: dict[Slot, set] = defaultdict(set)
+    value_removed: dict[ir.Value, set] = defaultdict(set)
+    for g in groups:
+        removed = plan.get(g.id)
+        if removed is None or not len(removed):
+            continue
+        for link in g.links:
+            part = removed[(removed >= link.start) & (removed < link.start + link.length)]
+            slot_removed[link.slot].update((part - link.start + link.offset).tolist())
+        for value, link in g.values:
+            part = removed[(removed >= link.start) & (removed < link.start + link.length)]
+            value_removed[value].update((part - link.start + link.offset).tolist())
+    as_array = lambda s: np.array(sorted(s), dtype=np.int64)  # noqa: E731
+    return ({k: as_array(v) for k, v in slot_removed.items()}, {k: as_array(v) for k, v in value_removed.items()})
+
+
+def remove_channels(model: ir.Model, fixups: dict[ir.Node, dict], groups: list[Group], plan: dict[int, np.ndarray],
+                    means: dict[str, np.ndarray], mark: Callable[[ir.Node], object], notes: list[str],
+                    note_grouped: bool = False) -> dict[Slot, np.ndarray]:
+    """Remove the planned units of ``groups`` (found in this very model; ``fixups``: its analysis's), with
+    mean compensation when ``means`` are given; ``note_grouped``: note the grouped conv consumers left
+    uncompensated. Returns the removed indices per slot."""
+    slot_removed, value_removed = removals(groups, plan)
+    deltas = mean_deltas(slot_removed, means) if means else {}
+    dropped = apply_slots(slot_removed, mark)
+    apply_fixups(fixups, value_removed, int(default_opset(model, 13)), mark)
+    if deltas:
+        _compensate(deltas, slot_removed, mark, notes)
+    grouped = sorted({label(s.node) for s in slot_removed if s.groups > 1 and len(slot_removed[s])})
+    if grouped and note_grouped:
+        notes.append(f"mean compensation: not done for {len(grouped)} grouped conv consumer(s) (their "
+                     f"removed input channels' mean is dropped): {', '.join(grouped[:6])}")
+    forget_shapes(value_removed)
+    drop_unused(model.graph, dropped)
+    return slot_removed
+
+
+def _compensate(deltas: dict[ir.Node, np.ndarray], slot_removed: dict[Slot, np.ndarray],
+                mark: Callable[[ir.Node], object], notes: list[str]) -> None:
+    out_removed = {s.node: r for s, r in slot_removed.items() if s.role == "producer" and s.index == 1}
+    # apply_bias_deltas skips a MatMul whose output is a graph output (an Add would rename it);
+    # linear.set_matrix inserts the Add and moves the output name onto it. Such a MatMul never loses
+    # output channels (model outputs keep their shape), so its delta is whole.
+    at_output = {n: deltas.pop(n) for n in list(deltas) if n.op_type == "MatMul"
+                 and n.outputs[0].is_graph_output() and as_linear(n) is not None}
+    changed = apply_bias_deltas(deltas, out_removed, mark)
+    for node, delta in at_output.items():
+        layer = as_linear(node)
+        assert layer is not None
+        layer.set_matrix(layer.matrix(), delta)
+        mark(node)
+        changed += 1
+    where = f" ({len(at_output)} through a new Add before a graph output)" if at_output else ""
+    notes.append(f"mean compensation: {changed} consumer layer(s) took the removed channels' mean "
+                 f"contribution into their bias{where}")

@@ -26,6 +26,7 @@ import onnx_ir as ir
 from graphopt import saturation
 from graphopt.errors import GraphoptError
 from graphopt.graphs import attr as _attr, is_default_domain
+from graphopt.passes.quantize.calibrate import Range
 from graphopt.weights import LINEAR_OPS, constant_array, set_initializer, weight_layout
 
 WEIGHT_OPS = frozenset(LINEAR_OPS)
@@ -36,7 +37,6 @@ FOLD_OPS = frozenset({"Relu", "Clip"})
 COVERED_OPS = WEIGHT_OPS | OWN_SCALE_OPS | SHARED_SCALE_OPS
 
 _ACT = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
-Range = tuple[float, float]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Where int8 pays, measured on this machine: latency-aware placement and the accuracy budget for quantize.
 
-Latency (``target=latency``): each weight op is timed alone (:mod:`.quant_timing`); an op whose integer kernel
+Latency (``target=latency``): each weight op is timed alone (:mod:`.timing`); an op whose integer kernel
 is not faster stays float. The rest form connected int8 regions; a region pays only if its kernels' gain beats
 the Q at each entry and the DQ at each exit (priced per element from the measured boundaries). Per-op times of
 tiny ops are noise next to a whole model, so the final choice is made on whole models
@@ -25,14 +25,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import sensitivity as sens
-from graphopt.passes import qdq
-from graphopt.passes.quant_dynamic import emit_dynamic
-from graphopt.passes.quant_timing import (LayerTimer, LayerTiming, ModelTimer, capture_shapes, time_candidates,
-                                          time_layers)
+from graphopt.passes.quantize import qdq
+from graphopt.passes.quantize.dynamic import emit_dynamic
+from graphopt.passes.quantize.timing import (LayerTimer, LayerTiming, ModelTimer, capture_shapes, time_candidates,
+                                             time_layers)
 from graphopt.weights import constant_array
 
 __all__ = ["MARGIN", "BudgetResult", "Choice", "LayerTimer", "LayerTiming", "ModelTimer", "Placement",
-           "accuracy_budget", "boundary_price", "capture_shapes", "region_gain", "regions", "weight_anchors"]
+           "accuracy_budget", "boundary_price", "dedupe", "holds", "region_gain", "regions", "weight_anchors"]
 MARGIN = 0.97  # faster means at most 97% of the float time (timing noise on a busy machine is a few %)
 
 
