@@ -18,7 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from graphopt import bench, data as datamod, formatting, modelio  # noqa: E402
+from graphopt import bench, costs, data as datamod, formatting, modelio  # noqa: E402
 from graphopt.options import build_options  # noqa: E402
 from graphopt.passbase import PassContext  # noqa: E402
 from graphopt.passes.channels import ChannelPrune, analyze  # noqa: E402
@@ -39,14 +39,14 @@ def zoo(names: list[str]) -> str:
     rows = []
     for name in names:
         model = modelio.load_model(build_light(name))
-        _, groups = analyze(model, bench.infer_shapes(model))
+        _, groups = analyze(model, costs.infer_shapes(model))
         ok = [g for g in groups if g.prunable]
-        before = bench.count_macs(model)
+        before = costs.count_macs(model)
         start = time.perf_counter()
         prune(model, ratio=0.3, scope="global")
         seconds = time.perf_counter() - start
         make_session(modelio.to_proto(model))  # onnxruntime loads the result
-        after = bench.count_macs(model)
+        after = costs.count_macs(model)
         rows.append([name, str(len(groups)), str(len(ok)), str(sum(len(g.producers) > 1 for g in ok)),
                      str(sum(g.unit_sizes is not None for g in ok)),
                      formatting.human(before), formatting.human(after), f"{1 - after / before:.1%}", f"{seconds:.1f}"])
@@ -83,13 +83,13 @@ def digits(ratios=(0.1, 0.2, 0.3, 0.4, 0.5)) -> str:
         out = make_session(modelio.to_proto(m)).run(None, {"input": test["input"]})[0]
         return float(np.mean(out.argmax(1) == test["labels"]))
 
-    base_macs, base_acc = bench.count_macs(model), accuracy(model)
+    base_macs, base_acc = costs.count_macs(model), accuracy(model)
     rows, curve = [], {False: [], True: []}
     for ratio in ratios:
         for repair in (False, True):
             m = model.clone()
             prune(m, PassContext(calib=calib, teacher=model.clone()), ratio=ratio, scope="global", repair=repair)
-            removed = 1 - bench.count_macs(m) / base_macs
+            removed = 1 - costs.count_macs(m) / base_macs
             acc = accuracy(m)
             curve[repair].append((removed, acc))
             rows.append([f"{ratio:g}", "yes" if repair else "no", f"{removed:.1%}", f"{acc:.4f}",

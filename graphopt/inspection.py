@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from graphopt.graphs import default_opset, is_default_domain
-from graphopt.bench import LayerCost, count_params, layer_costs, stored_tensors
+from graphopt.costs import LayerCost, count_params, layer_costs, stored_tensors
 from graphopt.formatting import human, table
 
 

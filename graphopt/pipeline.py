@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt import bench, cpu, data as datamod, modelio
+from graphopt import bench, costs, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
 from graphopt.latency import MIN_MARGIN, LatencyProbe, Timer, Timing, batch_one
 from graphopt.metrics import Comparison, Evaluator
@@ -79,7 +79,9 @@ class Pipeline:
         self._ceiling = 1.0  # the input's latency, raised by kept passes that were allowed to be slower
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
-                report: Report) -> ir.Model:
+                report: Report, source_bytes: int | None = None) -> ir.Model:
+        """Run the steps on ``model`` (owned from here on) and write their rows into ``report``; the input row
+        gets ``source_bytes``. :meth:`record_final` adds what only the written model can tell."""
         # MACs per inference: the first evaluation feed's shapes with one sample.
         self._shapes = {k: (1, *v.shape[1:]) for k, v in evaluation.feeds[0].items() if v.ndim}
         self._bench_feeds = batch_one(datamod.input_specs(model), evaluation.feeds[:4])
@@ -91,6 +93,7 @@ class Pipeline:
         self.current = evaluator.evaluate(reference, progress=False)
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
+        report.passes[0].file_bytes = source_bytes
         self.gate, note = self.gate.resolved(self.current)
         report.metric, report.min_snr = self.gate.metric, self.gate.min_snr
         if note:
@@ -236,10 +239,12 @@ class Pipeline:
         second = bench.benchmark([candidate], self._bench_feeds, **timing)[0].median_ms
         return second, second / first
 
-    def final_latency(self, reference: Any, final: Any, heavy: bool, report: Report) -> None:
-        """The final model (a file, or a proto) against the original, on the last kept pass's row, when per-pass
-        timing did not measure it (large models). Large models are timed one after the other: two sessions
-        would not fit together."""
+    def record_final(self, report: Report, reference: Any, final: Any, heavy: bool, saved_bytes: int | None) -> None:
+        """The written model's size on the last row, and the final model (a file, or a proto) timed against the
+        original on the last kept pass's row when per-pass timing did not measure it (large models). Large
+        models are timed one after the other: two sessions would not fit together."""
+        if saved_bytes is not None:
+            report.passes[-1].file_bytes = saved_bytes
         kept = [row for row in report.passes if row.status == KEPT]
         if not self.run.latency or not kept or kept[-1].latency_ms is not None:
             return
@@ -255,10 +260,10 @@ class Pipeline:
 
     def _params_macs(self, model: ir.Model) -> tuple[int, int | None]:
         try:
-            macs = bench.count_macs(model, self._shapes)
+            macs = costs.count_macs(model, self._shapes)
         except Exception:  # MACs are informative; a model shape inference cannot handle has none
             macs = None
-        return bench.count_params(model), macs
+        return costs.count_params(model), macs
 
     def _row(self, label: str, status: str, seconds: float, model: ir.Model | None,
              comparison: Comparison | None = None, latency: tuple[float, float] | None = None,
@@ -353,20 +358,18 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
             reference, original_bytes = str(model), loaded.graph.meta.get(modelio.SOURCE_BYTES)
         holder = [loaded]
         del loaded  # execute() owns the model now: large runs swap it for checkpoint reloads and free this one
-        final = pipeline.execute(holder.pop(), reference, calib_ds, eval_ds, report)
+        final = pipeline.execute(holder.pop(), reference, calib_ds, eval_ds, report, original_bytes)
         report.optimized = final if pipeline.in_place else None  # not a field: never serialized
-        report.passes[0].file_bytes = original_bytes
         heavy = is_heavy(final)
         if output is not None:
             modelio.save_model(final, output)
-            report.passes[-1].file_bytes = modelio.saved_bytes(output)
             if not isinstance(model, ir.Model):
                 del final  # time the written file, without the in-memory copy beside onnxruntime's
                 release_memory()
-            pipeline.final_latency(reference, str(output), heavy, report)
+            pipeline.record_final(report, reference, str(output), heavy, modelio.saved_bytes(output))
         else:
             with tempfile.TemporaryDirectory(prefix="graphopt-final-") as final_tmp:
-                pipeline.final_latency(reference, Materialized(final, Path(final_tmp)).handle, heavy, report)
+                pipeline.record_final(report, reference, Materialized(final, Path(final_tmp)).handle, heavy, None)
     if report_path is not None:
         report.write_json(report_path)
         report.write_markdown(Path(report_path).with_suffix(".md"))

@@ -17,67 +17,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
+from graphopt.graphs import all_nodes
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.graphs import all_nodes
-from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, weight_layout
+from graphopt.sensitivity import Candidate, measure, row_loss
+from graphopt.sensitivity import allocate as allocate_steps
+from graphopt.weight_targets import Target, find_targets
+from graphopt.weights import constant_array, replace_initializer
 
-FLOATS = (np.float16, np.float32, np.float64)
 SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
-
-
-@dataclasses.dataclass
-class Target:
-    """One prunable/shareable weight: the node, its weight value and array, and the channel axes."""
-
-    node: ir.Node
-    index: int
-    value: ir.Value
-    array: np.ndarray
-    out_axis: int
-    in_axis: int
-
-    @property
-    def layer(self) -> str:
-        return self.node.name or self.value.name or ""
-
-
-def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], min_size: int,
-                 notes: list[str], what: str) -> list[Target]:
-    """Constant float weights of linear nodes that the options allow; reasons for the others go to ``notes``."""
-    targets = []
-    skipped_small = 0
-    for node in all_nodes(model):
-        layout = weight_layout(node, constant_a=True)  # MatMul: either side, a rank >= 2 constant
-        if layout is None or layout.out_axis is None or layout.in_axis is None:
-            continue
-        index, out_axis, in_axis = layout.index, layout.out_axis, layout.in_axis
-        value = node.inputs[index]
-        name = node.name or ""
-        if name in skip_nodes or (value is not None and value.name in skip_nodes) or node.op_type in skip_ops:
-            continue
-        kind = encoding_of(value)
-        if kind is not None:
-            notes.append(f"{name}: weight is already in a compressed form ({kind}); not {what}")
-            continue
-        array = constant_array(value)
-        if array is None:
-            continue
-        if array.dtype.type not in FLOATS:
-            notes.append(f"{name}: weight dtype {array.dtype} is not float; not {what}")
-            continue
-        owned = owned_initializer(node, index)
-        if owned is None:
-            notes.append(f"{name}: weight {value.name!r} is shared with other nodes; not {what}")
-            continue
-        if array.size < min_size:
-            skipped_small += 1
-            continue
-        targets.append(Target(node, index, owned, array, out_axis, in_axis))
-    if skipped_small:
-        notes.append(f"{skipped_small} layer(s) below min_size elements left as they are")
-    return targets
 
 
 # Streaming passes work on blocks of this many elements; selections up to _EXACT_SELECT elements just partition.
@@ -186,8 +135,6 @@ def allocate(sizes: list[int], losses: list[list[float]], levels: list[float], t
 
     ``losses[l][i]`` is layer l's measured loss at ``levels[i]`` (levels ascending, distinct; loss 0 at sparsity
     0); an infinite loss marks a level that was not measured. The last step is cut so the mean is exact."""
-    from graphopt.sensitivity import allocate as allocate_steps  # lazy, as the sensitivity import below
-
     return allocate_steps(sizes, [levels] * len(sizes), losses, target)
 
 
@@ -275,8 +222,6 @@ class Prune(GraphoptPass):
 
     def _sensitivity_plan(self, model: ir.Model, targets: list[Target], sparsity: float,
                           notes: list[str]) -> tuple[list[tuple[Target, float]], dict[str, dict]]:
-        from graphopt.sensitivity import Candidate, measure, row_loss
-
         opts = self.options
         self.context.require_calib(self.name)
         levels = sorted(set(opts.levels))

@@ -1,7 +1,13 @@
-"""Shared test helpers: the one numerical check (both models in onnxruntime) and small graph builders."""
+"""Shared test helpers: the one numerical check (both models in onnxruntime), small graph builders, and the
+models more than one test file builds. Every test imports them as ``from tests.helpers import ...``; pytest
+fixtures shared by several files live in ``tests/conftest.py``."""
 
 from __future__ import annotations
 
+import collections
+import os
+import tempfile
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -10,7 +16,13 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from graphopt import modelio
+from graphopt.costs import infer_shapes
+from graphopt.passes.canonicalize import Canonicalize
+from graphopt.passes.channels import analyze
 from graphopt.runtime import ModelLike, make_session
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "models" / "digits"  # the bundled digits model: digits.onnx, calib.npz, test.npz
 
 
 def _as_runnable(model: ModelLike) -> ModelLike:
@@ -90,5 +102,112 @@ def randn(shape: Sequence[int], seed: int = 0, dtype: Any = np.float32) -> np.nd
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
 
 
-__all__ = ["assert_same_outputs", "clone", "make_model", "make_proto", "op_types", "randn", "rng",
-           "run_model", "tensor_info"]
+def optimized_ops(model: ir.Model) -> collections.Counter:
+    """Op types in the graph onnxruntime actually runs (its optimized_model_filepath)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "opt.onnx")
+        make_session(modelio.to_proto(model), optimized_path=path)
+        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+# --- quantize: two convs, one int8 region or two ---------------------------------------------------------------
+
+
+def two_convs(separated: bool, rng: np.random.Generator) -> tuple[onnx.ModelProto, list[dict]]:
+    """x → conv1 → Relu → [Sigmoid] → conv2 → Relu → Sigmoid → y, and three calibration feeds (weights and feeds
+    drawn from ``rng``); with ``separated`` the Sigmoid between them (a float op) makes two int8 regions."""
+    def w(*shape: int) -> np.ndarray:
+        return (rng.normal(size=shape) * 0.3).astype(np.float32)
+
+    mid = [helper.make_node("Sigmoid", ["r1"], ["s1"], name="sig1")] if separated else []
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"), *mid,
+             helper.make_node("Conv", ["s1" if separated else "r1", "W2", "B2"], ["c2"], name="conv2"),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"), helper.make_node("Sigmoid", ["r2"], ["y"])]
+    inits = {"W1": w(8, 4, 3, 3), "B1": w(8), "W2": w(8, 8, 1, 1), "B2": w(8)}
+    proto = make_proto(nodes, [tensor_info("x", np.float32, ["N", 4, 8, 8])], [tensor_info("y", np.float32, None)],
+                       inits)
+    feeds = [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    return proto, feeds
+
+
+def is_int8(model: ir.Model, name: str) -> bool:
+    """Whether node ``name``'s weight is int8 (it sits behind a DequantizeLinear)."""
+    node = next(n for n in model.graph if n.name == name)
+    producer = node.inputs[1].producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+# --- cleanup: a model onnxsim simplifies -------------------------------------------------------------------------
+
+ONNXSIM_FEEDS = {"x": randn((2, 8), 42)}  # feeds of onnxsim_friendly_model (and of test_cleanup's models)
+
+
+def onnxsim_friendly_model() -> ir.Model:
+    """Shape → Gather → Unsqueeze → Concat → Reshape (onnxsim folds the shape arithmetic away), canonicalized;
+    x: (2, 8), metadata ``author=tests``."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
+    ]
+    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
+    model = make_model(nodes, [tensor_info("x", np.float32, [2, 8])], [tensor_info("y", np.float32, [2, 8])], inits)
+    model.metadata_props["author"] = "tests"
+    Canonicalize()(model)
+    return model
+
+
+# --- channel pruning: a ShuffleNet unit (grouped convs, channel shuffle) -------------------------------------------
+
+GROUPED_X = tensor_info("x", np.float32, [2, 8, 6, 6])
+GROUPED_FEED = {"x": randn([2, 8, 6, 6], 42)}
+
+
+def channel_shuffle(x: str, out: str, g: int, c: int, inits: dict, tag: str) -> list[onnx.NodeProto]:
+    """Reshape (N, g, c/g, 6, 6) → Transpose → Reshape (N, c, 6, 6); adds its shape constants to ``inits``."""
+    inits[f"{tag}_s5"] = np.array([0, g, c // g, 6, 6], np.int64)  # 0: copy N
+    inits[f"{tag}_s4"] = np.array([0, c, 6, 6], np.int64)
+    return [helper.make_node("Reshape", [x, f"{tag}_s5"], [f"{tag}_r"], name=f"{tag}_r1"),
+            helper.make_node("Transpose", [f"{tag}_r"], [f"{tag}_t"], perm=[0, 2, 1, 3, 4]),
+            helper.make_node("Reshape", [f"{tag}_t", f"{tag}_s4"], [out], name=f"{tag}_r2")]
+
+
+def shufflenet_unit(g: int = 4, mid: int = 40, bias: bool = True) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """gconv1 (8 -> mid, group g) -> Relu -> shuffle -> depthwise 3x3 -> gconv2 (mid -> 8, group g) -> y
+    (input :data:`GROUPED_X`); returns the model and its initializers."""
+    inits = {"g1_w": randn([mid, 8 // g, 1, 1], 1), "dw_w": randn([mid, 1, 3, 3], 2),
+             "g2_w": randn([8, mid // g, 1, 1], 3)}
+    if bias:
+        inits["g1_b"] = randn([mid], 4)
+    g1_in = ["x", "g1_w"] + (["g1_b"] if bias else [])
+    nodes = [helper.make_node("Conv", g1_in, ["a"], name="g1", group=g),
+             helper.make_node("Relu", ["a"], ["ra"]), *channel_shuffle("ra", "s", g, mid, inits, "sh"),
+             helper.make_node("Conv", ["s", "dw_w"], ["d"], name="dw", group=mid, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "g2_w"], ["y"], name="g2", group=g)]
+    y = tensor_info("y", np.float32, [None, None, None, None])
+    return make_model(nodes, [GROUPED_X], [y], inits), inits
+
+
+def group_of(model: ir.Model, producer: str):
+    """The channel-pruning dependency group whose producers include the node ``producer``."""
+    _, groups = analyze(model, infer_shapes(model))
+    return next(g for g in groups if producer in [p.name for p in g.producers])
+
+
+def unit_rows(group, node: str, units: list[int]) -> list[int]:
+    """Output channels of ``node`` (its producer weight rows) that belong to the given units."""
+    rows = set()
+    for k in group.links:
+        if k.slot.node.name == node and k.slot.role == "producer" and k.slot.index == 1:
+            rows.update(k.offset + u - k.start for u in units if k.start <= u < k.start + k.length)
+    return sorted(rows)
+
+
+__all__ = ["DIGITS", "GROUPED_FEED", "GROUPED_X", "ONNXSIM_FEEDS", "REPO", "assert_same_outputs",
+           "channel_shuffle", "clone", "group_of", "is_int8", "make_model", "make_proto", "onnxsim_friendly_model",
+           "op_types", "optimized_ops", "randn", "rng", "run_model", "shufflenet_unit", "tensor_info", "two_convs",
+           "unit_rows"]

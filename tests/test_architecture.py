@@ -16,9 +16,9 @@ import pytest
 import graphopt
 from graphopt import recipe
 from graphopt.pipeline import RunOptions
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = {"graphopt": ROOT / "graphopt", "graphopt.passes": ROOT / "passes"}
+SOURCES = {"graphopt": REPO / "graphopt", "graphopt.passes": REPO / "passes"}
 
 
 def _modules() -> dict[str, Path]:
@@ -116,7 +116,7 @@ def test_the_core_reaches_passes_only_through_the_registry():
 
 
 def test_adding_a_pass_as_architecture_shows(tmp_path, monkeypatch):
-    text = (ROOT / "ARCHITECTURE.md").read_text()
+    text = (REPO / "ARCHITECTURE.md").read_text()
     code = re.search(r"```python\n(# passes/clip_weights.py\n.*?)```", text, re.S).group(1)
     module = types.ModuleType("clip_weights")  # a real module: dataclasses look their own module up
     monkeypatch.setitem(sys.modules, "clip_weights", module)
@@ -124,7 +124,7 @@ def test_adding_a_pass_as_architecture_shows(tmp_path, monkeypatch):
     from graphopt.passes import REGISTRY
 
     monkeypatch.setattr(recipe, "registry", lambda: {**REGISTRY, "clip_weights": module.ClipWeights})
-    digits = ROOT / "models" / "digits"
+    digits = REPO / "models" / "digits"
     out = tmp_path / "clipped.onnx"
     report = graphopt.optimize(str(digits / "digits.onnx"), out, passes="clip_weights:limit=0.05",
                                data=str(digits / "test.npz"), max_drop=1.0,

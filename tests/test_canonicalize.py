@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import assert_same_outputs, make_model, make_proto, op_types, randn, run_model, tensor_info
 from onnx import helper, numpy_helper
 
 from graphopt import modelio, proto_handoff
@@ -14,6 +13,7 @@ from graphopt.errors import GraphoptError
 from graphopt.options import build_options
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.proto_handoff import ensure_opset
+from tests.helpers import assert_same_outputs, make_model, make_proto, op_types, randn, run_model, tensor_info
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:

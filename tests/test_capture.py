@@ -11,7 +11,7 @@ from graphopt.data import Dataset
 from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import as_linear, fold_output, unfold
 from graphopt.weights import replace_initializer
-from helpers import clone, make_model, make_proto, randn, run_model, tensor_info
+from tests.helpers import clone, make_model, make_proto, randn, run_model, tensor_info
 
 F32 = np.float32
 

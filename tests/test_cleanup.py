@@ -7,7 +7,6 @@ import onnx
 import onnx_ir as ir
 import onnxsim
 import pytest
-from helpers import assert_same_outputs, clone, make_model, op_types, randn, tensor_info
 from onnx import helper
 
 from graphopt import modelio
@@ -15,8 +14,10 @@ from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.passbase import PROVENANCE_KEY
 from graphopt.passes.cleanup import Cleanup
 from graphopt.passes.canonicalize import Canonicalize
+from tests.helpers import (ONNXSIM_FEEDS, assert_same_outputs, clone, make_model, onnxsim_friendly_model, op_types,
+                           randn, tensor_info)
 
-X = {"x": randn((2, 8), 42)}
+X = ONNXSIM_FEEDS  # every model here takes x: (2, 8)
 
 
 def _prepared(model: ir.Model) -> ir.Model:
@@ -99,24 +100,8 @@ def test_sparse_marked_initializer_keeps_its_mark_and_zeros() -> None:
     assert_same_outputs(reference, model, X, rtol=0, atol=0)
 
 
-def _onnxsim_friendly_model() -> ir.Model:
-    # Shape → Gather → Unsqueeze → Concat → Reshape: onnxsim folds the shape arithmetic away.
-    nodes = [
-        helper.make_node("Relu", ["x"], ["r"], name="relu"),
-        helper.make_node("Shape", ["r"], ["s"]),
-        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
-        helper.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
-        helper.make_node("Concat", ["n1", "minus1"], ["shape"], axis=0),
-        helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape"),
-    ]
-    inits = {"zero": np.array(0, np.int64), "axes": np.array([0], np.int64), "minus1": np.array([-1], np.int64)}
-    model = make_model(nodes, [tensor_info("x", np.float32, [2, 8])], [tensor_info("y", np.float32, [2, 8])], inits)
-    model.metadata_props["author"] = "tests"
-    return _prepared(model)
-
-
 def test_onnxsim_result_keeps_metadata_and_provenance() -> None:
-    model = _onnxsim_friendly_model()
+    model = onnxsim_friendly_model()
     next(n for n in model.graph if n.name == "relu").metadata_props[PROVENANCE_KEY] = "somepass"
     reference = clone(model)
     result = Cleanup()(model)
@@ -135,7 +120,7 @@ def test_onnxsim_failure_is_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("simplifier exploded")
 
     monkeypatch.setattr(onnxsim, "simplify", boom)
-    model = _onnxsim_friendly_model()
+    model = onnxsim_friendly_model()
     reference = clone(model)
     result = Cleanup(Cleanup.Options(onnxsim=True))(model)
     assert any("onnxsim failed" in note and "simplifier exploded" in note for note in result.notes)
@@ -144,6 +129,6 @@ def test_onnxsim_failure_is_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_onnxsim_skipped_above_size_limit() -> None:
-    model = _onnxsim_friendly_model()
+    model = onnxsim_friendly_model()
     result = Cleanup(Cleanup.Options(onnxsim_max_mb=0.0))(model)
     assert any("onnxsim skipped" in note and "onnxsim_max_mb" in note for note in result.notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,13 @@ import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt import cli, recipe
+from graphopt import cli
 from graphopt.options import BaseOptions
 from graphopt.passbase import GraphoptPass
 from graphopt.graphs import all_nodes
 from graphopt.weights import constant_array, replace_initializer
+from tests.helpers import DIGITS, REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "models" / "digits"
 MODEL, CALIB, TEST = DIGITS / "digits.onnx", DIGITS / "calib.npz", DIGITS / "test.npz"
 
 
@@ -45,11 +45,8 @@ class Crash(GraphoptPass):
 
 
 @pytest.fixture
-def fake_passes(monkeypatch):
-    from graphopt.passes import REGISTRY
-
-    fake = {**REGISTRY, "zero_head": ZeroHead, "crash": Crash}
-    monkeypatch.setattr(recipe, "registry", lambda: fake)
+def fake_passes(register_passes):
+    register_passes(ZeroHead, Crash)
 
 
 def _optimize(tmp_path, *extra):
@@ -122,7 +119,8 @@ def test_bad_model_files(tmp_path, capsys, make, match):
     path = make(tmp_path)
     code = cli.main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--quiet"])
     assert code == 2
-    assert pytest.importorskip("re").search(match, _err(capsys))
+    err = _err(capsys)
+    assert re.search(match, err), err
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -202,7 +200,7 @@ def test_evaluate_bench_inspect_passes(tmp_path, capsys):
 def test_package_layout_resolves():
     import graphopt.passes
 
-    assert Path(graphopt.passes.__file__).resolve().parent == ROOT / "passes"
+    assert Path(graphopt.passes.__file__).resolve().parent == REPO / "passes"
     assert dataclasses.is_dataclass(graphopt.passes.REGISTRY["canonicalize"].Options)
 
 

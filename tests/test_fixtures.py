@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import string
-import sys
 import zipfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import onnx
@@ -95,9 +93,7 @@ def test_light_all_nine_finite(tmp_path, monkeypatch):
 
 def _can_render() -> str | None:
     """Why text cannot be rendered here, or None (Pillow is a [bench] extra; fonts a Debian package)."""
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("PIL") is None:
         return "Pillow not installed (pip install pillow)"
     if not any((ocr.FONT_DIR / f).is_file() for f in ocr.FONT_FILES):
         return f"no DejaVu fonts (apt-get install -y {ocr.FONT_PACKAGE})"

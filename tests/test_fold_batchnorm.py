@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import assert_same_outputs, clone, make_model, op_types, randn, run_model, tensor_info
 from onnx import helper
 
 from graphopt import modelio
 from graphopt.passbase import PROVENANCE_KEY
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
-
-DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
+from tests.helpers import DIGITS, assert_same_outputs, clone, make_model, op_types, randn, run_model, tensor_info
 
 
 def _bn_params(channels: int, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -16,8 +16,8 @@ from graphopt.errors import RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.kmeans import KMeans, quantize
-from graphopt.passes import kmeans as kmeans_mod
-from graphopt.passes.kmeans1d import init_centroids, kmeans1d, kmeans1d_hist, lloyd_sorted, objective
+from graphopt.passes.kmeans import codebook as codebook_mod
+from graphopt.passes.kmeans.kmeans1d import init_centroids, kmeans1d, kmeans1d_hist, lloyd_sorted, objective
 from graphopt.passes.prune import Prune
 from graphopt.runtime import make_session
 from tests.helpers import assert_same_outputs, clone, make_model, op_types, randn, run_model, tensor_info
@@ -176,7 +176,7 @@ def test_histogram_path_zero_code_weights_and_few_distinct_values():
 
 
 def test_pass_through_histogram_path_reconstructs_and_keeps_zeros(monkeypatch):
-    monkeypatch.setattr(kmeans_mod, "HIST_MIN_SIZE", 0)  # every layer takes the large-layer path
+    monkeypatch.setattr(codebook_mod, "HIST_MIN_SIZE", 0)  # every layer takes the large-layer path
     model = conv_gemm_model()
     Prune(build_options(Prune.Options, {"sparsity": 0.5, "min_size": 0}, "prune"))(model)
     before = {n: model.graph.initializers[n].const_value.numpy() for n in ("w", "w2", "w3")}

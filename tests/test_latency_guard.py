@@ -11,24 +11,20 @@ import dataclasses
 import json
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, clone
 
 import graphopt
-from graphopt import cli, latency, recipe
+from graphopt import cli, latency
 from graphopt.latency import LatencyProbe, paired_ratio
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, PassContext
 from graphopt.passes.cleanup import Cleanup
 from graphopt.pipeline import RunOptions
-from tests.test_cleanup import X, _onnxsim_friendly_model
+from tests.helpers import DIGITS, ONNXSIM_FEEDS, assert_same_outputs, clone, onnxsim_friendly_model
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "models" / "digits"
 MODEL, CALIB, TEST = DIGITS / "digits.onnx", DIGITS / "calib.npz", DIGITS / "test.npz"
 
 
@@ -75,11 +71,8 @@ class SizeSlowdown(Slowdown):
 
 
 @pytest.fixture
-def fake_passes(monkeypatch):
-    from graphopt.passes import REGISTRY
-
-    fake = {**REGISTRY, "slowdown": Slowdown, "size_slowdown": SizeSlowdown}
-    monkeypatch.setattr(recipe, "registry", lambda: fake)
+def fake_passes(register_passes):
+    register_passes(Slowdown, SizeSlowdown)
 
 
 def _said(text: str, prefix: str) -> float:
@@ -166,17 +159,18 @@ def _fewer_nodes_slower(model) -> float:
 
 def test_cleanup_keeps_onnxsim_only_when_not_slower():
     timer = FakeTimer(_fewer_nodes_slower)
-    model = _onnxsim_friendly_model()
+    model = onnxsim_friendly_model()
     reference = clone(model)
-    result = Cleanup(context=PassContext(latency=LatencyProbe([X], timer=timer)))(model)
+    result = Cleanup(context=PassContext(latency=LatencyProbe([ONNXSIM_FEEDS], timer=timer)))(model)
     sim = next(r for r in result.rows if r["step"] == "onnxsim")
     assert sim["kept"] is False and sim["latency_vs_without"] == pytest.approx(1.2, abs=0.01)
     note, = [n for n in result.notes if n.startswith("onnxsim undone")]
     assert _said(note, "onnxsim undone: slower than without it, x") == pytest.approx(1.2, abs=0.01)
     assert any(n.op_type == "Reshape" for n in model.graph)  # the model without onnxsim
-    assert_same_outputs(reference, model, X, rtol=0, atol=0)
-    faster = _onnxsim_friendly_model()
-    result = Cleanup(context=PassContext(latency=LatencyProbe([X], timer=FakeTimer(lambda m: 1.0))))(faster)
+    assert_same_outputs(reference, model, ONNXSIM_FEEDS, rtol=0, atol=0)
+    faster = onnxsim_friendly_model()
+    probe = LatencyProbe([ONNXSIM_FEEDS], timer=FakeTimer(lambda m: 1.0))
+    result = Cleanup(context=PassContext(latency=probe))(faster)
     assert next(r for r in result.rows if r["step"] == "onnxsim")["kept"] is True
     assert not any(n.op_type == "Reshape" for n in faster.graph)
 

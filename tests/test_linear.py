@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 from graphopt.linear import as_linear, fold_output, linear_layers, num_rows, unfold
-from helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
+from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
 
 F32 = np.float32
 

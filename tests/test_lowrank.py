@@ -218,7 +218,9 @@ def test_global_budget_spreads_rank_by_error():
     kept = sum(r["macs_after"] for r in rows.values()) + sum(4 * 64 * 64 for n in ("decaying", "flat") if n not in rows)
     assert kept <= 0.5 * total
     assert "decaying" in rows and rows["decaying"]["rank"] < 16  # the cheap layer pays for the budget
-    assert "flat" not in rows or rows["flat"]["rank"] > rows["decaying"]["rank"]
+    # decaying alone cannot save half the MACs, so both layers are factorized; the budget's rest goes to the flat
+    # spectrum, where every rank dropped costs far more error than on the decaying one
+    assert "flat" in rows and rows["flat"]["rank"] > rows["decaying"]["rank"]
 
 
 def test_allocate_by_hand():

@@ -37,11 +37,8 @@ class Plain(Toy):
 
 
 @pytest.fixture(autouse=True)
-def toy_registry(monkeypatch):
-    from graphopt.passes import REGISTRY
-
-    fake = {**REGISTRY, "toy": Toy, "plain": Plain}
-    monkeypatch.setattr(recipe, "registry", lambda: fake)
+def toy_registry(register_passes):
+    register_passes(Toy, Plain)
 
 
 def test_cli_string_grammar():

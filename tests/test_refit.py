@@ -11,7 +11,7 @@ from graphopt.data import Dataset
 from graphopt.linear import as_linear
 from graphopt.refit import refit_layer, relative_error, ridge
 from graphopt.weights import replace_initializer
-from helpers import clone, make_model, randn, run_model, tensor_info
+from tests.helpers import clone, make_model, randn, run_model, tensor_info
 
 F32 = np.float32
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,7 +23,7 @@ from graphopt.passbase import PassContext
 from graphopt.passes.quantize import Quantize, QuantizeOptions, quantize_weight_safe
 from graphopt.runtime import make_session
 from graphopt.saturation_check import check, emulate, find_layers, format_report
-from tests.helpers import make_proto, tensor_info
+from tests.helpers import DIGITS, make_proto, tensor_info
 
 RNG = np.random.default_rng(7)
 
@@ -244,8 +243,6 @@ def test_portable_weights_never_clip(op, w_shape, x_shape, group):
 
 
 # --- end to end on the bundled digits model -----------------------------------------------------------------
-
-DIGITS = Path(__file__).resolve().parents[1] / "models" / "digits"
 
 
 @pytest.fixture(scope="module")

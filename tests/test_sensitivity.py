@@ -16,7 +16,7 @@ from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
 from graphopt.sensitivity import Candidate, SensitivityRow, greedy_budget, measure
 from graphopt.weights import replace_initializer
-from helpers import make_model
+from tests.helpers import make_model
 
 RNG = np.random.default_rng(0)
 WA = (RNG.standard_normal((4, 3)) * 3.0).astype(np.float32)  # branch A: dominates the output

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import bench
+from graphopt import costs
 from graphopt.capture import tensor_stats
 from graphopt.data import Dataset, feed_shapes
 from graphopt.options import BaseOptions, option
@@ -134,7 +134,7 @@ class ChannelPrune(GraphoptPass):
         if crit.needs_data:
             data = self.context.require_calib(self.name)
         original = model.clone()
-        shapes = bench.infer_shapes(model)
+        shapes = costs.infer_shapes(model)
         analysis, groups = analyze(model, shapes)
         prunable = [g for g in groups if g.prunable and g.size > 1]
         if opts.skip_nodes:
@@ -231,6 +231,6 @@ def _summary(rows: list[dict], setup: Setup, costs_after: dict[str, int]) -> str
 
 def _costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:
     try:
-        return {c.node: c.macs for c in bench.layer_costs(model, input_shapes)}
+        return {c.node: c.macs for c in costs.layer_costs(model, input_shapes)}
     except Exception:  # noqa: BLE001 - MACs are informative only
         return {}

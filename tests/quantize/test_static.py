@@ -4,9 +4,6 @@ bias, subgraphs, the digits model, already-quantized models and mixed-range Conc
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,10 +19,8 @@ from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.quantize import Quantize, QuantizeOptions
 from graphopt.runtime import make_session
-from tests.helpers import make_proto, run_model, tensor_info
+from tests.helpers import DIGITS, make_proto, optimized_ops, run_model, tensor_info
 
-ROOT = Path(__file__).resolve().parents[1]
-DIGITS = ROOT / "models" / "digits"
 RNG = np.random.default_rng(0)
 
 
@@ -46,14 +41,6 @@ def _quantize(proto: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], target
 
 def _ops(model: ir.Model) -> collections.Counter:
     return collections.Counter(n.op_type for g in [model.graph, *model.graph.subgraphs()] for n in g)
-
-
-def _optimized_ops(model: ir.Model) -> collections.Counter:
-    """Op types in the graph onnxruntime actually runs (its optimized_model_filepath)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "opt.onnx")
-        make_session(modelio.to_proto(model), optimized_path=path)
-        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
 def _conv_then(op_nodes: list, inits: dict | None = None, out: str = "y", shape=(2, 4, 8, 8)):
@@ -113,7 +100,7 @@ def test_qdq_structure_per_op(op):
     # Every Q feeds exactly one DQ; weights and bias add DQs of their own.
     assert ops["DequantizeLinear"] == ops["QuantizeLinear"] + sum(
         1 + (r.get("bias") == "int32") for r in result.rows if "weight_scale" in r)
-    opt = _optimized_ops(model)
+    opt = optimized_ops(model)
     assert opt["QLinearConv"] >= 1, opt
     if kernel:
         assert opt[kernel] >= 1, opt
@@ -132,7 +119,7 @@ def test_relu_folds_into_conv_output_range():
     assert conv["activations"]["r"][0] == 0.0
     relu = next(n for n in model.graph if n.op_type == "Relu")
     assert relu.inputs[0].producer().op_type == "Conv"
-    assert "Relu" not in _optimized_ops(model)
+    assert "Relu" not in optimized_ops(model)
 
 
 def _linear_model(op: str, **attrs):
@@ -182,7 +169,7 @@ def test_per_channel_axis(op, attrs, axis, kernel, target_cpu):
     else:  # no pair can leave int16; a channel's scale only grows (Gaussian weights: most channels change)
         assert not saturation.overflow_rows(order.rows(q)).any()
         assert np.all(scale >= plain * (1 - 1e-6)) and np.all(scale <= plain * 255 / 127 * (1 + 1e-6))
-    assert _optimized_ops(model)[kernel] == 1
+    assert optimized_ops(model)[kernel] == 1
     if target_cpu == "portable" or not resolve_target("host").saturates:  # full-range weights clip on AVX2
         # Gaussian weights (the worst case for pair sums): measured 0.036 pair-safe, under 0.02 full range.
         atol = 0.02 if target_cpu == "vnni" else 0.05
@@ -219,7 +206,7 @@ def test_model_outputs_stay_float_unless_asked():
     assert all(u.node.op_type != "QuantizeLinear" for u in model.graph.outputs[0].uses())
     relu = model.graph.outputs[0].producer()
     assert relu.op_type == "Relu" and relu.inputs[0].producer().op_type == "DequantizeLinear"  # Q before the Relu
-    assert _optimized_ops(model)["QLinearMatMul"] == 1
+    assert optimized_ops(model)["QLinearMatMul"] == 1
     model, _ = _quantize(proto, feeds, quantize_outputs=True)
     out = model.graph.outputs[0]
     assert out.name == "y" and out.producer().op_type == "DequantizeLinear"
@@ -326,4 +313,4 @@ def test_digits_accuracy_within_one_point(activation_type):
     assert acc["int8"] >= acc["float"] - 0.01, acc
     weights = lambda p: sum(t.ByteSize() for t in p.graph.initializer)  # noqa: E731
     assert weights(modelio.to_proto(model)) < 0.3 * weights(float_proto)
-    assert _optimized_ops(model)["QLinearConv"] >= 2
+    assert optimized_ops(model)["QLinearConv"] >= 2

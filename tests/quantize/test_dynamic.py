@@ -4,24 +4,20 @@ bad inputs (already quantized, nothing to do, no calibration data for the static
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import helper
 
 from graphopt import data as datamod
-from graphopt import modelio, saturation
+from graphopt import saturation
 from graphopt.cpu import resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
 from graphopt.passes.quantize import Quantize, QuantizeDynamic, QuantizeDynamicOptions, QuantizeOptions
 from graphopt.passes.quantize import placement as qp
-from graphopt.runtime import make_session
-from tests.helpers import make_proto, run_model, tensor_info
+from tests.helpers import make_proto, optimized_ops, run_model, tensor_info
 
 RNG = np.random.default_rng(1)
 H = 8
@@ -29,13 +25,6 @@ H = 8
 
 def _w(*shape: int, scale: float = 0.3) -> np.ndarray:
     return (RNG.normal(size=shape) * scale).astype(np.float32)
-
-
-def _optimized_ops(model: ir.Model) -> collections.Counter:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "opt.onnx")
-        make_session(modelio.to_proto(model), optimized_path=path)
-        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
 def _mlp_lstm():
@@ -63,7 +52,7 @@ def test_structure_kernels_and_numbers():
     dtypes = {v.name: v.const_value.numpy().dtype for v in model.graph.initializers.values()}
     assert not {"W", "W2", "LW", "LR"} & set(dtypes)
     assert sum(d == np.int8 for d in dtypes.values()) >= 4
-    opt = _optimized_ops(model)
+    opt = optimized_ops(model)
     assert opt["DynamicQuantizeMatMul"] == 2 and opt["DynamicQuantizeLSTM"] == 1, opt  # integer kernels
     x = RNG.normal(size=(5, 2, 32)).astype(np.float32)
     ref, got = run_model(proto, {"x": x}), run_model(model, {"x": x})
@@ -122,7 +111,7 @@ def test_static_convs_mixed_with_dynamic_matmul():
     result = Quantize(QuantizeOptions(target="size", dynamic="on"), PassContext(calib=calib))(model)
     actions = {r["node"]: r["action"] for r in result.rows if r["action"] != "float"}
     assert actions["conv"] == "int8" and actions["mm"] == "int8 dynamic"
-    opt = _optimized_ops(model)
+    opt = optimized_ops(model)
     assert opt["QLinearConv"] == 1 and opt["DynamicQuantizeMatMul"] == 1, opt
     ref, got = run_model(proto, feeds[0])["y"], run_model(model, feeds[0])["y"]
     # Gaussian weights, K = 288: pair-safe int8 measured 3.0% of the output peak (full range: 2.9%).

@@ -3,7 +3,8 @@
 In one dimension the clusters of Lloyd's algorithm are contiguous runs of the sorted values, split at the
 midpoints between neighbouring centroids. With the values sorted (and de-duplicated, their weights summed)
 once, an iteration is k binary searches for the split points plus k differences of prefix sums:
-O(k log n), never an n×k distance matrix.
+O(k log n), never an n×k distance matrix. Arrays too large to sort (``kmeans1d_hist``) run the same Lloyd
+iterations on a fine histogram of the values, in named steps: range, histogram, fit, codes, empty clusters.
 """
 
 from __future__ import annotations
@@ -217,37 +218,20 @@ def _few_distinct(values: np.ndarray, zero_code: bool, limit: int) -> np.ndarray
     return seen.astype(np.float64)
 
 
-def kmeans1d_hist(values: np.ndarray, k: int, weights: np.ndarray | None = None, init: str = "linear",
-                  max_iter: int = 100, seed: int = 0, zero_code: bool = False,
-                  bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """kmeans1d for large arrays: Lloyd on a fine histogram, then exact nearest-centroid codes.
-
-    One streaming pass bins the values into ``bins`` equal bins over their range, keeping per bin the
-    count and the (weighted) sum; Lloyd on the bin means is then exact for the binned data, and a bin is far
-    narrower than a cluster. A second pass assigns every value to its nearest centroid. No sort and no
-    full-size temporary. With ``zero_code`` exact zeros take no part and get code 0, the others 1 + index.
-    Returns (centroids sorted ascending, codes shaped like ``values``, the smallest unsigned dtype).
-    With at most ``k`` distinct values the centroids are those values exactly; unused centroids are dropped.
-    """
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    values = np.asarray(values)
-    if values.dtype not in (np.float32, np.float64):
-        values = values.astype(np.float64)
-    if weights is not None and np.shape(weights) != values.shape:
-        raise ValueError(f"weights shape {np.shape(weights)} does not match values {values.shape}")
-    dtype = np.min_scalar_type(k + int(zero_code))
-    codes = np.zeros(values.shape, dtype)
+def _value_range(values: np.ndarray, zero_code: bool) -> tuple[float, float]:
+    """(min, max) of the values, of the non-zero ones with ``zero_code``; (inf, -inf) when all are zero."""
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if zero_code and values.size:  # the range of the non-zero values (only differs when all are >= 0 or <= 0)
         if lo == 0:
             lo = float(np.min(values, where=values != 0, initial=np.inf))
         if hi == 0:
             hi = float(np.max(values, where=values != 0, initial=-np.inf))
-    if lo == np.inf:  # nothing but zeros
-        return np.zeros(0), codes
-    if not np.isfinite(hi - lo):
-        raise ValueError("values must be finite")
+    return lo, hi
+
+
+def _histogram(values: np.ndarray, weights: np.ndarray | None, zero_code: bool, lo: float, hi: float,
+               bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (weighted) means and masses of the filled bins of ``bins`` equal bins over [lo, hi], in one pass."""
     scale = bins / (hi - lo) if hi > lo else 0.0
     count = np.zeros(bins)
     total = np.zeros(bins)
@@ -270,7 +254,66 @@ def kmeans1d_hist(values: np.ndarray, k: int, weights: np.ndarray | None = None,
         xs = np.where(sw > 0, wtotal[filled] / np.where(sw > 0, sw, 1.0), xs)
         ws = sw
     order = np.argsort(xs, kind="stable")
-    xs, ws = xs[order], ws[order]
+    return xs[order], ws[order]
+
+
+def _assign_codes(values: np.ndarray, c: np.ndarray, zero_code: bool, codes: np.ndarray) -> np.ndarray:
+    """Write each value's nearest-centroid code into ``codes`` (1 + index with ``zero_code``, zeros 0), block by
+    block; returns how many values each centroid took."""
+    mids = (c[1:] + c[:-1]) / 2
+    used = np.zeros(c.size, np.int64)
+    for sl, x, _, keep in _blocks(values, None, zero_code):
+        lab = np.zeros(x.size, codes.dtype)
+        for m in mids:  # searchsorted(mids, x, side="left") == number of mids below x; k compares are faster
+            lab += x > m
+        used += np.bincount(lab, minlength=c.size)
+        if keep is not None:
+            block = np.zeros(keep.size, codes.dtype)
+            block[keep] = lab + 1
+            lab = block
+        codes[sl] = lab.reshape(codes[sl].shape)
+    return used
+
+
+def _drop_empty(c: np.ndarray, codes: np.ndarray, used: np.ndarray, zero_code: bool) -> np.ndarray:
+    """The centroids that took a value; ``codes`` renumbered in place to match."""
+    if not np.any(used == 0):
+        return c
+    alive = used > 0
+    remap = np.zeros(c.size + int(zero_code), codes.dtype)
+    remap[int(zero_code) + np.flatnonzero(alive)] = np.arange(int(zero_code), int(zero_code) + alive.sum())
+    flat = codes.reshape(-1)
+    for start in range(0, codes.size, _BLOCK):
+        flat[start:start + _BLOCK] = remap[flat[start:start + _BLOCK]]
+    return c[alive]
+
+
+def kmeans1d_hist(values: np.ndarray, k: int, weights: np.ndarray | None = None, init: str = "linear",
+                  max_iter: int = 100, seed: int = 0, zero_code: bool = False,
+                  bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """kmeans1d for large arrays: Lloyd on a fine histogram, then exact nearest-centroid codes.
+
+    One streaming pass bins the values into ``bins`` equal bins over their range, keeping per bin the
+    count and the (weighted) sum; Lloyd on the bin means is then exact for the binned data, and a bin is far
+    narrower than a cluster. A second pass assigns every value to its nearest centroid. No sort and no
+    full-size temporary. With ``zero_code`` exact zeros take no part and get code 0, the others 1 + index.
+    Returns (centroids sorted ascending, codes shaped like ``values``, the smallest unsigned dtype).
+    With at most ``k`` distinct values the centroids are those values exactly; unused centroids are dropped.
+    """
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    if weights is not None and np.shape(weights) != values.shape:
+        raise ValueError(f"weights shape {np.shape(weights)} does not match values {values.shape}")
+    codes = np.zeros(values.shape, np.min_scalar_type(k + int(zero_code)))
+    lo, hi = _value_range(values, zero_code)
+    if lo == np.inf:  # nothing but zeros
+        return np.zeros(0), codes
+    if not np.isfinite(hi - lo):
+        raise ValueError("values must be finite")
+    xs, ws = _histogram(values, weights, zero_code, lo, hi, bins)
     distinct = _few_distinct(values, zero_code, k) if xs.size <= k else None
     if distinct is not None:
         c = distinct
@@ -278,24 +321,5 @@ def kmeans1d_hist(values: np.ndarray, k: int, weights: np.ndarray | None = None,
         c = xs
     else:
         c = _fit(xs, ws, k, init, max_iter, seed)
-    mids = (c[1:] + c[:-1]) / 2
-    used = np.zeros(c.size, np.int64)
-    for sl, x, _, keep in _blocks(values, None, zero_code):
-        lab = np.zeros(x.size, dtype)
-        for m in mids:  # searchsorted(mids, x, side="left") == number of mids below x; k compares are faster
-            lab += x > m
-        used += np.bincount(lab, minlength=c.size)
-        if keep is not None:
-            block = np.zeros(keep.size, dtype)
-            block[keep] = lab + 1
-            lab = block
-        codes[sl] = lab.reshape(codes[sl].shape)
-    if np.any(used == 0):  # drop empty clusters, renumber
-        alive = used > 0
-        remap = np.zeros(c.size + int(zero_code), dtype)
-        remap[int(zero_code) + np.flatnonzero(alive)] = np.arange(int(zero_code), int(zero_code) + alive.sum())
-        c = c[alive]
-        for start in range(0, codes.size, _BLOCK):
-            flat = codes.reshape(-1)
-            flat[start:start + _BLOCK] = remap[flat[start:start + _BLOCK]]
-    return c, codes
+    used = _assign_codes(values, c, zero_code, codes)
+    return _drop_empty(c, codes, used, zero_code), codes

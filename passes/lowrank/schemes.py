@@ -19,72 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphopt.capture import Moments
+from graphopt.passes.lowrank.geometry import Geometry
 
-SCHEMES = ("svd", "spatial", "tucker", "basis")
 _GRID = 32  # Tucker rank pairs: at most this many values per mode
 _FLOAT32_SVD_ABOVE = 4_000_000  # elements; bigger matrices are decomposed in float32 (time, not accuracy)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Shapes a layer's cost depends on: rows are output positions (conv, batch included) or output rows (gemm)."""
-
-    kind: str  # gemm | matmul | conv
-    d_in: int
-    d_out: int
-    kernel: tuple[int, ...] = ()
-    in_spatial: tuple[int, ...] = ()
-    out_spatial: tuple[int, ...] = ()
-    rows: int = 1
-    batch: int = 1
-
-    @property
-    def taps(self) -> int:
-        return math.prod(self.kernel) if self.kernel else 1
-
-    @property
-    def channels(self) -> int:
-        return self.d_in // self.taps
-
-    @property
-    def kxk(self) -> bool:
-        return self.kind == "conv" and self.taps > 1
-
-    @property
-    def macs(self) -> int:
-        return self.rows * self.d_in * self.d_out
-
-    @property
-    def params(self) -> int:
-        return self.d_in * self.d_out
-
-    def schemes(self, requested: str) -> list[str]:
-        """Schemes that apply to this layer; 'svd' on a k×k conv is 'basis' (the same matrix SVD)."""
-        if not self.kxk:
-            return ["svd"]
-        spatial_ok = len(self.kernel) == 2 and min(self.kernel) > 1
-        if requested == "auto":
-            return ["basis", "tucker"] + (["spatial"] if spatial_ok else [])
-        if requested == "spatial" and not spatial_ok:
-            return []
-        return ["basis" if requested == "svd" else requested]
-
-    def cost(self, scheme: str, ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(MACs, params) of the factorized layer for ranks [K, 1] (tucker: [K, 2] = (r_in, r_out))."""
-        ranks = np.asarray(ranks, dtype=np.int64).reshape(len(ranks), -1)
-        r = ranks[:, 0]
-        c, n, kk = self.channels, self.d_out, self.taps
-        if scheme in ("svd", "basis"):
-            per = r * (self.d_in + n)
-            return per * self.rows, per
-        if scheme == "spatial":  # k×1 runs on (H_out, W_in) positions, 1×k on (H_out, W_out)
-            kh, kw = self.kernel
-            mid = self.batch * self.out_spatial[0] * self.in_spatial[1]
-            return r * (c * kh * mid + n * kw * self.rows), r * (c * kh + n * kw)
-        r_in, r_out = ranks[:, 0], ranks[:, 1]
-        in_rows = self.batch * math.prod(self.in_spatial) if self.in_spatial else self.rows
-        macs = r_in * c * in_rows + (r_out * r_in * kk + n * r_out) * self.rows
-        return macs, r_in * c + r_out * r_in * kk + n * r_out
 
 
 @dataclass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -11,19 +9,19 @@ from onnx import helper
 
 from graphopt import data as datamod
 from graphopt import modelio
-from graphopt.bench import count_macs
+from graphopt.costs import count_macs
 from graphopt.errors import RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.channels import ChannelPrune, legal_keep
 from graphopt.weights import constant_array
-from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
+from tests.helpers import (DIGITS, GROUPED_FEED, assert_same_outputs, clone, group_of, make_model, randn, run_model,
+                           shufflenet_unit, tensor_info, unit_rows)
 
 X = tensor_info("x", np.float32, [2, 3, 8, 8])
 Y = tensor_info("y", np.float32, [None, None, None, None])
 Y2 = tensor_info("y", np.float32, [None, None])
 FEED = {"x": randn([2, 3, 8, 8], 42)}
-DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits"
 
 
 def _prune(model, context: PassContext | None = None, **raw):
@@ -413,9 +411,7 @@ def test_sensitivity_scope_prunes_the_insensitive_group() -> None:
 
 # --- removal units of different sizes (grouped convs + channel shuffle): widths and scores in channels ---------
 def _shuffle_group(model):
-    from tests.test_channel_groups import _group_of
-
-    group = _group_of(model, "g1")
+    group = group_of(model, "g1")
     assert group.prunable and group.unit_sizes == [8, 16, 16] and group.channels == 40
     return group
 
@@ -425,12 +421,10 @@ def _g1_rows(model) -> int:
 
 
 def _run_pruned_unit(**raw):
-    from tests.test_channel_groups import FEED as GFEED, _shufflenet_unit
-
-    model, _ = _shufflenet_unit()
+    model, _ = shufflenet_unit()
     result = _prune(model, scope="layer", **raw)
     onnx.checker.check_model(modelio.to_proto(model))
-    run_model(model, GFEED)  # onnxruntime runs the pruned grouped convs
+    run_model(model, GROUPED_FEED)  # onnxruntime runs the pruned grouped convs
     return model, result
 
 
@@ -464,12 +458,11 @@ def test_unit_group_round_to_unreachable_is_noted() -> None:
 
 def test_unit_scores_are_per_channel_over_whole_slots() -> None:
     from graphopt.passes.channels import group_scores
-    from tests.test_channel_groups import _shufflenet_unit, _unit_rows
 
-    model, inits = _shufflenet_unit()
+    model, inits = shufflenet_unit()
     group = _shuffle_group(model)
     row_l1 = np.abs(inits["g1_w"].astype(np.float64)).reshape(40, -1).sum(axis=1)  # only g1 has producer filters
-    sums = np.array([row_l1[_unit_rows(group, "g1", [u])].sum() for u in range(group.size)])
+    sums = np.array([row_l1[unit_rows(group, "g1", [u])].sum() for u in range(group.size)])
     expected = sums / sums.mean() / np.array(group.unit_sizes)
     np.testing.assert_allclose(group_scores(group, "l1")[0], expected, rtol=1e-9)
 
@@ -477,9 +470,7 @@ def test_unit_scores_are_per_channel_over_whole_slots() -> None:
 def test_global_scope_compares_units_by_score_per_channel() -> None:
     import onnx_ir as ir
 
-    from tests.test_channel_groups import _shufflenet_unit, _unit_rows
-
-    model, inits = _shufflenet_unit()
+    model, inits = shufflenet_unit()
     group = _shuffle_group(model)
     small, big_a, big_b = 0, *[u for u in range(3) if group.unit_sizes[u] == 16]
     assert group.unit_sizes[small] == 8
@@ -487,9 +478,9 @@ def test_global_scope_compares_units_by_score_per_channel() -> None:
     # per channel |w| 1.5 / 1.0 / 3.0: unit sums 24 / 32 / 96 -- the small unit has the least total but
     # not the least per channel; removing 16 channels of big_a loses less than 8 of small per channel
     for u, scale in ((small, 1.5), (big_a, 1.0), (big_b, 3.0)):
-        w[_unit_rows(group, "g1", [u])] *= scale
+        w[unit_rows(group, "g1", [u])] *= scale
     model.graph.initializers["g1_w"].const_value = ir.tensor(w.astype(np.float32))
-    keep_rows = np.setdiff1d(np.arange(40), _unit_rows(group, "g1", [big_a]))
+    keep_rows = np.setdiff1d(np.arange(40), unit_rows(group, "g1", [big_a]))
     result = _prune(model, ratio=0.2, scope="global")
     np.testing.assert_array_equal(model.graph.initializers["g1_w"].const_value.numpy(), w[keep_rows])
     assert result.rows[0]["channels_after"] == 24

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 
 import numpy as np
 import onnx
@@ -20,8 +18,7 @@ from graphopt.passbase import PassContext
 from graphopt import metrics
 from graphopt.passes.quantize import MARKER, BiasCorrect, BiasCorrectOptions, Quantize, QuantizeOptions, correct_biases
 from graphopt.passes.quantize.bias import apply_shift, find_sites
-from graphopt.runtime import make_session
-from tests.helpers import make_proto, run_model, tensor_info
+from tests.helpers import make_proto, optimized_ops, run_model, tensor_info
 
 C = 8
 
@@ -61,13 +58,6 @@ def _quantized(proto, feeds):
     return model, data
 
 
-def _optimized_ops(model: ir.Model) -> collections.Counter:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "opt.onnx")
-        make_session(modelio.to_proto(model), optimized_path=path)
-        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
-
-
 @pytest.mark.parametrize("waves", [0, 4])
 def test_correction_reduces_mean_output_error(waves):
     proto, feeds, test = _net()
@@ -87,7 +77,7 @@ def test_correction_reduces_mean_output_error(waves):
     assert np.mean(np.abs(after)) < 0.6 * np.mean(np.abs(before)), (np.mean(np.abs(before)), np.mean(np.abs(after)))
     assert np.all(np.abs(after.mean(axis=0)) <= np.abs(before.mean(axis=0)) + 0.5 * np.abs(before).mean())
     # Still integer kernels after the edit: every Conv runs as QLinearConv.
-    ops = _optimized_ops(model)
+    ops = optimized_ops(model)
     assert ops["QLinearConv"] == 8 and not ops["Conv"], ops
 
 
@@ -125,7 +115,7 @@ def test_conv_without_bias_gets_an_int32_bias_and_still_fuses():
     sx = conv.inputs[0].producer().inputs[1].const_value.numpy()
     sw = conv.inputs[1].producer().inputs[1].const_value.numpy()
     np.testing.assert_array_equal(bias_dq.inputs[1].const_value.numpy(), (sx * sw).astype(np.float32))
-    assert _optimized_ops(model)["QLinearConv"] == 8
+    assert optimized_ops(model)["QLinearConv"] == 8
     ref = run_model(proto, test)["y"]
     assert np.all(np.isfinite(run_model(model, test)["y"])) and ref.shape == (32, C, 1, 1)
 

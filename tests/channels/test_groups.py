@@ -8,16 +8,15 @@ import pytest
 from onnx import helper
 
 from graphopt import modelio
-from graphopt.bench import count_macs, infer_shapes
+from graphopt.costs import count_macs, infer_shapes
 from graphopt.options import build_options
 from graphopt.passes.channels import ChannelPrune, analyze
-from tests.helpers import assert_same_outputs, clone, make_model, randn, run_model, tensor_info
+from tests.helpers import (GROUPED_FEED, GROUPED_X, assert_same_outputs, channel_shuffle, clone, group_of, make_model,
+                           randn, run_model, shufflenet_unit, tensor_info, unit_rows)
 
-X = tensor_info("x", np.float32, [2, 8, 6, 6])
 Y = tensor_info("y", np.float32, [None, None, None, None])
 Z = tensor_info("z", np.float32, [None, None])
 B = tensor_info("b", np.float32, [None, None, None, None])
-FEED = {"x": randn([2, 8, 6, 6], 42)}
 
 
 def _prune(model, **raw):
@@ -25,46 +24,10 @@ def _prune(model, **raw):
     return ChannelPrune(opts)(model)
 
 
-def _group_of(model, producer: str):
-    _, groups = analyze(model, infer_shapes(model))
-    return next(g for g in groups if producer in [p.name for p in g.producers])
-
-
-def _unit_rows(group, node: str, units: list[int]) -> list[int]:
-    """Output channels of ``node`` (its producer weight rows) that belong to the given units."""
-    rows = set()
-    for k in group.links:
-        if k.slot.node.name == node and k.slot.role == "producer" and k.slot.index == 1:
-            rows.update(k.offset + u - k.start for u in units if k.start <= u < k.start + k.length)
-    return sorted(rows)
-
-
-def _shuffle(x: str, out: str, g: int, c: int, inits: dict, tag: str) -> list:
-    inits[f"{tag}_s5"] = np.array([0, g, c // g, 6, 6], np.int64)  # 0: copy N
-    inits[f"{tag}_s4"] = np.array([0, c, 6, 6], np.int64)
-    return [helper.make_node("Reshape", [x, f"{tag}_s5"], [f"{tag}_r"], name=f"{tag}_r1"),
-            helper.make_node("Transpose", [f"{tag}_r"], [f"{tag}_t"], perm=[0, 2, 1, 3, 4]),
-            helper.make_node("Reshape", [f"{tag}_t", f"{tag}_s4"], [out], name=f"{tag}_r2")]
-
-
-def _shufflenet_unit(g: int = 4, mid: int = 40, bias: bool = True):
-    """gconv1 (8 -> mid, group g) -> Relu -> shuffle -> depthwise 3x3 -> gconv2 (mid -> 8, group g) -> y."""
-    inits = {"g1_w": randn([mid, 8 // g, 1, 1], 1), "dw_w": randn([mid, 1, 3, 3], 2),
-             "g2_w": randn([8, mid // g, 1, 1], 3)}
-    if bias:
-        inits["g1_b"] = randn([mid], 4)
-    g1_in = ["x", "g1_w"] + (["g1_b"] if bias else [])
-    nodes = [helper.make_node("Conv", g1_in, ["a"], name="g1", group=g),
-             helper.make_node("Relu", ["a"], ["ra"]), *_shuffle("ra", "s", g, mid, inits, "sh"),
-             helper.make_node("Conv", ["s", "dw_w"], ["d"], name="dw", group=mid, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["d", "g2_w"], ["y"], name="g2", group=g)]
-    return make_model(nodes, [X], [Y], inits), inits
-
-
 def _zero_units_and_prune(model, inits, producer: str, units: list[int]):
-    group = _group_of(model, producer)
+    group = group_of(model, producer)
     assert group.prunable and group.unit_sizes is not None
-    rows = _unit_rows(group, producer, units)
+    rows = unit_rows(group, producer, units)
     assert len(rows) == sum(group.unit_sizes[u] for u in units)
     w = inits[f"{producer}_w"].copy()
     w[rows] = 0.0
@@ -76,7 +39,7 @@ def _zero_units_and_prune(model, inits, producer: str, units: list[int]):
     before = clone(model)
     result = _prune(model, ratio={producer: len(rows) / group.channels})  # ratios count channels
     onnx.checker.check_model(modelio.to_proto(model))
-    assert_same_outputs(before, model, FEED, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(before, model, GROUPED_FEED, rtol=1e-5, atol=1e-5)
     assert count_macs(model) < count_macs(before)
     return group, rows, result
 
@@ -88,15 +51,15 @@ def onnx_ir_tensor(array: np.ndarray):
 
 
 def test_shuffle_unit_groups_balance_both_grouped_convs() -> None:
-    model, _ = _shufflenet_unit()
-    group = _group_of(model, "g1")
+    model, _ = shufflenet_unit()
+    group = group_of(model, "g1")
     # shuffle columns are 4 channels (channel j of each of g1's 4 groups); g2's 4 input groups of 10 positions
     # hold 2.5 columns each: units are one pure column per g2 group (16 ch) or the two straddling columns (8)
     assert group.prunable and sorted(group.unit_sizes) == [8, 16, 16]
     g2 = next(k.slot for k in group.links if k.slot.node.name == "g2")
     assert g2.groups == 4 and g2.channels == 40 and g2.role == "member"
     for u in range(group.size):  # every unit: equal counts in each group of g1 (rows) and of g2 (inputs)
-        rows = _unit_rows(group, "g1", [u])
+        rows = unit_rows(group, "g1", [u])
         assert np.bincount(np.array(rows) // 10, minlength=4).tolist() == [len(rows) // 4] * 4
         cols = sorted({k.offset + u - k.start for k in group.links if k.slot is g2 and k.start <= u < k.start + k.length})
         assert np.bincount(np.array(cols) // 10, minlength=4).tolist() == [len(cols) // 4] * 4
@@ -114,24 +77,24 @@ def _stream_model():
     nodes = [conv("Conv", ["x", "stem_w", "stem_b"], ["st"], name="stem", pads=[1, 1, 1, 1]),
              conv("Relu", ["st"], ["s0"]),
              conv("Conv", ["s0", "p1_w"], ["p1"], name="p1", group=2), conv("Relu", ["p1"], ["rp1"]),
-             *_shuffle("rp1", "sh1", 2, 8, inits, "a"),
+             *channel_shuffle("rp1", "sh1", 2, 8, inits, "a"),
              conv("Conv", ["sh1", "dw1_w"], ["d1"], name="dw1", group=8, pads=[1, 1, 1, 1]),
              conv("Conv", ["d1", "q1_w", "q1_b"], ["q1"], name="q1", group=2),
              conv("AveragePool", ["s0"], ["ap"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
              conv("Concat", ["q1", "ap"], ["cat"], axis=1), conv("Relu", ["cat"], ["s1"]),
              conv("Conv", ["s1", "p2_w"], ["p2"], name="p2", group=2), conv("Relu", ["p2"], ["rp2"]),
-             *_shuffle("rp2", "sh2", 2, 8, inits, "b"),
+             *channel_shuffle("rp2", "sh2", 2, 8, inits, "b"),
              conv("Conv", ["sh2", "dw2_w"], ["d2"], name="dw2", group=8, pads=[1, 1, 1, 1]),
              conv("Conv", ["d2", "q2_w", "q2_b"], ["q2"], name="q2", group=2),
              conv("Sum", ["q2", "s1"], ["sum"]), conv("Relu", ["sum"], ["s2"]),
              conv("Conv", ["s2", "head_w"], ["y"], name="head")]
-    return make_model(nodes, [X], [Y], inits)
+    return make_model(nodes, [GROUPED_X], [Y], inits)
 
 
 @pytest.mark.parametrize("units", [[0], [1, 2]])
 def test_residual_stream_of_concat_and_grouped_convs_pruned_exactly(units: list[int]) -> None:
     model = _stream_model()
-    group = _group_of(model, "stem")
+    group = group_of(model, "stem")
     assert group.prunable and {"stem", "q1", "q2"} <= {p.name for p in group.producers}
     assert group.size >= 3
     for k in group.links:  # zero every producer row / bias entry of the chosen units
@@ -146,7 +109,7 @@ def test_residual_stream_of_concat_and_grouped_convs_pruned_exactly(units: list[
     before = clone(model)
     _prune(model, ratio={"stem": sum(group.unit_sizes[u] for u in units) / group.channels})
     onnx.checker.check_model(modelio.to_proto(model))
-    assert_same_outputs(before, model, FEED, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(before, model, GROUPED_FEED, rtol=1e-5, atol=1e-5)
     assert count_macs(model) < count_macs(before)
     removed = sum(group.unit_sizes[u] for u in units)
     assert model.graph.initializers["head_w"].const_value.numpy().shape[1] < 16 and removed > 0
@@ -154,7 +117,7 @@ def test_residual_stream_of_concat_and_grouped_convs_pruned_exactly(units: list[
 
 @pytest.mark.parametrize("units", [[0], [1, 2]])
 def test_shuffle_unit_zero_channels_pruned_exactly(units: list[int]) -> None:
-    model, inits = _shufflenet_unit()
+    model, inits = shufflenet_unit()
     group, rows, result = _zero_units_and_prune(model, inits, "g1", units)
     w1 = model.graph.initializers["g1_w"].const_value.numpy()
     assert w1.shape[0] == 40 - len(rows)
@@ -172,11 +135,11 @@ def test_grouped_consumer_without_shuffle_loses_per_group_columns() -> None:
     nodes = [helper.make_node("Conv", ["x", "a_w"], ["a"], name="a", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["a", "b_w"], ["b"], name="b", group=2),
              helper.make_node("Relu", ["b"], ["rb"]), helper.make_node("Conv", ["rb", "c_w"], ["y"], name="c")]
-    model = make_model(nodes, [X], [Y], inits)
+    model = make_model(nodes, [GROUPED_X], [Y], inits)
     for producer, units in (("a", [2]), ("b", [0, 3])):
         m = clone(model)
         _zero_units_and_prune(m, dict(inits), producer, units)
-        group = _group_of(model, producer)
+        group = group_of(model, producer)
         assert group.unit_sizes == [2] * 4
 
 
@@ -185,10 +148,10 @@ def test_shuffle_with_blocked_half_leaves_group_intact_with_reason() -> None:
     inits = {"a_w": randn([4, 8, 1, 1], 1), "b_w": randn([4, 8, 1, 1], 2), "c_w": randn([3, 8, 1, 1], 3)}
     nodes = [helper.make_node("Conv", ["x", "a_w"], ["a"], name="a"),
              helper.make_node("Conv", ["x", "b_w"], ["b"], name="b"),
-             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1), *_shuffle("cat", "s", 2, 8, inits, "sh"),
+             helper.make_node("Concat", ["a", "b"], ["cat"], axis=1), *channel_shuffle("cat", "s", 2, 8, inits, "sh"),
              helper.make_node("Conv", ["s", "c_w"], ["y"], name="c")]
-    model = make_model(nodes, [X], [Y, B], inits)
-    group = _group_of(model, "a")
+    model = make_model(nodes, [GROUPED_X], [Y, B], inits)
+    group = group_of(model, "a")
     assert not group.prunable and "grouped Conv / channel shuffle" in group.reasons[-1]
 
 
@@ -208,11 +171,11 @@ def test_slice_squeeze_unsqueeze_follow_the_channels() -> None:
              helper.make_node("Unsqueeze", ["q", "sq"], ["uq"], name="uq"),  # back to [N, 6, 1, 1]
              helper.make_node("Conv", ["uq", "u_w"], ["w"], name="u")]
     inits["u_w"] = randn([2, 6, 1, 1], 4)
-    model = make_model(nodes, [X], [Y, Z, tensor_info("w", np.float32, [None, None, None, None])], inits)
+    model = make_model(nodes, [GROUPED_X], [Y, Z, tensor_info("w", np.float32, [None, None, None, None])], inits)
     before = clone(model)
     _prune(model, ratio={"a": 0.25})  # channel 0 lies outside the slice, 3 inside
     onnx.checker.check_model(modelio.to_proto(model))
-    assert_same_outputs(before, model, FEED, rtol=1e-5, atol=1e-5)
+    assert_same_outputs(before, model, GROUPED_FEED, rtol=1e-5, atol=1e-5)
     assert model.graph.initializers["a_w"].const_value.numpy().shape[0] == 6
     assert model.graph.initializers["g_w"].const_value.numpy().shape == (5, 4)
     assert model.graph.initializers["u_w"].const_value.numpy().shape == (2, 5, 1, 1)

@@ -13,25 +13,40 @@ not fold. Families (option ``only``/``skip``):
 - ``conv_affine``→ Conv whose only consumer is Mul/Add/Sub/Div by a per-channel constant: folded into W, b
 
 Defaults come from bench/fuse_bench.py on the PP-OCR models (1 thread): see ``DEFAULT_FAMILIES``.
-Matching lives in :mod:`graphopt.passes.fuse_patterns`; this module checks and rewrites.
+Matching lives in :mod:`~graphopt.passes.fuse.activations` and :mod:`~graphopt.passes.fuse.layernorm`, folding in
+:mod:`~graphopt.passes.fuse.conv_affine`; this module checks, rewrites and reports. A candidate site that is
+not fused says why (a :class:`~graphopt.passes.fuse.match.Miss`); the near-misses are counted per family and
+the commonest reasons noted, e.g. ``hardswish: 2 near-misses left unfused: 2 'Add constant is 2.9, not 3'``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Callable, Literal
 
-import numpy as np
 import onnx_ir as ir
 
+from graphopt.graphs import all_graphs, default_opset, is_default_domain
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.graphs import default_opset, is_default_domain
+from graphopt.passes.fuse.activations import (
+    match_gelu, match_hardsigmoid, match_hardswish, match_mish, match_silu,
+)
+from graphopt.passes.fuse.conv_affine import fold_one
+from graphopt.passes.fuse.layernorm import match_layernorm
+from graphopt.passes.fuse.match import Match, Miss, NearMisses, near
 from graphopt.proto_handoff import ensure_opset
-from graphopt.passes.fuse_patterns import MATCHERS, Match, const
-from graphopt.graphs import all_graphs
-from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, set_initializer
+from graphopt.weights import set_initializer
 
+# family name → matcher, in the order the pass runs them (HardSwish before HardSigmoid: it contains one).
+MATCHERS: dict[str, Callable[[ir.Node], Match | Miss]] = {
+    "hardswish": match_hardswish,
+    "hardsigmoid": match_hardsigmoid,
+    "silu": match_silu,
+    "gelu": match_gelu,
+    "mish": match_mish,
+    "layernorm": match_layernorm,
+}
 FAMILIES = (*MATCHERS, "conv_affine")
 # Measured on PP-OCRv4 det/rec and PP-OCR mobile cls, 1 thread, median of 50 interleaved runs
 # (bench/fuse_bench.py; latency ratio vs the canonicalized original, lower is faster):
@@ -78,29 +93,42 @@ class Fuse(GraphoptPass):
                 rows.append({"family": "hardswish", "change": "opset", "from": converted[0], "to": converted[1]})
         opset = default_opset(model) or 0
         skipped: dict[str, str] = {}
+        misses = NearMisses()
         for family in families:
-            if family == "conv_affine":
-                for graph in all_graphs(model):
-                    rows += self._fold_conv_affine(graph, notes)
-                continue
             for graph in all_graphs(model):
-                # Last nodes first: the largest form wins (LayerNorm with its gamma/beta, not without).
-                for node in reversed(list(graph)):
-                    if node.graph is not graph:  # removed by an earlier rewrite
-                        continue
-                    match = MATCHERS[family](node)
-                    if match is None or not _self_contained(graph, match):
-                        continue
-                    plan = self._emit(model, match, opset)
-                    if isinstance(plan, str):
-                        skipped[family] = plan
-                        continue
-                    rows.append(self._rewrite(graph, match, plan))
+                if family == "conv_affine":
+                    rows += self._fold_conv_affine(graph, notes, misses)
+                else:
+                    rows += self._fuse_family(model, graph, family, opset, skipped, misses)
         notes += [f"{family}: sites left unfused: {why}" for family, why in skipped.items()]
         if any(r.get("op") == "HardSigmoid+Mul" for r in rows):
             notes.append(f"hardswish: opset {opset} < 14, written as x*HardSigmoid(x) "
                          "(hardswish_below_14=upgrade raises the opset for a HardSwish op)")
+        notes += misses.notes()
         return self.result(model, rows, notes)
+
+    def _fuse_family(self, model: ir.Model, graph: ir.Graph, family: str, opset: int, skipped: dict[str, str],
+                     misses: NearMisses) -> list[dict]:
+        """Every site of one family in one graph: matched, checked, rewritten; near-misses into ``misses``."""
+        rows = []
+        # Last nodes first: the largest form wins (LayerNorm with its gamma/beta, not without).
+        for node in reversed(list(graph)):
+            if node.graph is not graph:  # removed by an earlier rewrite
+                continue
+            match = MATCHERS[family](node)
+            if isinstance(match, Miss):
+                misses.add(family, match)
+                continue
+            leak = _leak(graph, match)
+            if leak is not None:
+                misses.add(family, near(leak, match.site))
+                continue
+            plan = self._emit(model, match, opset)
+            if isinstance(plan, str):
+                skipped[family] = plan
+                continue
+            rows.append(self._rewrite(graph, match, plan))
+        return rows
 
     # ------------------------------------------------------------ activations
 
@@ -142,105 +170,39 @@ class Fuse(GraphoptPass):
 
     # ------------------------------------------------------------ Conv + per-channel Mul/Add
 
-    def _fold_conv_affine(self, graph: ir.Graph, notes: list[str]) -> list[dict]:
+    def _fold_conv_affine(self, graph: ir.Graph, notes: list[str], misses: NearMisses) -> list[dict]:
         rows = []
         for conv in list(graph):
             if conv.op_type != "Conv" or not is_default_domain(conv):
                 continue
             folded = []
-            while (op := self._fold_one(graph, conv, notes)) is not None:
-                folded.append(op)
+            while not isinstance(user := fold_one(graph, conv, notes), Miss):
+                self.mark(conv)
+                folded.append(user.op_type)
+            misses.add("conv_affine", user)
             if folded:
                 rows.append({"family": "conv_affine", "node": conv.name, "op": "Conv",
                              "replaced": ["Conv", *folded]})
         return rows
 
-    def _fold_one(self, graph: ir.Graph, conv: ir.Node, notes: list[str]) -> str | None:
-        """Fold the conv's single Mul/Add/Sub/Div-by-constant consumer into W and b; its op type, or None."""
-        out = conv.outputs[0]
-        uses = list(out.uses())
-        if out.is_graph_output() or len(uses) != 1:
-            return None
-        user = uses[0].node
-        if user.graph is not graph or not is_default_domain(user) or len(user.inputs) != 2:
-            return None
-        if user.op_type in ("Mul", "Add"):
-            other = user.inputs[1 - uses[0].idx]
-        elif user.op_type in ("Sub", "Div") and uses[0].idx == 0:
-            other = user.inputs[1]
-        else:
-            return None
-        weight = conv.inputs[1]
-        w = constant_array(weight)
-        c = const(other) if other is not out else None
-        if w is None or c is None or not np.issubdtype(w.dtype, np.floating) or c.dtype != w.dtype:
-            return None
-        if encoding_of(weight) is not None:
-            notes.append(f"conv_affine: {conv.name}: weight is {encoding_of(weight)}-encoded; left alone")
-            return None
-        vec = _per_channel(c, w.ndim, w.shape[0])
-        bias = conv.inputs[2] if len(conv.inputs) > 2 else None
-        b = constant_array(bias) if bias is not None else np.zeros(w.shape[0], dtype=w.dtype)
-        if vec is None or b is None or (user.op_type == "Div" and not np.all(vec)):
-            return None
-        column = vec.reshape(-1, *[1] * (w.ndim - 1))
-        if user.op_type == "Mul":
-            w, b = w * column, b * vec
-        elif user.op_type == "Div":
-            w, b = w / column, b / vec
-        else:
-            b = b + vec if user.op_type == "Add" else b - vec
-        scaled = user.op_type in ("Mul", "Div")
-        if scaled:
-            _set_input(graph, conv, 1, w.astype(c.dtype))
-        if not scaled or bias is not None:
-            _set_input(graph, conv, 2, b.astype(c.dtype))
-        result = user.outputs[0]
-        name = result.name
-        result.replace_all_uses_with(out, replace_graph_outputs=True)
-        graph.remove(user, safe=True)
-        if out.is_graph_output():
-            out.name = name  # the model's output keeps its name
-        self.mark(conv)
-        return user.op_type
 
-
-def _per_channel(c: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """The (channels,) vector of a constant that varies along the conv output's axis 1 only, else None."""
-    if c.ndim > rank:
-        return None
-    shape = (1,) * (rank - c.ndim) + tuple(c.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(c.reshape(shape[1]), (channels,)).copy()
-
-
-def _set_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    """Give the node's input ``index`` new constant contents: in place if only it uses it, else a new one."""
-    owned = owned_initializer(node, index)
-    if owned is not None:
-        replace_initializer(owned, array, keep_marks=True)
-        return
-    hint = f"{node.name or node.op_type}_{'W' if index == 1 else 'B'}"
-    if len(node.inputs) <= index:
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, set_initializer(graph, hint, array))
-
-
-def _self_contained(graph: ir.Graph, match: Match) -> bool:
-    """Every node is in this graph once, and only the root's output is seen outside the match."""
+def _leak(graph: ir.Graph, match: Match) -> str | None:
+    """Why the match cannot be replaced as a whole, or None: every node must be in this graph once, and only the
+    root's output may be seen outside the match."""
     nodes = set(match.nodes)
     if len(nodes) != len(match.nodes) or any(n.graph is not graph for n in nodes):
-        return False
+        return "a node of the pattern is repeated or in another graph"
     for node in match.nodes[:-1]:
         for value in node.outputs:
             if value.is_graph_output() or any(use.node not in nodes for use in value.uses()):
-                return False
-    return all(len(n.outputs) == 1 for n in match.nodes)
+                return f"the {node.op_type} output inside the pattern is also used outside it"
+    if not all(len(n.outputs) == 1 for n in match.nodes):
+        return "a node of the pattern has several outputs"
+    return None
 
 
 def _needs_upgrade(model: ir.Model) -> bool:
     """The model is below opset 14 and has a spelled-out HardSwish."""
     if (default_opset(model) or 14) >= 14:
         return False
-    return any(MATCHERS["hardswish"](n) is not None for g in all_graphs(model) for n in g)
+    return any(isinstance(MATCHERS["hardswish"](n), Match) for g in all_graphs(model) for n in g)

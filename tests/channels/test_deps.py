@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from graphopt.bench import infer_shapes
+from graphopt.costs import infer_shapes
 from graphopt.passes.channels import analyze
 from tests.helpers import make_model, randn, tensor_info
 

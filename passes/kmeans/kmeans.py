@@ -1,0 +1,134 @@
+"""kmeans: weight sharing. A layer's weight becomes Gather(codebook, Cast(indices)).
+
+Per layer (default) a float codebook of at most 2^bits centroids; per output channel a codebook [O, K] read
+with per-row offsets, Gather(codebook, Add(Cast(indices), row·K)). Indices are uint8, or packed UINT4 when
+bits ≤ 4 (the model's opset is raised to 21 for it). Exact zeros (from pruning) keep a reserved zero code and
+do not pull centroids. bits=1 is sign × a scale per output channel (no zero code). With ``data_aware`` each
+element's error is weighted by the mean square of its input channel on calibration data, so centroids serve
+the layer outputs. onnxruntime constant-folds the Gather at load: run time equals the float model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.errors import GraphoptError
+from graphopt.options import BaseOptions, option
+from graphopt.passbase import GraphoptPass, GraphoptResult
+from graphopt.passes.kmeans.codebook import Codebook, codes_used, errors, quantize
+from graphopt.passes.kmeans.importance import importance_of, input_mean_squares
+from graphopt.passes.kmeans.kmeans1d import INITS
+from graphopt.proto_handoff import ensure_opset
+from graphopt.weight_targets import Target, find_targets
+from graphopt.weights import set_initializer
+
+UINT4_OPSET = 21
+
+
+class KMeans(GraphoptPass):
+    """Share weights through a per-layer (or per-channel) codebook: weight = Gather(codebook, Cast(indices))."""
+
+    name = "kmeans"
+    summary = "weight sharing: k-means codebook of 2^bits values per layer/channel, uint8 or UINT4 indices"
+    size_objective = True  # the Gather that decodes the codebook costs time
+
+    @classmethod
+    def needs_data(cls, options) -> str | None:
+        return "data_aware weighs each weight by its input's activations" if options.data_aware else None
+
+    @dataclasses.dataclass(frozen=True)
+    class Options(BaseOptions):
+        bits: int = option(4, "index bits: 2^bits codes (1 = sign × per-channel scale)", low=1, high=8)
+        init: Literal["linear", "density", "kmeans++"] = option(
+            "linear", "centroid initialization: linear over [min, max], density (quantiles), kmeans++",
+            choices=INITS)
+        per_channel: bool = option(False, "one codebook per output channel instead of per layer")
+        data_aware: bool = option(
+            False, "weight each element's error by its input channel's mean square on calibration data")
+        uint4: bool = option(True, "store indices as packed UINT4 when bits <= 4 (raises the opset to 21)")
+        skip_nodes: list[str] = option([], "node or weight names left alone")
+        skip_ops: list[str] = option([], "op types left alone (Conv, ConvTranspose, Gemm, MatMul)")
+        min_size: int = option(0, "layers with fewer weight elements are left alone", low=0)
+        max_samples: int = option(128, "calibration samples for data_aware", low=1)
+        seed: int = option(0, "seed of kmeans++ initialization")
+
+    def call(self, model: ir.Model) -> GraphoptResult:
+        opts = self.options
+        notes: list[str] = []
+        targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, [], "shared")
+        packed = False
+        if targets and opts.bits <= 4 and opts.uint4:
+
+            try:  # the upgrade rebuilds the graph, so the targets are found again afterwards
+                raised = ensure_opset(model, UINT4_OPSET)
+                packed = True
+                if raised:
+                    notes.append(f"opset raised from {raised[0]} to {raised[1]} for UINT4 indices")
+            except GraphoptError as err:
+                notes.append(f"UINT4 indices need opset {UINT4_OPSET} ({err}); uint8 indices used")
+        targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, notes, "shared")
+        energy = input_mean_squares(self.context, model, targets, opts.max_samples) if opts.data_aware else {}
+
+        rows = []
+        for t in targets:
+            h = importance_of(t, energy[t.layer]) if t.layer in energy else None
+            if opts.data_aware and h is None:
+                notes.append(f"{t.layer}: input activation not captured; plain k-means used")
+            cb = quantize(t.array, opts.bits, opts.init, h, opts.per_channel or opts.bits == 1, t.out_axis, opts.seed)
+            index_bytes = (t.array.size + 1) // 2 if packed else t.array.size
+            new_bytes = index_bytes + cb.codebook.nbytes + (4 * cb.codebook.shape[0] if cb.per_channel else 0)
+            if new_bytes >= t.array.nbytes:
+                notes.append(f"{t.layer}: a codebook would not be smaller ({new_bytes} vs {t.array.nbytes} bytes); "
+                             "left as it is")
+                continue
+            rel, weighted = errors(t.array, cb, h)
+            row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(t.array.size),
+                   "bits": opts.bits, "codes_used": codes_used(cb.indices),
+                   "codebook": list(cb.codebook.shape), "zero_code": cb.zero_code,
+                   "indices": "uint4" if packed else "uint8", "bytes_before": int(t.array.nbytes),
+                   "bytes_after": int(new_bytes), "rel_error": round(rel, 5)}
+            if weighted is not None:
+                row["weighted_rel_error"] = round(weighted, 5)
+            self._rewrite(t, cb, packed)
+            rows.append(row)
+        if rows:
+            before = sum(r["bytes_before"] for r in rows)
+            after = sum(r["bytes_after"] for r in rows)
+            notes.append(f"{len(rows)} layer(s) shared: weights {before} -> {after} bytes ({before / after:.1f}x)")
+        return self.result(model, rows, notes)
+
+    def _rewrite(self, t: Target, cb: Codebook, packed: bool) -> None:
+        """weight input of the node ← Gather(codebook, Cast(indices)) [+ row offsets when per channel]."""
+        graph = t.node.graph
+        base = t.value.name or t.layer
+        idx = cb.indices.astype(ml_dtypes.uint4) if packed else cb.indices
+        indices = set_initializer(graph, f"{base}_indices", idx)
+        book = set_initializer(graph, f"{base}_codebook", cb.codebook.reshape(-1))
+        cast = self.mark(ir.node("Cast", [indices], {"to": ir.DataType.INT32}, name=f"{t.layer}_kmeans_cast"))
+        new_nodes = [cast]
+        codes = cast.outputs[0]
+        if cb.per_channel:
+            k = cb.codebook.shape[1]
+            shape = [1] * cb.indices.ndim
+            shape[cb.out_axis] = cb.codebook.shape[0]
+            offsets = set_initializer(graph, f"{base}_row_offsets",
+                                      (np.arange(cb.codebook.shape[0], dtype=np.int32) * k).reshape(shape))
+            add = self.mark(ir.node("Add", [codes, offsets], name=f"{t.layer}_kmeans_rows"))
+            new_nodes.append(add)
+            codes = add.outputs[0]
+        gather = self.mark(ir.node("Gather", [book, codes], {"axis": 0}, name=f"{t.layer}_kmeans_gather"))
+        new_nodes.append(gather)
+        out = gather.outputs[0]
+        out.name = f"{base}_shared"
+        out.shape = ir.Shape(t.array.shape)
+        out.type = ir.TensorType(ir.DataType.from_numpy(t.array.dtype))
+        graph.insert_before(t.node, new_nodes)
+        t.node.replace_input_with(t.index, out)
+        owner = t.value.graph
+        if owner is not None and not t.value.uses() and t.value.name in owner.initializers:
+            del owner.initializers[t.value.name]

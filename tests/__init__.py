@@ -1,0 +1,1 @@
+"""graphopt tests; a package so test modules of the same basename in subfolders get distinct names."""

@@ -1,0 +1,1 @@
+"""Tests of graphopt.passes.channels (mirrors passes/channels/)."""

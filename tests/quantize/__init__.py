@@ -1,0 +1,1 @@
+"""Tests of graphopt.passes.quantize (mirrors passes/quantize/)."""
