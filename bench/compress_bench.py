@@ -37,7 +37,7 @@ from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.prune import Prune
 from graphopt.runtime import make_session
-from graphopt.sizes import model_sizes
+from bench.sizes import model_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"

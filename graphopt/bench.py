@@ -1,8 +1,5 @@
-"""Latency benchmark and file sizes (on disk and after lzma), with the model statistics of costs.py.
-
-Parameters, MACs and shape inference live in graphopt.costs; they are re-exported here, so
-``from graphopt.bench import count_macs`` keeps working.
-"""
+"""The `graphopt bench` table: each model's latency (timed by graphopt.latency), file size on disk and after lzma,
+parameters and MACs (graphopt.costs)."""
 
 from __future__ import annotations
 
@@ -10,51 +7,20 @@ import lzma
 import os
 import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphopt import cpu, modelio, runtime
-from graphopt.costs import (
-    DATA_PROP_OPSET,
-    INLINE_BYTES,
-    Dims,
-    LayerCost,
-    count_macs,
-    count_params,
-    infer_shapes,
-    layer_costs,
-    stored_tensors,
-)
-from graphopt.errors import DataError, GraphoptError
+from graphopt import cpu, latency, modelio
+from graphopt.costs import count_macs, count_params
+from graphopt.errors import GraphoptError
 from graphopt.formatting import human, table
 
-__all__ = [
-    "DATA_PROP_OPSET",
-    "INLINE_BYTES",
-    "LZMA_FAST_ABOVE",
-    "LZMA_FAST_PRESET",
-    "LZMA_PRESET",
-    "BenchRow",
-    "Dims",
-    "LayerCost",
-    "benchmark",
-    "count_macs",
-    "count_params",
-    "disk_bytes",
-    "file_sizes",
-    "format_bench",
-    "infer_shapes",
-    "layer_costs",
-    "lzma_preset",
-    "stored_tensors",
-    "time_rounds",
-]
+__all__ = ["LZMA_FAST_ABOVE", "LZMA_FAST_PRESET", "LZMA_PRESET", "BenchRow", "benchmark", "disk_bytes", "file_sizes",
+           "format_bench", "lzma_preset"]
 
 # lzma: preset 6 (xz's default) normally; above LZMA_FAST_ABOVE bytes preset 1. Measured on the 2-core dev
 # box with a 10 MB float model: preset 6 ~2.3 MB/s, preset 1 ~4 MB/s, sizes within 1% (float weights barely
@@ -147,59 +113,6 @@ def _stats(
     return file_bytes, lzma_bytes, count_params(model), count_macs(model, shapes)
 
 
-def _label(model: object, index: int) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        return Path(model).name
-    return f"model{index}"
-
-
-def time_rounds(models: Sequence, feeds: list[dict[str, np.ndarray]], threads: int = 1, warmup: int = 3,
-                repeats: int = 20, min_time_s: float = 0.0, max_time_s: float | None = None,
-                labels: list[str] | None = None, progress: bool = False) -> list[list[float]]:
-    """Milliseconds of each model (a path, proto, ir.Model or session) in each round, models interleaved.
-
-    Round r runs every model once on ``feeds[r % len(feeds)]``, in a seeded random order, so clock drift
-    and ordering effects (a model's predecessor evicting its caches) fall on all models alike. Rounds continue
-    past ``repeats`` until ``min_time_s`` seconds of timed runs have passed, and stop (after 3) at ``max_time_s``.
-    """
-    labels = labels or [_label(m, i) for i, m in enumerate(models)]
-    sessions = [m if hasattr(m, "get_inputs") else runtime.make_session(m, threads) for m in models]
-    # Each model gets only the inputs it declares (an optimized model may have dropped one).
-    names = [{i.name for i in s.get_inputs()} for s in sessions]
-    for label, needed in zip(labels, names):
-        for k, feed in enumerate(feeds):
-            if missing := sorted(needed - set(feed)):
-                raise DataError(f"{label}: input {missing[0]!r} missing from feed {k} (it has {sorted(feed)})")
-    model_feeds = [[{k: v for k, v in f.items() if k in n} for f in feeds] for n in names]
-    for r in range(warmup):
-        for s, mf in zip(sessions, model_feeds):
-            s.run(None, mf[r % len(feeds)])
-    times: list[list[float]] = [[] for _ in sessions]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=repeats, desc="bench", unit="round", leave=False)
-    # A seeded shuffle per round: with a fixed cyclic order every model would always follow the same
-    # predecessor and pay for the caches that one evicts.
-    order_rng = np.random.default_rng(0)
-    start, r = time.perf_counter(), 0
-    while r < repeats or time.perf_counter() - start < min_time_s:
-        if max_time_s is not None and r >= 3 and time.perf_counter() - start > max_time_s:
-            break
-        for i in order_rng.permutation(len(sessions)):
-            feed = model_feeds[i][r % len(feeds)]
-            t0 = time.perf_counter()
-            sessions[i].run(None, feed)
-            times[i].append((time.perf_counter() - t0) * 1000.0)
-        r += 1
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return times
-
-
 def benchmark(
     models: list,
     feeds: list[dict[str, np.ndarray]],
@@ -212,7 +125,8 @@ def benchmark(
     max_time_s: float | None = None,
     stats: bool = True,
 ) -> list[BenchRow]:
-    """Median/p90 latency of each model on the same feeds, models interleaved round by round (:func:`time_rounds`),
+    """Median/p90 latency of each model on the same feeds, models interleaved round by round
+    (:func:`graphopt.latency.time_rounds`),
     with file sizes, parameters and MACs when ``stats``."""
     if not models:
         raise GraphoptError("benchmark: no models given")
@@ -220,8 +134,8 @@ def benchmark(
         raise GraphoptError("benchmark: no input feeds given")
     if labels is not None and len(labels) != len(models):
         raise GraphoptError(f"benchmark: {len(labels)} labels for {len(models)} models")
-    labels = labels or [_label(m, i) for i, m in enumerate(models)]
-    times = time_rounds(models, feeds, threads, warmup, repeats, min_time_s, max_time_s, labels, progress)
+    labels = labels or [latency.model_label(m, i) for i, m in enumerate(models)]
+    times = latency.time_rounds(models, feeds, threads, warmup, repeats, min_time_s, max_time_s, labels, progress)
     # One lzma preset for the whole table, so the compressed sizes compare.
     paths = [m for m in models if isinstance(m, (str, os.PathLike))]
     preset = lzma_preset(max((disk_bytes(p) for p in paths), default=0))

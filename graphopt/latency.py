@@ -1,6 +1,6 @@
 """The latency guard: is a candidate model slower than the one before it, beyond this machine's noise?
 
-Models are timed interleaved, round by round (:func:`graphopt.bench.time_rounds`), so drift and a busy
+Models are timed interleaved, round by round (:func:`time_rounds`), so drift and a busy
 neighbour fall on both. The ratio is the median of the per-round ratios candidate/before (paired: a slow round
 slows both); the noise margin is the half-width of that median's 95% confidence interval (order statistics, so
 no assumption on the timing distribution), never below :data:`MIN_MARGIN`. A ratio more than half its margin
@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from graphopt import bench
+from graphopt import runtime
+from graphopt.errors import DataError
 
 # Differences under 2% are not acted on: on the 2-core dev box (vnni), repeated timings of one model differ by
 # up to ~2% between runs even when each run's own confidence interval is narrower.
@@ -67,6 +71,60 @@ class Timing:
     vs_original: Ratio
 
 
+def model_label(model: object, index: int) -> str:
+    """A file's name, else ``model<index>``."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).name
+    return f"model{index}"
+
+
+def time_rounds(models: Sequence, feeds: list[dict[str, np.ndarray]], threads: int = 1, warmup: int = 3,
+                repeats: int = 20, min_time_s: float = 0.0, max_time_s: float | None = None,
+                labels: list[str] | None = None, progress: bool = False) -> list[list[float]]:
+    """Milliseconds of each model (a path, proto, ir.Model or session) in each round, models interleaved.
+
+    Round r runs every model once on ``feeds[r % len(feeds)]``, in a seeded random order, so clock drift
+    and ordering effects (a model's predecessor evicting its caches) fall on all models alike. Rounds continue
+    past ``repeats`` until ``min_time_s`` seconds of timed runs have passed, and stop (after 3) at ``max_time_s``.
+    """
+    labels = labels or [model_label(m, i) for i, m in enumerate(models)]
+    sessions = [m if hasattr(m, "get_inputs") else runtime.make_session(m, threads) for m in models]
+    # Each model gets only the inputs it declares (an optimized model may have dropped one).
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    for label, needed in zip(labels, names):
+        for k, feed in enumerate(feeds):
+            if missing := sorted(needed - set(feed)):
+                raise DataError(f"{label}: input {missing[0]!r} missing from feed {k} (it has {sorted(feed)})")
+    model_feeds = [[{k: v for k, v in f.items() if k in n} for f in feeds] for n in names]
+    for r in range(warmup):
+        for s, mf in zip(sessions, model_feeds):
+            s.run(None, mf[r % len(feeds)])
+    times: list[list[float]] = [[] for _ in sessions]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=repeats, desc="bench", unit="round", leave=False)
+    # A seeded shuffle per round: with a fixed cyclic order every model would always follow the same
+    # predecessor and pay for the caches that one evicts.
+    order_rng = np.random.default_rng(0)
+    start, r = time.perf_counter(), 0
+    while r < repeats or time.perf_counter() - start < min_time_s:
+        if max_time_s is not None and r >= 3 and time.perf_counter() - start > max_time_s:
+            break
+        for i in order_rng.permutation(len(sessions)):
+            feed = model_feeds[i][r % len(feeds)]
+            t0 = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1000.0)
+        r += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times
+
+
 class LatencyProbe:
     """Times models on the run's feeds. ``timer`` defaults to interleaved onnxruntime sessions."""
 
@@ -76,7 +134,7 @@ class LatencyProbe:
         self.timer = timer or self._onnxruntime_rounds
 
     def _onnxruntime_rounds(self, models: Sequence[Any], feeds: list[dict]) -> list[list[float]]:
-        return bench.time_rounds(models, feeds, threads=self.threads, warmup=2, repeats=self.repeats,
+        return time_rounds(models, feeds, threads=self.threads, warmup=2, repeats=self.repeats,
                                  max_time_s=self.max_seconds)
 
     def compare(self, before: Any, candidate: Any, original: Any | None = None) -> Timing:
@@ -95,7 +153,7 @@ class LatencyProbe:
 def batch_one(specs: Sequence[Any], feeds: list[dict]) -> list[dict]:
     """The first sample of each feed when every data input's first axis is free (a batch axis), so latency is
     per sample at batch 1 as most deployments run; the feeds as they are otherwise. ``specs``:
-    :func:`graphopt.datasources.input_specs`."""
+    :func:`graphopt.data.input_specs`."""
     for spec in specs:
         if not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] != 1):
             return feeds

@@ -12,7 +12,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper
 
-from graphopt import bench
+from graphopt import bench, costs
 from graphopt.errors import DataError, GraphoptError
 from graphopt.inspection import format_inspect, inspect_model
 
@@ -42,7 +42,7 @@ def _conv_model(x_dims=(1, 4, 10, 10)) -> ir.Model:
 
 
 def test_conv_groups_strides_pads():
-    (cost,) = bench.layer_costs(_conv_model())
+    (cost,) = costs.layer_costs(_conv_model())
     assert cost.op == "Conv"
     assert cost.output_shape == (1, 6, 5, 5)
     assert cost.macs == 6 * 5 * 5 * 2 * 3 * 3 == 2700
@@ -54,7 +54,7 @@ def test_conv_transpose_grouped():
     # Each input element scatters into (M/group) * k*k = 3*4 outputs: 100 * 12 MACs.
     node = h.make_node("ConvTranspose", ["x", "w"], ["y"], group=2, strides=[2, 2])
     model = _model([node], [_x("x", [1, 4, 5, 5])], [_x("y", None)], [_init("w", (4, 3, 2, 2))])
-    (cost,) = bench.layer_costs(model)
+    (cost,) = costs.layer_costs(model)
     assert cost.output_shape == (1, 6, 10, 10)
     assert cost.macs == 1200
     # the same number counted from the output side: 600 outputs, each (C/group) * (k/s)^2 = 2 MACs
@@ -65,7 +65,7 @@ def test_gemm_trans_a_trans_b():
     # A is stored [K=7, M=3] (transA), B is [N=5, K=7] (transB): Y [3, 5], 7 MACs each.
     node = h.make_node("Gemm", ["a", "b", "c"], ["y"], transA=1, transB=1)
     model = _model([node], [_x("a", [7, 3])], [_x("y", None)], [_init("b", (5, 7)), _init("c", (5,))])
-    (cost,) = bench.layer_costs(model)
+    (cost,) = costs.layer_costs(model)
     assert cost.output_shape == (3, 5)
     assert cost.macs == 3 * 5 * 7
     assert cost.params == 35 + 5
@@ -76,24 +76,24 @@ def test_matmul_batched_and_dynamic_batch():
     nodes = [h.make_node("MatMul", ["a", "w"], ["y"]), h.make_node("MatMul", ["p", "q"], ["z"])]
     inputs = [_x("a", ["N", 3, 4, 6]), _x("p", ["N", 4, 6]), _x("q", ["N", 6, 5])]
     model = _model(nodes, inputs, [_x("y", None), _x("z", None)], [_init("w", (6, 5))])
-    first, second = bench.layer_costs(model)  # batch N -> 1
+    first, second = costs.layer_costs(model)  # batch N -> 1
     assert (first.macs, first.output_shape, first.params) == (3 * 4 * 5 * 6, (1, 3, 4, 5), 30)
     assert (second.macs, second.params) == (4 * 5 * 6, 0)
     shapes = {"a": (2, 3, 4, 6), "p": (3, 4, 6), "q": (3, 6, 5)}
-    assert bench.count_macs(model, shapes) == 2 * 360 + 3 * 120
+    assert costs.count_macs(model, shapes) == 2 * 360 + 3 * 120
 
 
 def test_dynamic_batch_and_unknown_spatial_dims():
-    assert bench.count_macs(_conv_model(("N", 4, 10, 10))) == 2700
-    assert bench.count_macs(_conv_model(("N", 4, 10, 10)), {"x": (2, 4, 10, 10)}) == 5400
+    assert costs.count_macs(_conv_model(("N", 4, 10, 10))) == 2700
+    assert costs.count_macs(_conv_model(("N", 4, 10, 10)), {"x": (2, 4, 10, 10)}) == 5400
     model = _conv_model((1, 4, "H", "W"))
-    (cost,) = bench.layer_costs(model)
+    (cost,) = costs.layer_costs(model)
     assert cost.macs == 0 and cost.note  # unknown H, W: counted as 0 and said so
-    assert bench.count_macs(model, {"x": (1, 4, 10, 10)}) == 2700
+    assert costs.count_macs(model, {"x": (1, 4, 10, 10)}) == 2700
     with pytest.raises(GraphoptError, match="rank"):
-        bench.count_macs(model, {"x": (1, 4, 10)})
+        costs.count_macs(model, {"x": (1, 4, 10)})
     with pytest.raises(GraphoptError, match="nope"):
-        bench.count_macs(model, {"nope": (1,)})
+        costs.count_macs(model, {"nope": (1,)})
 
 
 def test_reshape_data_prop_feeds_gemm():
@@ -101,7 +101,7 @@ def test_reshape_data_prop_feeds_gemm():
     nodes = [h.make_node("Reshape", ["x", "s"], ["f"]), h.make_node("Gemm", ["f", "w"], ["y"])]
     inits = [numpy_helper.from_array(np.array([0, -1], np.int64), "s"), _init("w", (54, 10))]
     model = _model(nodes, [_x("x", ["N", 6, 3, 3])], [_x("y", None)], inits)
-    assert bench.count_macs(model) == 540
+    assert costs.count_macs(model) == 540
 
 
 def test_shape_computed_reshape_at_old_opset_and_constant_weights():
@@ -118,9 +118,9 @@ def test_shape_computed_reshape_at_old_opset_and_constant_weights():
     ]
     inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in [("i", [0]), ("m1", [-1])]]
     model = _model(nodes, [_x("x", ["N", 6, 3, 3])], [_x("y", None)], inits, opset=12)
-    (cost,) = bench.layer_costs(model, {"x": (2, 6, 3, 3)})
+    (cost,) = costs.layer_costs(model, {"x": (2, 6, 3, 3)})
     assert (cost.output_shape, cost.macs, cost.params) == ((2, 10), 2 * 54 * 10, 540)
-    assert bench.count_params(model) == 540 + 2
+    assert costs.count_params(model) == 540 + 2
     assert model.opset_imports[""] == 12
 
 
@@ -135,7 +135,7 @@ def test_codebook_weights_and_integer_ops():
     inits = [_init("codebook", (16,)), _init("idx", (6, 2, 3, 3), np.uint8), _init("qb", (8, 4), np.int8)]
     inputs = [_x("x", [1, 4, 10, 10]), _x("qa", [1, 8], T.UINT8)]
     model = _model(nodes, inputs, [_x("y", None), _x("qy", None, T.INT32)], inits)
-    conv, mmi = bench.layer_costs(model)
+    conv, mmi = costs.layer_costs(model)
     assert (conv.macs, conv.params) == (2700, 108)
     assert (mmi.op, mmi.macs, mmi.params) == ("MatMulInteger", 32, 32)
 
@@ -148,7 +148,7 @@ def test_qlinear_conv():
         ("xs", 0.1, np.float32), ("xz", 0, np.uint8), ("ws", 0.1, np.float32), ("wz", 0, np.int8),
         ("ys", 0.1, np.float32), ("yz", 0, np.uint8)]]
     model = _model(nodes, [_x("x", [1, 3, 8, 8], T.UINT8)], [_x("y", None, T.UINT8)], [_init("w", (4, 3, 3, 3), np.int8), *scalars])
-    (cost,) = bench.layer_costs(model)
+    (cost,) = costs.layer_costs(model)
     assert (cost.output_shape, cost.macs, cost.params) == ((1, 4, 8, 8), 4 * 64 * 27, 108)
 
 
@@ -165,17 +165,17 @@ def _if_model() -> ir.Model:
 
 def test_if_bodies_and_params():
     model = _if_model()
-    costs = bench.layer_costs(model)
-    assert sorted(c.macs for c in costs) == [20, 20]
-    assert sorted(c.params for c in costs) == [20, 20]  # the outer-scope w1 counts for the else branch
-    assert bench.count_params(model) == 40
-    assert bench.count_params(_conv_model()) == 6 * 2 * 9 + 6
+    layers = costs.layer_costs(model)
+    assert sorted(c.macs for c in layers) == [20, 20]
+    assert sorted(c.params for c in layers) == [20, 20]  # the outer-scope w1 counts for the else branch
+    assert costs.count_params(model) == 40
+    assert costs.count_params(_conv_model()) == 6 * 2 * 9 + 6
 
 
 def test_count_macs_does_not_modify_the_model():
     model = _conv_model(("N", 4, "H", "W"))
     before = ir.serde.serialize_model(model).SerializeToString()
-    assert bench.count_macs(model, {"x": (2, 4, 10, 10)}) == 5400
+    assert costs.count_macs(model, {"x": (2, 4, 10, 10)}) == 5400
     assert ir.serde.serialize_model(model).SerializeToString() == before
     assert model.graph.outputs[0].shape is None
 

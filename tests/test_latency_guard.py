@@ -196,7 +196,7 @@ def test_allow_slower_on_the_command_line(tmp_path, capsys):
 
 
 def test_latency_is_timed_at_batch_one_when_the_batch_axis_is_free():
-    from graphopt.datasources import InputSpec
+    from graphopt.data.sources import InputSpec
 
     feeds = [{"ids": np.zeros((8, 128), np.int64), "mask": np.ones((8, 128), np.int64)}]
     free = [InputSpec("ids", np.dtype(np.int64), ("batch", "seq")), InputSpec("mask", np.dtype(np.int64), (None, 128))]

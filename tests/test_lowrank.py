@@ -10,7 +10,7 @@ import pytest
 from onnx import helper
 
 from graphopt.costs import layer_costs
-from graphopt.dataset import Dataset
+from graphopt.data.dataset import Dataset
 from graphopt.errors import RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext

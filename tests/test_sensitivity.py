@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt import metrics, passbase, sensitivity
+from graphopt.sensitivity import measurement as measure_module
 from graphopt.data import Dataset
 from graphopt.errors import GraphoptError
 from graphopt.passbase import PassContext
@@ -93,7 +94,7 @@ def test_zero_time_budget_returns_all_rows_unmeasured():
 
 def test_time_budget_stops_after_the_first_candidate(monkeypatch):
     clock = iter(range(0, 1000, 10))  # every perf_counter() call advances 10 s
-    monkeypatch.setattr(sensitivity.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(measure_module.time, "perf_counter", lambda: float(next(clock)))
     table = measure(context(), two_branch(), [zero("WA"), zero("WB"), zero("WA")], time_budget_s=45)
     assert [r.status for r in table] == ["ok", "skipped", "skipped"]
 
@@ -230,7 +231,7 @@ def _noise(name: str, scale: float) -> Candidate:
 
 
 def test_suffix_runs_give_the_same_rows_as_whole_clones(monkeypatch):
-    from graphopt import sensitivity_suffix
+    from graphopt.sensitivity import suffix as sensitivity_suffix
 
     cands = [_noise("W1", 0.3), _noise("W2", 0.3), _noise("W3", 0.05), _noise("W3", 0.5)]
     ctx = PassContext(calib=dataset(), teacher=_chain(), metric="agreement")

@@ -11,7 +11,7 @@ from onnx import helper
 from graphopt import modelio
 from graphopt.options import build_options
 from graphopt.passes.kmeans import KMeans
-from graphopt.sizes import huffman_bits, huffman_code_lengths, model_sizes
+from bench.sizes import huffman_bits, huffman_code_lengths, model_sizes
 from tests.helpers import make_model, randn, tensor_info
 
 

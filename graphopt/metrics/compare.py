@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from graphopt.channel_stats import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
+from graphopt.metrics.channels import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
 from graphopt.errors import DataError, GraphoptError, first_line
 from graphopt.formatting import json_safe
 from graphopt.runtime import make_session

@@ -15,7 +15,7 @@ Speed (the decisions do not change): a candidate usually edits a few nodes, so t
 them computes exactly what the unedited model computes. :func:`measure` therefore prepares candidates in chunks
 (clone, apply, find the edited nodes and everything downstream of them), runs the unedited model once per chunk
 to capture the values crossing into the edited part (the "frontier", memory capped by ``FRONTIER_BYTES``), and
-runs each candidate's edited suffix alone on them (:mod:`graphopt.sensitivity_suffix`). Candidates whose suffix
+runs each candidate's edited suffix alone on them (:mod:`graphopt.sensitivity.suffix`). Candidates whose suffix
 cannot be cut (subgraphs, a rewired graph output) run whole as before; untyped frontier values take the
 types of the captured arrays.
 
@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import metrics
-from graphopt import sensitivity_suffix as suffix
+from graphopt.sensitivity import suffix
 from graphopt.errors import GraphoptError
 from graphopt.formatting import json_safe
 from graphopt.passbase import PassContext

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.dataset import Dataset, Feed, chunk_arrays, feed_batch
+from graphopt.data.dataset import Dataset, Feed, chunk_arrays, feed_batch
 from graphopt.errors import DataError
 
 __all__ = [

@@ -1,13 +1,5 @@
-"""Data enters graphopt once, here: calibration and evaluation samples, checked against the model's inputs.
-
-Sources: an ``.npz`` (keys = input names, axis 0 = samples, optional ``labels``), a folder of ``.npz`` files
-(each one complete feed, used as it is), any object with onnxruntime's ``CalibrationDataReader`` protocol
-(``get_next()`` -> feed dict or None), or synthetic inputs made from the input types (``synthetic=True``:
-they say nothing about accuracy). With ``--data`` alone, the samples are split into disjoint calibration and
-evaluation parts: ``eval_fraction`` (default 0.5) of them, chosen with a fixed seed (default 0), go to
-evaluation. Within a dtype kind data is cast silently (float64 -> float32, int32 -> int64); across kinds
-(float data for an int64 input) it is an error.
-"""
+"""load_data (any source into a checked Dataset), the calibration/evaluation split, and resolve (what a run
+uses for each)."""
 
 from __future__ import annotations
 
@@ -17,39 +9,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from graphopt.dataset import Dataset, Feed, FeedReader, chunk_arrays, concat_feeds
-from graphopt.datasources import (
-    LABELS,
+from graphopt.data.dataset import Dataset, FeedReader, chunk_arrays, concat_feeds
+from graphopt.data.sources import (
     InputSpec,
     check_feed,
     from_arrays,
     from_reader,
-    input_specs,
     load_folder,
     load_npz,
-    parse_shape,
     synthetic,
 )
 from graphopt.errors import DataError
-
-__all__ = [
-    "feed_shapes",
-    "LABELS",
-    "Dataset",
-    "Feed",
-    "FeedReader",
-    "InputSpec",
-    "from_arrays",
-    "from_reader",
-    "input_specs",
-    "load_data",
-    "load_folder",
-    "load_npz",
-    "parse_shape",
-    "resolve",
-    "split",
-    "synthetic",
-]
 
 
 def load_data(source: Any, specs: list[InputSpec], batch_size: int = 32) -> Dataset:

@@ -1,0 +1,13 @@
+"""Comparing a candidate model's outputs with the original's: per-channel SNR, cosine, agreement, accuracy.
+
+Modules, bottom to top: channels (the streaming per-channel accumulator and its statistics), compare (the
+Comparison of two models on a Dataset, and the Evaluator that caches the original's outputs).
+"""
+
+from __future__ import annotations
+
+from graphopt.metrics.channels import SNR_CAP, OutputMetrics, cosine, snr_db
+from graphopt.metrics.compare import MAP_THRESHOLD, METRICS, Accumulator, Comparison, Evaluator, compare, split_labels
+
+__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "compare",
+           "cosine", "snr_db", "split_labels"]
