@@ -1,5 +1,5 @@
-"""What every pass asks of an onnx_ir graph: the default domain and its opset, unique node names, inferred
-shapes, and the axis of a layer's input that holds the channels it reads.
+"""What every pass asks of an onnx_ir graph: attributes, every graph and node (subgraphs too), the default domain
+and its opset, unique node names, inferred shapes, and the axis of a layer's input that holds its channels.
 
 One helper for each, so the opset lookup has one default and the domain test one spelling.
 """
@@ -12,7 +12,6 @@ from typing import Iterator
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
-
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
