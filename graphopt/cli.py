@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how many synthetic samples to verify with when no data is given (default 8)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    au = sub.add_parser("auto", help="search recipes for the smallest or fastest model inside the accuracy budget")
+    au.add_argument("model")
+    au.add_argument("-o", "--output", help="the chosen model (default: <input stem>.auto.onnx in the current folder)")
+    au.add_argument("--data", required=True, help=".npz (keys = input names, axis 0 = samples, optional 'labels') "
+                    "or a folder of .npz feeds; split into search samples (70%%) and held-out samples (30%%)")
+    au.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the gate metric (default 0.01)")
+    au.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
+                    help="gate metric (default: accuracy with labels, else agreement)")
+    au.add_argument("--objective", choices=["size", "latency"], default="size",
+                    help="what to minimize: bytes after lzma, or latency (default size)")
+    au.add_argument("--trials", type=int, default=20, help="candidates to try (default 20)")
+    au.add_argument("--time-budget", type=float, help="seconds for the search (default: no limit)")
+    au.add_argument("--study", help="Optuna study file (SQLite): a killed or finished search goes on from it")
+    au.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    au.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ev = sub.add_parser("evaluate", help="compare a candidate model with a reference model")
     ev.add_argument("reference")
     ev.add_argument("candidate")
@@ -179,7 +195,28 @@ def _cmd_passes(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"optimize": _cmd_optimize, "evaluate": _cmd_evaluate, "bench": _cmd_bench, "inspect": _cmd_inspect,
+def _cmd_auto(args: argparse.Namespace) -> int:
+    from graphopt.auto import auto
+    from graphopt.formatting import human
+
+    result = auto(args.model, args.output, data=args.data, max_drop=args.max_drop, objective=args.objective,
+                  trials=args.trials, time_budget=args.time_budget, study=args.study, metric=args.metric,
+                  threads=args.threads, progress=not args.quiet)
+    chosen = result.chosen
+    smaller = result.original_lzma_bytes / chosen.lzma_bytes if chosen.lzma_bytes else float("nan")
+    print(f"{len(result.candidates)} candidates" + (" (interrupted)" if result.interrupted else "")
+          + f"; chosen #{chosen.number}: {chosen.recipe}")
+    print(f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "
+          f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)")
+    held = result.holdout.get(result.metric) if result.metric != "snr" else result.holdout.get("worst_snr_db")
+    ref = result.holdout.get(f"reference_{result.metric}") if result.metric == "accuracy" else None
+    print(f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")
+          + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g})")
+    print(f"wrote {result.output}, {result.recipe_path}, {Path(result.output).with_suffix('.json')}")
+    return 0 if result.passed else 1
+
+
+COMMANDS = {"optimize": _cmd_optimize, "auto": _cmd_auto, "evaluate": _cmd_evaluate, "bench": _cmd_bench, "inspect": _cmd_inspect,
             "passes": _cmd_passes}
 
 
@@ -190,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args([a for a in argv if a != "--debug"])
         args.debug = debug
         if args.command is None:
-            raise GraphoptError("graphopt: give a command: optimize, evaluate, bench, inspect or passes (see --help)")
+            raise GraphoptError("graphopt: give a command: optimize, auto, evaluate, bench, inspect or passes "
+                                    "(see --help)")
         return COMMANDS[args.command](args)
     except GraphoptError as err:
         if debug:
