@@ -37,7 +37,8 @@ from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.prune import Prune
 from graphopt.runtime import make_session
-from bench.sizes import model_sizes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.sizes import model_sizes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"

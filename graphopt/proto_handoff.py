@@ -70,6 +70,7 @@ def adopt(model: ir.Model, proto: onnx.ModelProto, held: dict[str, ir.TensorProt
         props = old_props.get((node.name, node.op_type))
         if props:
             node.metadata_props.update(props)
+    new.graph.meta.update(model.graph.meta)  # which shapes the source declared, its size on disk …
     model.graph = new.graph
     model.ir_version = max(model.ir_version, new.ir_version)
     model.functions.clear()
