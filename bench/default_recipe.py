@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quantize_vs_ort import RESULTS, ROOT, _bench, _first_line, _sections, setup  # noqa: E402
+from bench.quantize_vs_ort import RESULTS, ROOT, rotated_bench, setup, write_sections  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line, optimize  # noqa: E402
 
 ALL = ("digits", "resnet50", "vgg19", "rec", "cls", "det", "bert")
@@ -45,7 +44,7 @@ def run_model(name: str, repeats: int, min_time_s: float, bert_dir: Path) -> lis
         cfg = _bert(bert_dir) if name == "bert" else setup(name, tmp)
         src, out = Path(cfg["path"]), tmp / "out.onnx"
         report = optimize(str(src), out, run=RunOptions(progress=False), **cfg["optimize"])
-        timing = _bench([str(src), str(out)], ["input", "output"], cfg["bench"], repeats, min_time_s)
+        timing = rotated_bench([str(src), str(out)], ["input", "output"], cfg["bench"], repeats, min_time_s)
     lines = [f"\n### {name}\n", f"Output against input, re-timed interleaved: **x{timing['output'].ratio:.3f}** "
              f"({timing['input'].median_ms:.3f} → {timing['output'].median_ms:.3f} ms); gate "
              f"{'passed' if report.passed else 'FAILED'}.", "",
@@ -73,17 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency guard on), then input and output re-timed interleaved (median over the rotations of their "
             "order, at least 40 rounds and 4 s). Command: `python bench/default_recipe.py --models "
             + " ".join(ALL) + "`."]
-    out = Path(args.out)
-    kept = _sections(out.read_text()) if out.exists() else {}
-    for name in args.models:
-        try:
-            kept[name] = "\n".join(run_model(name, args.repeats, args.min_time, Path(args.bert_dir))).strip("\n")
-        except Exception as err:  # noqa: BLE001 - one model failing is a row, the others still run
-            traceback.print_exc()
-            kept[name] = f"### {name}\n\nbenchmark failed: {_first_line(err)}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        order = [m for m in ALL if m in kept] + [m for m in kept if m not in ALL]
-        out.write_text("\n".join(head) + "\n\n" + "\n\n".join(kept[m] for m in order) + "\n")
+    write_sections(Path(args.out), head, args.models, ALL, lambda name: "\n".join(run_model(name, args.repeats, args.min_time, Path(args.bert_dir))))
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quantize_vs_ort import RESULTS, _Reader, _bench, _first_line, _sections, setup  # noqa: E402
+from bench.quantize_vs_ort import RESULTS, CalibReader, first_line_of, rotated_bench, setup, write_sections  # noqa: E402
 from graphopt import cpu, modelio  # noqa: E402
 from graphopt.pipeline import RunOptions, machine_line, optimize  # noqa: E402
 from graphopt.saturation_check import emulate, find_layers  # noqa: E402
@@ -47,7 +47,7 @@ def _ort(src: Path, calib: list[dict], out: Path, reduce_range: bool) -> Path:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
     except Exception:  # noqa: BLE001 - as quantize_vs_ort.py: quantize the original then
         pre = src
-    quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre), str(out), CalibReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
                     calibrate_method=CalibrationMethod.MinMax)
     return out
@@ -74,8 +74,8 @@ def run_model(name: str, repeats: int, min_time_s: float) -> list[str]:
                 paths[label] = build(tmp / f"v{i}.onnx")
             except Exception as err:  # noqa: BLE001 - reported as a row
                 traceback.print_exc()
-                errors[label] = _first_line(err)
-        timing = _bench([str(p) for p in paths.values()], list(paths), cfg["bench"], repeats, min_time_s)
+                errors[label] = first_line_of(err)
+        timing = rotated_bench([str(p) for p in paths.values()], list(paths), cfg["bench"], repeats, min_time_s)
         lines = [f"\n### {name}\n", "| variant | vs float (host) | quality on host | layers at risk on AVX2 | "
                  "quality emulated on AVX2 |", "| --- | ---: | --- | ---: | --- |"]
         for label, path in paths.items():
@@ -114,17 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "'Emulated on AVX2': `graphopt.saturation_check.emulate` (checked against onnxruntime under "
             "`qemu-x86_64 -cpu Haswell`: digits ORT U8S8 98.33% both, graphopt vnni 98.06% both, portable 99.72% "
             "both). Command: `python bench/int8_cpus.py --models " + " ".join(ALL) + "`."]
-    out = Path(args.out)
-    kept = _sections(out.read_text()) if out.exists() else {}
-    for name in args.models:
-        try:
-            kept[name] = "\n".join(run_model(name, args.repeats, args.min_time)).strip("\n")
-        except Exception as err:  # noqa: BLE001
-            traceback.print_exc()
-            kept[name] = f"### {name}\n\nbenchmark failed: {_first_line(err)}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        order = [m for m in ALL if m in kept] + [m for m in kept if m not in ALL]
-        out.write_text("\n".join(head) + "\n\n" + "\n\n".join(kept[m] for m in order) + "\n")
+    write_sections(Path(args.out), head, args.models, ALL, lambda name: "\n".join(run_model(name, args.repeats, args.min_time)))
     return 0
 
 

@@ -38,7 +38,7 @@ RESULTS = ROOT / "bench" / "results"
 RECIPE = "fold_batchnorm; fuse; quantize"
 
 
-class _Reader:
+class CalibReader:
     """onnxruntime's CalibrationDataReader over a list of feeds."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
@@ -54,7 +54,7 @@ class _Reader:
         self.i = 0
 
 
-def _first_line(err: BaseException) -> str:
+def first_line_of(err: BaseException) -> str:
     return first_line(err, limit=160)
 
 
@@ -69,7 +69,7 @@ def ort_variants(src: Path, calib: list[dict], tmp: Path) -> dict[str, tuple[Pat
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
     except Exception as err:  # noqa: BLE001 - reported as a row
-        pre_err = _first_line(err)
+        pre_err = first_line_of(err)
         pre = src
         print(f"  quant_pre_process failed ({pre_err}); using the original", file=sys.stderr)
     pre_s = time.perf_counter() - start
@@ -77,13 +77,13 @@ def ort_variants(src: Path, calib: list[dict], tmp: Path) -> dict[str, tuple[Pat
         dest = tmp / f"{label.replace(' ', '_')}.onnx"
         start = time.perf_counter()
         try:
-            quantize_static(str(pre), str(dest), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(str(pre), str(dest), CalibReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=act, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
             make_session(str(dest))
             out[label] = (dest, pre_s + time.perf_counter() - start, "")
         except Exception as err:  # noqa: BLE001
-            out[label] = (None, pre_s + time.perf_counter() - start, _first_line(err))
+            out[label] = (None, pre_s + time.perf_counter() - start, first_line_of(err))
     dest = tmp / "ort_dynamic.onnx"
     start = time.perf_counter()
     try:
@@ -91,7 +91,7 @@ def ort_variants(src: Path, calib: list[dict], tmp: Path) -> dict[str, tuple[Pat
         make_session(str(dest))
         out["ort dynamic"] = (dest, pre_s + time.perf_counter() - start, "")
     except Exception as err:  # noqa: BLE001
-        out["ort dynamic"] = (None, pre_s + time.perf_counter() - start, _first_line(err))
+        out["ort dynamic"] = (None, pre_s + time.perf_counter() - start, first_line_of(err))
     return out
 
 
@@ -175,7 +175,7 @@ def setup(name: str, tmp: Path) -> dict[str, Any]:
                 optimize=dict(calib=cal, data=ev, metric="snr", min_snr=15.0), passes_opts="min_snr_db=15")
 
 
-def _bench(paths: list[str], labels: list[str], feeds: list[dict], repeats: int, min_time_s: float
+def rotated_bench(paths: list[str], labels: list[str], feeds: list[dict], repeats: int, min_time_s: float
            ) -> dict[str, bench.BenchRow]:
     """bench.benchmark once per rotation of the variants after float (paths[0]), forward and reversed: a model's
     time depends on which model ran just before it (measured on digits: the same int8 model is 3% faster after
@@ -224,10 +224,10 @@ def run_model(name: str, repeats: int, lines: list[str], min_time_s: float = 5.0
             variants["graphopt"] = (out, time.perf_counter() - start, "")
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()
-            variants["graphopt"] = (None, time.perf_counter() - start, _first_line(err))
+            variants["graphopt"] = (None, time.perf_counter() - start, first_line_of(err))
         variants.update(ort_variants(src, cfg["calib"], tmp))
         ok = {k: v for k, v in variants.items() if v[0] is not None}
-        timing = _bench([str(v[0]) for v in ok.values()], list(ok), cfg["bench"], repeats, min_time_s)
+        timing = rotated_bench([str(v[0]) for v in ok.values()], list(ok), cfg["bench"], repeats, min_time_s)
         lines.append(f"\n### {name}\n")
         if note:
             lines.append(f"graphopt: {note}\n")
@@ -241,7 +241,7 @@ def run_model(name: str, repeats: int, lines: list[str], min_time_s: float = 5.0
                 qual = cfg["quality"](path, src)
                 qtext = ", ".join(f"{k} {v:.3f}" if k != "SNR dB" else f"{k} {v:.1f}" for k, v in qual.items())
             except Exception as err:  # noqa: BLE001
-                qtext = f"failed: {_first_line(err)}"
+                qtext = f"failed: {first_line_of(err)}"
             r = timing[label]
             lines.append(f"| {label} | {r.median_ms:.2f} | {r.ratio:.2f}x | {formatting.human(r.file_bytes, 'B')} | "
                          f"{qtext} | {secs:.1f} |")
@@ -272,23 +272,36 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.min_time:g}` (each model's "
              "section is rewritten when that model is run). Float latencies differ between sections: the machine "
              "was shared with other jobs; compare ratios, which are interleaved within a section."]
-    out = Path(args.out)
-    kept = _sections(out.read_text()) if out.exists() else {}
-    for name in [m for arg in args.models for m in arg.split(",") if m.strip()]:
+    def one(name: str) -> str:  # a failure keeps the lines the model wrote before it
         section: list[str] = []
         try:
-            run_model(name.strip(), args.repeats, section, args.min_time)
+            run_model(name, args.repeats, section, args.min_time)
         except Exception as err:  # noqa: BLE001
             traceback.print_exc()
-            section.append(f"\n### {name}\n\nbenchmark failed: {_first_line(err)}")
-        kept[name.strip()] = "\n".join(section).strip("\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        order = [m for m in ALL if m in kept] + [m for m in kept if m not in ALL]
-        out.write_text("\n".join(lines) + "\n\n" + "\n\n".join(kept[m] for m in order) + "\n")
+            section.append(f"\n### {name}\n\nbenchmark failed: {first_line_of(err)}")
+        return "\n".join(section)
+
+    write_sections(Path(args.out), lines, [m.strip() for arg in args.models for m in arg.split(",") if m.strip()],
+                   ALL, one)
     return 0
 
 
 ALL = ("digits", "resnet50", "vgg19", "rec", "cls", "det")
+
+
+def write_sections(out: Path, head: list[str], names: list[str], known: tuple[str, ...], run) -> None:
+    """Run each model's section (``run(name)`` → Markdown) and rewrite ``out`` after each, keeping the sections
+    of models not run this time; a model that fails becomes a one-line section, the others still run."""
+    kept = _sections(out.read_text()) if out.exists() else {}
+    for name in names:
+        try:
+            kept[name] = run(name).strip("\n")
+        except Exception as err:  # noqa: BLE001 - one model failing is a row, the others still run
+            traceback.print_exc()
+            kept[name] = f"### {name}\n\nbenchmark failed: {first_line_of(err)}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        order = [m for m in known if m in kept] + [m for m in kept if m not in known]
+        out.write_text("\n".join(head) + "\n\n" + "\n\n".join(kept[m] for m in order) + "\n")
 
 
 def _sections(text: str) -> dict[str, str]:
