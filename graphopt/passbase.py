@@ -40,8 +40,9 @@ class PassContext:
     target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
     latency: LatencyProbe | None = None  # times rewrites a pass chooses between (None: timing is off)
     # Evaluators against the teacher, by how many calibration samples they read (None: all); the teacher is
-    # fixed for a context, so they are built once per pass.
-    _evaluators: dict[int | None, Evaluator] = dataclasses.field(default_factory=dict, repr=False)
+    # fixed for a context, so they are built once per pass. Not an init field: dataclasses.replace() with
+    # another teacher or calib gets an empty cache of its own.
+    _evaluators: dict[int | None, Evaluator] = dataclasses.field(default_factory=dict, repr=False, init=False)
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None or self.calib.synthetic:

@@ -122,7 +122,8 @@ class Pipeline:
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
                               max_drop=budget, progress=self.run.progress,
                               target=cpu.resolve_target(self.run.target_cpu),
-                              latency=None if self._checkpoints.on_disk else self.probe)
+                              # heavy models are timed only at the end: two sessions would not fit
+                              latency=None if self._checkpoints.on_disk or is_heavy(self.model) else self.probe)
         start = time.perf_counter()
         try:
             instance = step.pass_cls(step.options, context)

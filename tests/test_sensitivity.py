@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -147,6 +148,14 @@ def test_reference_is_computed_once_per_context(monkeypatch):
     assert len(made) == 1
     measure(ctx, two_branch(), [zero("WA")], max_samples=8)  # other data: a new reference
     assert len(made) == 2
+
+
+def test_a_replaced_context_builds_its_own_evaluators():
+    ctx = context()
+    full = ctx.calib_evaluator()
+    smaller = dataclasses.replace(ctx, calib=ctx.calib.head(8))
+    assert sum(len(next(iter(f.values()))) for f in smaller.calib_evaluator().feeds) == 8
+    assert ctx.calib_evaluator() is full  # the original context keeps its own
 
 
 def test_max_samples_caps_the_data():
