@@ -39,7 +39,7 @@ def zoo(names: list[str]) -> str:
     rows = []
     for name in names:
         model = modelio.load_model(build_light(name))
-        _, groups = analyze(model, costs.infer_shapes(model))
+        _, groups = analyze(model, costs.value_dims(model))
         ok = [g for g in groups if g.prunable]
         before = costs.count_macs(model)
         start = time.perf_counter()

@@ -28,7 +28,7 @@ __all__ = [
     "LayerCost",
     "count_macs",
     "count_params",
-    "infer_shapes",
+    "value_dims",
     "layer_costs",
     "stored_tensors",
 ]
@@ -36,7 +36,7 @@ __all__ = [
 # Initializers up to this many bytes are copied into the inference proto (shape constants, scales, biases).
 INLINE_BYTES = 64 * 1024
 _STUB_LOCATION = "__graphopt_no_data__"
-# Below this default-domain opset, shapes are also inferred on a copy converted to it (see infer_shapes).
+# Below this default-domain opset, shapes are also inferred on a copy converted to it (see value_dims).
 DATA_PROP_OPSET = 14
 
 Dims = tuple[int | None, ...]
@@ -217,7 +217,7 @@ def _weightless_model(model: ir.Model, input_shapes: dict[str, tuple[int, ...]])
     return proto
 
 
-def infer_shapes(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Dims]:
+def value_dims(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Dims]:
     """Value name -> inferred dims (None for an unknown dim), batch fixed to 1 unless given."""
     input_shapes = dict(input_shapes or {})
     known = {v.name for v in model.graph.inputs}
@@ -341,7 +341,7 @@ def _k_dim(node: ir.Node, a: Dims | None, b: Dims | None) -> int | None:
 
 def layer_costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> list[LayerCost]:
     """MACs and weight elements of each Conv/ConvTranspose/Gemm/MatMul-like node, If/Loop bodies included."""
-    shapes = infer_shapes(model, input_shapes)
+    shapes = value_dims(model, input_shapes)
     memo: dict[int, bool] = {}
     costs = []
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -36,6 +36,7 @@ class PassContext:
     score_output: str | None = None
     map_threshold: float = 0.5  # agreement on a one-channel score map (metrics.MAP_THRESHOLD)
     max_drop: float | None = None  # the budget this pass aims for (its own option, else the run's)
+    min_snr: float | None = None  # the worst-channel SNR floor (dB) the gate holds, when it has one
     progress: bool = False
     target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
     latency: LatencyProbe | None = None  # times rewrites a pass chooses between (None: timing is off)

@@ -111,6 +111,8 @@ class Pipeline:
                     teacher = self.model.clone()  # the original as later passes see models; tensors are shared
             model, self.model = _in_memory(self.model), None
         report.final = self.current.to_dict()
+        if self.gate.metric != "snr":
+            report.final_stressed_drop = self.current.drop(self.gate.metric, stressed=True)
         report.passed = self.gate.failure(self.current, self.gate.max_drop) is None
         return model
 
@@ -120,7 +122,7 @@ class Pipeline:
         budget = step.options.max_drop if step.options.max_drop is not None else self.gate.max_drop
         context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
-                              max_drop=budget, progress=self.run.progress,
+                              max_drop=budget, min_snr=self.gate.min_snr, progress=self.run.progress,
                               target=cpu.resolve_target(self.run.target_cpu),
                               # heavy models are timed only at the end: two sessions would not fit
                               latency=None if self._checkpoints.on_disk or is_heavy(self.model) else self.probe)

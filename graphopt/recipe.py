@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from graphopt.cpu import TARGETS
 from graphopt.errors import RecipeError
 from graphopt.options import build_options
 
@@ -113,8 +114,6 @@ def target_of(obj: Any) -> str | None:
     """The recipe's ``target_cpu`` (YAML/JSON mapping spelling), validated; None when it names none."""
     if not isinstance(obj, dict) or obj.get("target_cpu") is None:
         return None
-    from graphopt.cpu import TARGETS
-
     target = str(obj["target_cpu"]).strip().lower()
     if target not in TARGETS:
         raise RecipeError(f"recipe: target_cpu {obj['target_cpu']!r}: expected one of {', '.join(TARGETS)}")

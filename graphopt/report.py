@@ -42,6 +42,9 @@ class Report:
     passes: list[PassRow]
     passed: bool = False  # the final model meets the overall gate
     final: dict[str, Any] | None = None
+    # the final drop with the output error metrics.STRESS times larger (None for the snr gate): how far from
+    # the budget's edge the result sits (graphopt auto accepts only candidates whose stressed drop holds)
+    final_stressed_drop: float | None = None
     machine: str = ""  # names the host's int8 kernels: the latencies hold for those
     target_cpu: str = ""  # the CPU the model was built for (graphopt.cpu.Target.describe)
 

@@ -8,12 +8,14 @@ compressed, not float, shared with another node, too small) is said in ``notes``
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.errors import GraphoptError
 from graphopt.graphs import all_nodes
-from graphopt.weights import constant_array, encoding_of, owned_initializer, weight_layout
+from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, weight_layout
 
 FLOATS = (np.float16, np.float32, np.float64)
 
@@ -69,3 +71,29 @@ def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], mi
     if skipped_small:
         notes.append(f"{skipped_small} layer(s) below min_size elements left as they are")
     return targets
+
+
+def per_target(mapping: dict[str, Any], targets: list[Target], notes: list[str]) -> dict[str, Any]:
+    """layer → value from a user mapping keyed by node or weight name ('*' for the rest); a name that matches no
+    target is said in ``notes``."""
+    unknown = set(mapping) - {"*"} - {t.layer for t in targets} - {t.value.name for t in targets}
+    if unknown:
+        notes.append(f"no layer of that name: {', '.join(sorted(unknown))}")
+    chosen = {t.layer: mapping.get(t.layer, mapping.get(t.value.name, mapping.get("*"))) for t in targets}
+    return {layer: v for layer, v in chosen.items() if v is not None}
+
+
+def weight_editor(target: Target, new_weight: Callable[[np.ndarray], np.ndarray],
+                  what: str) -> Callable[[ir.Model], None]:
+    """An edit of a clone (for sensitivity and budget checks): the clone's copy of ``target``'s weight gets a new
+    tensor ``new_weight(old array)`` (never written in place: clones share tensors with the model)."""
+    layer, index = target.layer, target.index
+
+    def apply(clone: ir.Model) -> None:
+        for node in all_nodes(clone):
+            value = node.inputs[index] if len(node.inputs) > index else None
+            if value is not None and (node.name or value.name or "") == layer:
+                replace_initializer(value, new_weight(constant_array(value)))
+                return
+        raise GraphoptError(f"{what}: layer {layer!r} not found in the copy")
+    return apply

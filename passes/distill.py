@@ -30,10 +30,13 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.capture import layer_moments
+from graphopt.costs import value_dims
 from graphopt.errors import DataError, GraphoptError
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
+from graphopt.refit import refit_layer
 from graphopt.graphs import all_nodes, is_default_domain
 from graphopt.weights import encoding_of, is_constant
 
@@ -142,10 +145,8 @@ class _Teacher:
         if value is not None and value.shape is not None and len(value.shape) > 0:
             return tuple(d if isinstance(d, int) else None for d in value.shape)
         if self._inferred is None:
-            from graphopt.costs import infer_shapes
-
             try:
-                self._inferred = infer_shapes(self.model)
+                self._inferred = value_dims(self.model)
             except Exception:  # noqa: BLE001 - shapes are a check here; the capture still verifies them
                 self._inferred = {}
         dims = self._inferred.get(name)
@@ -251,8 +252,6 @@ class Distill(GraphoptPass):
         return picked
 
     def _refit(self, layer: LinearLayer, moments, target: str) -> dict:
-        from graphopt.refit import refit_layer
-
         w = layer.matrix()
         zeros = int(np.count_nonzero(w == 0))
         fit = refit_layer(layer, moments, lam=self.options.ridge, mask=(w != 0) if zeros else None)
@@ -265,8 +264,6 @@ class Distill(GraphoptPass):
 
 def layer_moments_for(pass_: Distill, model: ir.Model, layers: list[LinearLayer], calib, targets: dict[str, str],
                       teacher: ir.Model):
-    from graphopt.capture import layer_moments
-
     return layer_moments(model, layers, calib, targets={layer.name: targets[layer.name] for layer in layers},
                          target_model=teacher, threads=pass_.context.threads, max_samples=pass_.options.max_samples,
                          progress=pass_.context.progress)

@@ -29,12 +29,13 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.capture import layer_moments
 from graphopt.errors import DataError
-from graphopt.graphs import infer_shapes, is_default_domain
+from graphopt.graphs import all_graphs, attr as _attr, infer_shapes, is_default_domain
 from graphopt.linear import LinearLayer, as_linear
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.graphs import all_graphs, attr as _attr
+from graphopt.refit import refit_layer
 from graphopt.weights import constant_array, encoding_of, set_initializer
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16)
@@ -364,9 +365,6 @@ class Gap(GraphoptPass):
 
     def _refit(self, model: ir.Model, gemm: ir.Node, target: str, teacher: ir.Model, row: dict,
                notes: list[str]) -> None:
-        from graphopt.capture import layer_moments
-        from graphopt.refit import refit_layer
-
         layer = as_linear(gemm)
         if layer is None:
             return

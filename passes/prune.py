@@ -16,15 +16,13 @@ from typing import Callable, Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError
-from graphopt.graphs import all_nodes
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.sensitivity import Candidate, measure, row_loss
+from graphopt.sensitivity import Candidate, Ladder, measure, row_loss, seek_budget
 from graphopt.sensitivity import allocate as allocate_steps
-from graphopt.weight_targets import Target, find_targets
-from graphopt.weights import constant_array, replace_initializer
+from graphopt.weight_targets import Target, find_targets, per_target, weight_editor
+from graphopt.weights import replace_initializer
 
 SENSITIVITY_LEVELS = [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]
 
@@ -147,13 +145,16 @@ class Prune(GraphoptPass):
 
     @classmethod
     def needs_data(cls, options) -> str | None:
+        if options.sparsity == "auto":
+            return "sparsity=auto measures each layer's levels on data"
         return "sensitivity measures each layer's damage on data" if options.sensitivity else None
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
-        sparsity: float | dict[str, float] = option(
+        sparsity: float | dict[str, float] | Literal["auto"] = option(
             0.5, "fraction of weights set to zero: one value, or a mapping layer (node or weight name) → "
-            "sparsity ('*' for the rest)", low=0.0, high=1.0, high_open=True)
+            "sparsity ('*' for the rest), or auto: each layer's sparsity (from levels) chosen inside max_drop "
+            "(needs --calib)", low=0.0, high=1.0, high_open=True)
         scope: Literal["layer", "global"] = option(
             "layer", "layer: each layer loses the same fraction; global: one threshold over |w|/rms(layer)",
             choices=("layer", "global"))
@@ -163,34 +164,32 @@ class Prune(GraphoptPass):
         skip_nodes: list[str] = option([], "node or weight names never pruned")
         skip_ops: list[str] = option([], "op types never pruned (Conv, ConvTranspose, Gemm, MatMul)")
         min_size: int = option(1024, "layers with fewer weight elements are left dense", low=0)
-        levels: list[float] = option(SENSITIVITY_LEVELS, "sparsities measured per layer with sensitivity=true",
+        levels: list[float] = option(SENSITIVITY_LEVELS, "sparsities measured per layer with sensitivity=true or sparsity=auto",
                                      low=0.0, high=1.0, low_open=True, high_open=True)
         max_samples: int = option(64, "calibration samples per sensitivity measurement", low=1)
         time_budget: float = option(120.0, "seconds for the sensitivity measurements", low=0.0, low_open=True)
 
         def check(self) -> None:
-            if isinstance(self.sparsity, dict) and (self.scope == "global" or self.sensitivity):
-                raise ValueError("scope=global and sensitivity=true take one sparsity value, not a mapping")
+            if not isinstance(self.sparsity, float) and (self.scope == "global" or self.sensitivity):
+                raise ValueError("scope=global and sensitivity=true take one sparsity value, not a mapping or auto")
 
     def call(self, model: ir.Model) -> GraphoptResult:
         opts = self.options
         notes: list[str] = []
         targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, notes, "pruned")
         info: dict[str, dict] = {}
-        if isinstance(opts.sparsity, dict):
-            chosen = [opts.sparsity.get(t.layer, opts.sparsity.get(t.value.name, opts.sparsity.get("*")))
-                      for t in targets]
-            unknown = set(opts.sparsity) - {"*"} - {t.layer for t in targets} - {t.value.name for t in targets}
-            if unknown:
-                notes.append(f"sparsity names no prunable layer: {', '.join(sorted(unknown))}")
-            plan = [(t, s) for t, s in zip(targets, chosen) if s is not None]
+        if opts.sparsity == "auto":
+            plan = self._budget_plan(model, targets, notes)
+        elif isinstance(opts.sparsity, dict):
+            chosen = per_target(opts.sparsity, targets, notes)
+            plan = [(t, chosen[t.layer]) for t in targets if t.layer in chosen]
         elif opts.sensitivity:
             plan, info = self._sensitivity_plan(model, targets, float(opts.sparsity), notes)
         else:
             plan = [(t, float(opts.sparsity)) for t in targets]
 
         rows = []
-        if opts.scope == "global" and not opts.sensitivity and not isinstance(opts.sparsity, dict):
+        if opts.scope == "global" and not opts.sensitivity and isinstance(opts.sparsity, float):
             masks = global_masks([t.array for t in targets], float(opts.sparsity))
             plan = [(t, m) for t, m in zip(targets, masks)]
             del masks
@@ -220,20 +219,25 @@ class Prune(GraphoptPass):
             notes.append(f"{len(rows)} layer(s) pruned: {zeros / total:.1%} of their {total} weights are zero")
         return self.result(model, rows, notes)
 
+    def _measured_losses(self, model: ir.Model, targets: list[Target], levels: list[float],
+                         notes: list[str]) -> list[list[float]]:
+        """Per target, the measured loss (sensitivity.row_loss) of each level alone."""
+        self.context.require_calib(self.name)
+        candidates = [Candidate(f"{t.layer}@{s:g}", t.layer, s, _pruner(t, s)) for t in targets for s in levels]
+        if not candidates:
+            return []
+        table = measure(self.context, model, candidates, max_samples=self.options.max_samples,
+                        time_budget_s=self.options.time_budget)
+        notes.extend(f"sensitivity: {note}" for note in table.notes)
+        rows = {row.key: row for row in table}
+        return [[row_loss(rows.get(f"{t.layer}@{s:g}")) for s in levels] for t in targets]
+
     def _sensitivity_plan(self, model: ir.Model, targets: list[Target], sparsity: float,
                           notes: list[str]) -> tuple[list[tuple[Target, float]], dict[str, dict]]:
-        opts = self.options
-        self.context.require_calib(self.name)
-        levels = sorted(set(opts.levels))
-        candidates = [Candidate(key=f"{t.layer}@{s:g}", layer=t.layer, setting=s, apply=_pruner(t.layer, t.index, s))
-                      for t in targets for s in levels]
-        if not candidates:
+        levels = sorted(set(self.options.levels))
+        losses = self._measured_losses(model, targets, levels, notes)
+        if not losses:
             return [], {}
-        measured = measure(self.context, model, candidates, max_samples=opts.max_samples,
-                           time_budget_s=opts.time_budget)
-        notes.extend(f"sensitivity: {note}" for note in getattr(measured, "notes", []))
-        by_key = {row.key: row for row in measured}
-        losses = [[row_loss(by_key.get(f"{t.layer}@{s:g}")) for s in levels] for t in targets]
         chosen = allocate([t.array.size for t in targets], losses, levels, sparsity)
         reached = sum(s * t.array.size for t, s in zip(targets, chosen)) / max(1, sum(t.array.size for t in targets))
         if reached < sparsity - 1e-6:
@@ -246,13 +250,20 @@ class Prune(GraphoptPass):
                              else float(f"{row[near]:.4g}")}
         return [(t, s) for t, s in zip(targets, chosen)], info
 
+    def _budget_plan(self, model: ir.Model, targets: list[Target], notes: list[str]) -> list[tuple[Target, float]]:
+        """Each layer's sparsity from ``levels``: the most the run's budget allows (sensitivity.seek_budget)."""
+        levels = sorted(set(self.options.levels))
+        losses = self._measured_losses(model, targets, levels, notes)
+        if not losses:
+            return []
+        ladders = [Ladder(t.layer, tuple(levels), tuple(t.array.nbytes * s for s in levels), tuple(row))
+                   for t, row in zip(targets, losses)]
+        by_layer = {t.layer: t for t in targets}
+        picked, more = seek_budget(self.context, model, ladders, lambda layer, s: _pruner(by_layer[layer], s),
+                                   max_samples=self.options.max_samples)
+        notes.extend(more)
+        return [(t, picked[t.layer]) for t in targets if t.layer in picked]
 
-def _pruner(layer: str, index: int, sparsity: float):
-    def apply(clone: ir.Model) -> None:
-        for node in all_nodes(clone):
-            if (node.name or "") == layer:
-                value = node.inputs[index]
-                replace_initializer(value, prune_array(constant_array(value), sparsity))
-                return
-        raise GraphoptError(f"pass 'prune': layer {layer!r} not found in the sensitivity copy")
-    return apply
+
+def _pruner(target: Target, sparsity: float):
+    return weight_editor(target, lambda w: prune_array(w, sparsity), "pass 'prune'")

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from graphopt import modelio
-from graphopt.costs import infer_shapes
+from graphopt.costs import value_dims
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.channels import analyze
 from graphopt.runtime import ModelLike, make_session
@@ -194,7 +194,7 @@ def shufflenet_unit(g: int = 4, mid: int = 40, bias: bool = True) -> tuple[ir.Mo
 
 def group_of(model: ir.Model, producer: str):
     """The channel-pruning dependency group whose producers include the node ``producer``."""
-    _, groups = analyze(model, infer_shapes(model))
+    _, groups = analyze(model, value_dims(model))
     return next(g for g in groups if producer in [p.name for p in g.producers])
 
 

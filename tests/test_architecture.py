@@ -1,5 +1,6 @@
 """The rules ARCHITECTURE.md states, checked on the code: no import cycles (module- or function-level), no
-`_private` name imported across modules, the core never imports a pass, and its "adding a pass" example runs."""
+lazy import of our own code outside the entry points, no `_private` name imported across modules, the core never
+imports a pass, and its "adding a pass" example runs."""
 
 from __future__ import annotations
 
@@ -113,6 +114,26 @@ def test_the_core_reaches_passes_only_through_the_registry():
              for m, _ in deps if m.startswith("graphopt.passes") and not (name == "graphopt.recipe"
                                                                          and m == "graphopt.passes")]
     assert reach == []
+
+
+# Entry points load the heavy parts on use (``import graphopt`` stays fast); the registry is the core's one
+# door to the passes. Anywhere else a function-level import of our own code would be hiding a cycle.
+LAZY_ALLOWED = {"graphopt", "graphopt.cli", "graphopt.recipe"}
+
+
+def test_function_level_imports_only_at_the_entry_points():
+    lazy = []
+    for name, path in MODULES.items():
+        if name in LAZY_ALLOWED:
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("graphopt")):
+                        lazy.append(f"{name}.{fn.name} imports {node.module}")
+                    elif isinstance(node, ast.Import) and any(a.name.startswith("graphopt") for a in node.names):
+                        lazy.append(f"{name}.{fn.name} imports {node.names[0].name}")
+    assert lazy == []
 
 
 def test_adding_a_pass_as_architecture_shows(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def test_a_study_resumes(tmp_path):
 def test_recipes_of_the_space():
     assert space.recipe(space.original("size"), "size", 0.01) == "fold_batchnorm; fuse"
     assert space.recipe(space.original("latency"), "latency", 0.01) == "fold_batchnorm; fuse"
-    choices = {"prune": 0.5, "kmeans_bits": 4, "kmeans_data_aware": True, "quantize": True}
+    choices = {"prune": "0.5", "kmeans_bits": "4", "kmeans_data_aware": True, "quantize": True}
     assert space.recipe(choices, "size", 0.02) == (
         "fold_batchnorm; fuse; prune:sparsity=0.5,scope=global,max_drop=0.02; "
         "kmeans:bits=4,data_aware=true,max_drop=0.02; quantize:target=size,max_drop=0.02")

@@ -21,14 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
 from graphopt import bench, data as datamod, modelio
 from graphopt.auto import space
 from graphopt.errors import GraphoptError, first_line
+from graphopt.formatting import json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import Evaluator
+from graphopt.metrics import STRESS, Evaluator
 from graphopt.pipeline import RunOptions, machine_line, optimize
 from graphopt.recipe import parse_text
 from graphopt.verify import Gate
@@ -75,8 +77,6 @@ class AutoResult:
     machine: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        from graphopt.formatting import json_safe
-
         return json_safe(dataclasses.asdict(self))
 
 
@@ -95,12 +95,16 @@ def _run_candidate(model: Path, folder: Path, number: int, rec: str, search: Any
     try:
         report = optimize(str(model), out, passes=rec, calib=search, data=search, max_drop=max_drop, metric=metric,
                           run=RunOptions(threads=threads, latency=objective == "latency", progress=False))
-        cand.search = report.final if report.passed else None
+        stressed = report.final_stressed_drop
+        steady = stressed is None or stressed <= max_drop + 1e-9
+        cand.search = report.final if report.passed and steady else None
         cand.lzma_bytes = bench.file_sizes(out)[1]
         kept = [r for r in report.passes if r.latency_ratio is not None]
         cand.latency_ratio = kept[-1].latency_ratio if kept else None
         if not report.passed:
             cand.error = "outside the budget on the search samples"
+        elif not steady:
+            cand.error = f"at the budget's edge: drop {stressed:.4f} with the output error x{STRESS:g}"
     except GraphoptError:
         raise
     except Exception as err:  # noqa: BLE001 - a candidate that breaks is a row, the search goes on
@@ -200,8 +204,6 @@ def _write(pick: Path, output: Path) -> None:
 
 def _save_samples(dataset: Any, path: Path) -> None:
     """The search samples as one .npz (inputs by name, ``labels``), when their feeds stack."""
-    import numpy as np
-
     try:
         arrays = datamod.concat_feeds(dataset.feeds)
     except ValueError:  # feeds of different shapes (a folder of feeds): nothing to stack

@@ -1,9 +1,11 @@
 """The recipes `graphopt auto` searches: one Optuna trial's choices → a recipe string.
 
 Each objective searches the families that serve it, in the order they compose (prune before weight sharing,
-sharing before int8: later passes skip the compressed forms earlier ones leave). Every pass carries the run's
-``max_drop``, so a too-aggressive setting is rolled back by the pipeline and the candidate stays inside the
-budget on the search samples.
+sharing before int8: later passes skip the compressed forms earlier ones leave). Every pass carries a budget,
+so a too-aggressive setting is rolled back by the pipeline and the candidate stays inside the budget on the
+search samples. ``auto`` settings are budget-seeking: the pass measures each layer's sensitivity and takes the
+most compression its budget allows (per-layer sparsities, per-layer bit widths); what Optuna searches is how
+the run's budget is shared between the passes and the knobs the allocation leaves open.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Protocol
 
 EXACT = ["fold_batchnorm", "fuse"]  # always: free wins, and the original's exact form
 OBJECTIVES = ("size", "latency")
+SHARES = [0.25, 0.5, 1.0]  # the part of the run's budget a first budget-seeking pass may spend
+CHECK_SAMPLES = 512  # budget-seeking passes judge on up to this many search samples (all, usually)
 
 
 class Suggest(Protocol):
@@ -21,17 +25,19 @@ class Suggest(Protocol):
 def original(objective: str) -> dict[str, Any]:
     """The choices that give the original model back (exact passes only): always the first candidate."""
     if objective == "size":
-        return {"prune": 0.0, "kmeans_bits": 0, "quantize": False}
+        return {"prune": "none", "kmeans_bits": "none", "quantize": False}
     return {"quantize": False, "lowrank_macs": 1.0, "channel_ratio": 0.0}
 
 
 def suggest(trial: Suggest, objective: str) -> dict[str, Any]:
     """The knobs of one candidate."""
     if objective == "size":
-        choices = {"prune": trial.suggest_categorical("prune", [0.0, 0.3, 0.5, 0.7, 0.8]),
-                   "kmeans_bits": trial.suggest_categorical("kmeans_bits", [0, 8, 6, 5, 4, 3]),
+        choices = {"prune": trial.suggest_categorical("prune", ["none", "auto", "0.5", "0.7"]),
+                   "kmeans_bits": trial.suggest_categorical("kmeans_bits", ["none", "auto", "8", "6", "4", "3"]),
                    "quantize": trial.suggest_categorical("quantize", [False, True])}
-        if choices["kmeans_bits"]:
+        if choices["prune"] == "auto":
+            choices["prune_share"] = trial.suggest_categorical("prune_share", SHARES)
+        if choices["kmeans_bits"] != "none":
             choices["kmeans_data_aware"] = trial.suggest_categorical("kmeans_data_aware", [False, True])
         return choices
     return {"quantize": trial.suggest_categorical("quantize", [False, True]),
@@ -44,11 +50,16 @@ def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
     steps = list(EXACT)
     budget = f"max_drop={max_drop:g}"
     if objective == "size":
-        if choices.get("prune"):
-            steps.append(f"prune:sparsity={choices['prune']:g},scope=global,{budget}")
-        if choices.get("kmeans_bits"):
+        prune, bits = str(choices.get("prune", "none")), str(choices.get("kmeans_bits", "none"))
+        if prune == "auto":
+            share = f"max_drop={max_drop * choices.get('prune_share', 1.0):g}"
+            steps.append(f"prune:sparsity=auto,max_samples={CHECK_SAMPLES},{share}")
+        elif prune != "none":
+            steps.append(f"prune:sparsity={prune},scope=global,{budget}")
+        if bits != "none":
             aware = ",data_aware=true" if choices.get("kmeans_data_aware") else ""
-            steps.append(f"kmeans:bits={choices['kmeans_bits']}{aware},{budget}")
+            seek = f",max_samples={CHECK_SAMPLES}" if bits == "auto" else ""
+            steps.append(f"kmeans:bits={bits}{aware}{seek},{budget}")
         if choices.get("quantize"):
             steps.append(f"quantize:target=size,{budget}")
         return "; ".join(steps)

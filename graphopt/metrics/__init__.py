@@ -7,7 +7,8 @@ Comparison of two models on a Dataset, and the Evaluator that caches the origina
 from __future__ import annotations
 
 from graphopt.metrics.channels import SNR_CAP, OutputMetrics, cosine, snr_db
-from graphopt.metrics.compare import MAP_THRESHOLD, METRICS, Accumulator, Comparison, Evaluator, compare, split_labels
+from graphopt.metrics.compare import (MAP_THRESHOLD, METRICS, STRESS, Accumulator, Comparison, Evaluator, compare,
+                                      split_labels)
 
-__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "compare",
+__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "STRESS", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "compare",
            "cosine", "snr_db", "split_labels"]

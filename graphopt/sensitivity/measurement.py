@@ -68,6 +68,7 @@ class SensitivityRow:
     error: str | None = None
     metric: str = "agreement"  # the metric actually used (accuracy falls back to agreement without labels)
     samples: int = 0
+    stressed_drop: float | None = None  # the drop with the output error metrics.STRESS times larger
 
     @property
     def measured(self) -> bool:
@@ -80,6 +81,7 @@ class SensitivityRow:
             "drop": json_safe(self.drop), "worst_snr_db": json_safe(self.worst_snr_db),
             "value": json_safe(self.value), "seconds": round(self.seconds, 4), "status": self.status,
             "error": self.error, "metric": self.metric, "samples": self.samples,
+            "stressed_drop": json_safe(self.stressed_drop),
         }
 
 
@@ -152,7 +154,7 @@ def _row(evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn], 
         return SensitivityRow(key, layer, setting, None, SNR_FLOOR, None, time.perf_counter() - start,
                               ERROR, f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": "), metric)
     return SensitivityRow(key, layer, setting, cmp.drop(metric), cmp.worst_snr_db, cmp.value(metric),
-                          time.perf_counter() - start, OK, None, metric, cmp.samples)
+                          time.perf_counter() - start, OK, None, metric, cmp.samples, cmp.drop(metric, stressed=True))
 
 
 def _prepare(model: ir.Model, group: Sequence[Candidate], evaluator: metrics.Evaluator,
@@ -191,7 +193,7 @@ def _suffix_row(evaluator: metrics.Evaluator, cache: Any, prepared: Any, metric:
     except Exception:  # a suffix onnxruntime refuses: measure the whole clone instead (errors reported there)
         return _row(evaluator, model, [c.apply], metric, c.key, c.layer, c.setting)
     return SensitivityRow(c.key, c.layer, c.setting, cmp.drop(metric), cmp.worst_snr_db, cmp.value(metric),
-                          time.perf_counter() - start, OK, None, metric, cmp.samples)
+                          time.perf_counter() - start, OK, None, metric, cmp.samples, cmp.drop(metric, stressed=True))
 
 
 def _skipped(c: Candidate, metric: str) -> SensitivityRow:

@@ -27,7 +27,7 @@ from graphopt.passes.channels.units import build_groups
 
 
 def analyze(model: ir.Model, shapes: dict[str, tuple]) -> tuple[Analysis, list[Group]]:
-    """Dependency groups of the main graph (``shapes``: inferred value dims, as graphopt.costs.infer_shapes);
+    """Dependency groups of the main graph (``shapes``: inferred value dims, as graphopt.costs.value_dims);
     the Analysis also holds the nodes whose attributes follow the pruning (``fixups``)."""
     analysis = Analysis(model, shapes)
     graph = model.graph

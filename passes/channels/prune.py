@@ -134,7 +134,7 @@ class ChannelPrune(GraphoptPass):
         if crit.needs_data:
             data = self.context.require_calib(self.name)
         original = model.clone()
-        shapes = costs.infer_shapes(model)
+        shapes = costs.value_dims(model)
         analysis, groups = analyze(model, shapes)
         prunable = [g for g in groups if g.prunable and g.size > 1]
         if opts.skip_nodes:

@@ -20,9 +20,10 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.passes.kmeans.codebook import Codebook, codes_used, errors, quantize
-from graphopt.passes.kmeans.importance import importance_of, input_mean_squares
+from graphopt.passes.kmeans.codebook import Codebook, codes_used, errors
+from graphopt.passes.kmeans.importance import input_mean_squares
 from graphopt.passes.kmeans.kmeans1d import INITS
+from graphopt.passes.kmeans.widths import Books, widths
 from graphopt.proto_handoff import ensure_opset
 from graphopt.weight_targets import Target, find_targets
 from graphopt.weights import set_initializer
@@ -39,11 +40,19 @@ class KMeans(GraphoptPass):
 
     @classmethod
     def needs_data(cls, options) -> str | None:
+        if options.bits == "auto":
+            return "bits=auto measures each layer's width on data"
         return "data_aware weighs each weight by its input's activations" if options.data_aware else None
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
-        bits: int = option(4, "index bits: 2^bits codes (1 = sign × per-channel scale)", low=1, high=8)
+        bits: int | dict[str, int] | Literal["auto"] = option(
+            4, "index bits: 2^bits codes (1 = sign × per-channel scale); a mapping layer (node or weight name) → "
+               "bits ('*' for the rest); or auto: each layer's width chosen inside max_drop (needs --calib)",
+            low=1, high=8)
+        levels: list[int] = option([8, 6, 5, 4, 3, 2, 1], "widths measured per layer with bits=auto", low=1, high=8)
+        time_budget: float = option(120.0, "seconds for the bits=auto sensitivity measurements", low=0.0,
+                                    low_open=True)
         init: Literal["linear", "density", "kmeans++"] = option(
             "linear", "centroid initialization: linear over [min, max], density (quantiles), kmeans++",
             choices=INITS)
@@ -54,16 +63,18 @@ class KMeans(GraphoptPass):
         skip_nodes: list[str] = option([], "node or weight names left alone")
         skip_ops: list[str] = option([], "op types left alone (Conv, ConvTranspose, Gemm, MatMul)")
         min_size: int = option(0, "layers with fewer weight elements are left alone", low=0)
-        max_samples: int = option(128, "calibration samples for data_aware", low=1)
+        max_samples: int = option(128, "calibration samples for data_aware and bits=auto", low=1)
         seed: int = option(0, "seed of kmeans++ initialization")
 
     def call(self, model: ir.Model) -> GraphoptResult:
         opts = self.options
         notes: list[str] = []
         targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, [], "shared")
+        energy = input_mean_squares(self.context, model, targets, opts.max_samples) if opts.data_aware else {}
+        books = Books(opts, energy)
+        chosen = widths(self.context, model, targets, books, notes)
         packed = False
-        if targets and opts.bits <= 4 and opts.uint4:
-
+        if opts.uint4 and any(b <= 4 for b in chosen.values()):
             try:  # the upgrade rebuilds the graph, so the targets are found again afterwards
                 raised = ensure_opset(model, UINT4_OPSET)
                 packed = True
@@ -72,15 +83,17 @@ class KMeans(GraphoptPass):
             except GraphoptError as err:
                 notes.append(f"UINT4 indices need opset {UINT4_OPSET} ({err}); uint8 indices used")
         targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, notes, "shared")
-        energy = input_mean_squares(self.context, model, targets, opts.max_samples) if opts.data_aware else {}
 
         rows = []
         for t in targets:
-            h = importance_of(t, energy[t.layer]) if t.layer in energy else None
-            if opts.data_aware and h is None:
+            bits = chosen.get(t.layer)
+            if bits is None:
+                continue
+            if opts.data_aware and t.layer not in energy:
                 notes.append(f"{t.layer}: input activation not captured; plain k-means used")
-            cb = quantize(t.array, opts.bits, opts.init, h, opts.per_channel or opts.bits == 1, t.out_axis, opts.seed)
-            index_bytes = (t.array.size + 1) // 2 if packed else t.array.size
+            cb, h = books.get(t, bits), books.importance(t)
+            uint4 = packed and bits <= 4
+            index_bytes = (t.array.size + 1) // 2 if uint4 else t.array.size
             new_bytes = index_bytes + cb.codebook.nbytes + (4 * cb.codebook.shape[0] if cb.per_channel else 0)
             if new_bytes >= t.array.nbytes:
                 notes.append(f"{t.layer}: a codebook would not be smaller ({new_bytes} vs {t.array.nbytes} bytes); "
@@ -88,13 +101,13 @@ class KMeans(GraphoptPass):
                 continue
             rel, weighted = errors(t.array, cb, h)
             row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(t.array.size),
-                   "bits": opts.bits, "codes_used": codes_used(cb.indices),
+                   "bits": bits, "codes_used": codes_used(cb.indices),
                    "codebook": list(cb.codebook.shape), "zero_code": cb.zero_code,
-                   "indices": "uint4" if packed else "uint8", "bytes_before": int(t.array.nbytes),
+                   "indices": "uint4" if uint4 else "uint8", "bytes_before": int(t.array.nbytes),
                    "bytes_after": int(new_bytes), "rel_error": round(rel, 5)}
             if weighted is not None:
                 row["weighted_rel_error"] = round(weighted, 5)
-            self._rewrite(t, cb, packed)
+            self._rewrite(t, cb, uint4)
             rows.append(row)
         if rows:
             before = sum(r["bytes_before"] for r in rows)

@@ -25,7 +25,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from graphopt.capture import layer_moments
-from graphopt.costs import infer_shapes
+from graphopt.costs import value_dims
 from graphopt.data import feed_shapes
 from graphopt.graphs import all_graphs, all_nodes
 from graphopt.linear import LinearLayer, as_linear
@@ -124,7 +124,7 @@ class LowRank(GraphoptPass):
         opts = self.options
         layers = self._layers(model, notes)
         try:
-            shapes = infer_shapes(model, feed_shapes(model, self.context.calib))
+            shapes = value_dims(model, feed_shapes(model, self.context.calib))
         except Exception as err:  # noqa: BLE001 - costs fall back to per-row counts
             shapes, _ = {}, notes.append(f"shape inference failed ({err}); MACs counted per output row")
         whiteners = self._whiteners(model, layers, notes) if opts.data_aware else {}

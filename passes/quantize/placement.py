@@ -32,7 +32,7 @@ from graphopt.passes.quantize.timing import (LayerTimer, LayerTiming, ModelTimer
 from graphopt.weights import constant_array
 
 __all__ = ["MARGIN", "BudgetResult", "Choice", "LayerTimer", "LayerTiming", "ModelTimer", "Placement",
-           "accuracy_budget", "boundary_price", "dedupe", "holds", "region_gain", "regions", "weight_anchors"]
+           "accuracy_budget", "boundary_price", "dedupe", "region_gain", "regions", "weight_anchors"]
 MARGIN = 0.97  # faster means at most 97% of the float time (timing noise on a busy machine is a few %)
 
 
@@ -101,17 +101,6 @@ class BudgetResult:
     notes: list[str] = field(default_factory=list)
 
 
-SNR_MARGIN_DB = 1.0  # calibration and evaluation data differ: aim 1 dB inside an snr budget
-
-
-def holds(row: sens.SensitivityRow, max_drop: float, min_snr_db: float) -> bool:
-    if not row.measured:
-        return False
-    if row.drop is not None:
-        return row.drop <= max_drop + 1e-12
-    return row.worst_snr_db >= min_snr_db + SNR_MARGIN_DB
-
-
 def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Callable[[ir.Model, set[str]], None],
                     max_drop: float, min_snr_db: float = 30.0, max_samples: int = 128,
                     time_budget_s: float | None = 120.0, check_samples: int | None = None,
@@ -123,7 +112,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
     full = set(anchors)
     check_samples = max_samples if check_samples is None else check_samples
     first = sens.measure_combination(context, model, [lambda m: build(m, full)], check_samples)
-    if holds(first, max_drop, min_snr_db):
+    if sens.holds(first, max_drop, min_snr_db):
         out.notes.append(f"accuracy budget holds with every planned op int8 (calibration drop "
                          f"{_fmt(first.drop)}, worst-channel SNR {first.worst_snr_db:.1f} dB; max_drop {max_drop:g})")
         return out
@@ -143,7 +132,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
         row = sens.measure_combination(context, model, [lambda m, keep=full - set(order[:k]): build(m, keep)],
                                        check_samples)
         checks += 1
-        if holds(row, max_drop, min_snr_db):
+        if sens.holds(row, max_drop, min_snr_db):
             hi = k
         else:
             lo = k + 1

@@ -13,7 +13,6 @@ the float model and every candidate interleaved round by round on calibration fe
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from typing import Callable, Mapping, Sequence
 
@@ -23,10 +22,10 @@ import onnx_ir as ir
 
 from graphopt import bench, capture, modelio
 from graphopt.graphs import default_opset
+from graphopt.latency import paired_ratio, time_rounds
 from graphopt.passes.quantize import qdq
 from graphopt.passes.quantize.calibrate import Range
 from graphopt.passes.quantize.dynamic import emit_dynamic
-from graphopt.runtime import make_session
 
 
 @dataclasses.dataclass
@@ -165,29 +164,11 @@ def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, 
 
 def time_candidates(reference: ir.Model, candidates: Sequence[ir.Model], dataset, threads: int = 1,
                     repeats: int = 10, min_time_s: float = 0.5) -> list[float]:
-    """Each candidate's latency / the reference's (median of per-round ratios), all interleaved on the first two
-    calibration feeds.
-    Each round runs the models in a fresh (seeded) random order, so no model always follows the same one (a
-    fixed order lets one model's cache and frequency footprint bias its successor). Sessions come from
-    runtime.make_session on the models themselves (it handles large and file-backed tensors)."""
-    sessions = [make_session(m, threads) for m in (reference, *candidates)]
-    names = [{i.name for i in s.get_inputs()} for s in sessions]
-    feeds = [[{k: v for k, v in f.items() if k in n} for f in dataset.feeds[:2]] for n in names]
-    n = len(sessions)
-    for r in range(2):
-        for s, f in zip(sessions, feeds):
-            s.run(None, f[r % len(f)])
-    times: list[list[float]] = [[] for _ in sessions]
-    start, r, order = time.perf_counter(), 0, np.random.default_rng(0)
-    while r < repeats or time.perf_counter() - start < min_time_s * (n - 1):
-        for i in order.permutation(n):
-            t0 = time.perf_counter()
-            sessions[i].run(None, feeds[i][r % len(feeds[i])])
-            times[i].append(time.perf_counter() - t0)
-        r += 1
-    # paired: the median over rounds of each round's ratio, so load bursts from other processes (which slow every
-    # model of a round alike) cancel instead of landing on whichever model they hit
-    return [statistics.median(c / f for c, f in zip(t, times[0])) for t in times[1:]]
+    """Each candidate's latency / the reference's: the median of per-round ratios, all models interleaved on the
+    first two calibration feeds (latency.time_rounds), so load bursts that slow a whole round cancel."""
+    rounds = time_rounds([reference, *candidates], dataset.feeds[:2], threads, warmup=2, repeats=repeats,
+                         min_time_s=min_time_s * len(candidates))
+    return [paired_ratio(rounds[0], t).value for t in rounds[1:]]
 
 
 def time_models(reference: ir.Model, candidate: ir.Model, dataset, threads: int = 1, repeats: int = 10,

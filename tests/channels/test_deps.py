@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from graphopt.costs import infer_shapes
+from graphopt.costs import value_dims
 from graphopt.passes.channels import analyze
 from tests.helpers import make_model, randn, tensor_info
 
@@ -18,7 +18,7 @@ def _conv(name: str, x: str, out: str, cin: int, cout: int, inits: dict, seed: i
 
 
 def _groups(model):
-    _, groups = analyze(model, infer_shapes(model))
+    _, groups = analyze(model, value_dims(model))
     return groups
 
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphopt import modelio
-from graphopt.costs import count_macs, infer_shapes
+from graphopt.costs import count_macs, value_dims
 from graphopt.options import build_options
 from graphopt.passes.channels import ChannelPrune, analyze
 from tests.helpers import (GROUPED_FEED, GROUPED_X, assert_same_outputs, channel_shuffle, clone, group_of, make_model,
@@ -186,7 +186,7 @@ def test_shufflenet_light_prunes_with_macs_falling() -> None:
 
     model = modelio.load_model(build_light("shufflenet"))
     before = clone(model)
-    _, groups = analyze(model, infer_shapes(model))
+    _, groups = analyze(model, value_dims(model))
     assert sum(g.prunable and g.unit_sizes is not None for g in groups) >= 16
     _prune(model, ratio=0.3, scope="global")
     onnx.checker.check_model(modelio.to_proto(model))

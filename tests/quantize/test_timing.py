@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphopt import data as datamod
+from graphopt import data as datamod, latency
 from graphopt.passes.quantize import qdq
 from graphopt.passes.quantize import timing as qt
 from tests.helpers import make_model, randn, tensor_info
@@ -60,7 +60,9 @@ def feeds():
 
 
 def _install(monkeypatch, runtime: FakeRuntime) -> None:
-    monkeypatch.setattr(qt, "make_session", runtime.make_session)
+    # time_candidates times through graphopt.latency.time_rounds
+    monkeypatch.setattr(latency, "runtime", SimpleNamespace(make_session=runtime.make_session))
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=runtime.perf_counter))
     monkeypatch.setattr(qt, "time", SimpleNamespace(perf_counter=runtime.perf_counter))
 
 

@@ -1,0 +1,161 @@
+"""Budget-seeking (graphopt.sensitivity.budget) and the passes built on it: kmeans bits=auto, prune sparsity=auto.
+
+The passes promise: the result keeps the run's budget on the calibration samples they judged on, also with the
+output error made metrics.STRESS times larger; and they compress more than the gentlest setting when the budget
+allows it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphopt import data as datamod, metrics, modelio
+from graphopt.errors import GraphoptError
+from graphopt.options import build_options
+from graphopt.passbase import PassContext
+from graphopt.passes.kmeans import KMeans
+from graphopt.passes.prune import Prune
+from graphopt.sensitivity import Ladder, SensitivityRow, frontier, furthest, holds
+from graphopt.sensitivity.budget import chosen
+from tests.helpers import DIGITS
+
+INF = math.inf
+
+
+def test_frontier_takes_the_cheapest_loss_per_gain_first():
+    a = Ladder("a", (1, 2), gains=(10.0, 20.0), losses=(0.1, 0.2))  # 0.01 per unit of gain at either step
+    b = Ladder("b", (1, 2), gains=(10.0, 20.0), losses=(0.0, 1.0))  # free first step, then 0.1 per unit
+    states = frontier([a, b])
+    assert states == [(-1, -1), (-1, 0), (1, 0), (1, 1)]  # a: at equal rates the bigger step is taken
+
+
+def test_frontier_jumps_a_non_convex_step_and_never_uses_unmeasured_or_useless_settings():
+    # a's middle setting costs more than its last (losses never fall: it counts as 0.5 too), so the hull jumps it;
+    # b's second setting was not measured, so b stops before it; c's second setting gains nothing.
+    a = Ladder("a", (1, 2, 3), gains=(1.0, 2.0, 30.0), losses=(0.0, 0.5, 0.3))
+    b = Ladder("b", (1, 2, 3), gains=(5.0, 6.0, 7.0), losses=(0.01, INF, 0.02))
+    c = Ladder("c", (1, 2), gains=(4.0, 4.0), losses=(0.0, 0.0))
+    states = frontier([a, b, c])
+    assert all(s[1] <= 0 for s in states)
+    assert all(s[2] <= 0 for s in states)
+    assert (2, 0, 0) == states[-1]
+    assert not any(s[0] == 1 for s in states)
+    assert chosen([a, b, c], states[-1]) == {"a": 3, "b": 1, "c": 1}
+
+
+@pytest.mark.parametrize("edge", [0, 1, 5, 9, 10])
+def test_furthest_finds_the_edge_of_a_monotone_check(edge):
+    states = [(i,) for i in range(11)]
+    seek = furthest(states, lambda s: s[0] <= edge)
+    assert seek.index == edge
+    assert len(seek.checks) <= 5
+    assert all(held == (states[i][0] <= edge) for i, held in seek.checks)
+
+
+def test_furthest_tries_everything_first_and_stops_at_max_checks():
+    calls = []
+    seek = furthest([(i,) for i in range(100)], lambda s: calls.append(s) or True)
+    assert seek.index == 99 and calls == [(99,)]
+    seek = furthest([(i,) for i in range(100)], lambda s: s[0] <= 40, max_checks=2)
+    assert seek.checks == [(99, False), (49, False)] and seek.index == 0  # nothing verified: nothing changed
+
+
+def _row(drop, stressed=None, snr=40.0, status="ok"):
+    return SensitivityRow("k", "", None, drop, snr, None, 0.0, status, stressed_drop=stressed)
+
+
+def test_holds_reads_the_drop_the_stressed_drop_or_the_snr():
+    assert holds(_row(0.01), 0.01, None)
+    assert not holds(_row(0.011), 0.01, None)
+    assert holds(_row(0.0, stressed=0.02), 0.01, None)
+    assert not holds(_row(0.0, stressed=0.02), 0.01, None, stressed=True)
+    assert holds(_row(None, snr=31.5), None, 30.0) and not holds(_row(None, snr=30.5), None, 30.0)  # 1 dB margin
+    assert not holds(_row(0.0, status="error"), 0.01, None)
+
+
+def test_stressed_agreement_ignores_rescaling_and_sees_a_near_flip():
+    ref = np.array([[3.0, 1.0, 0.0], [2.0, 1.9, 0.0]])
+    scaled = 2.5 * ref + 1.0  # a per-row affine map: no arg-max can change, however much it is stressed
+    cmp = metrics.compare(["y"], [[ref]], [[scaled]])
+    assert cmp.agreement == 1.0 and cmp.stressed_agreement == 1.0
+    near = ref + np.array([[0.0, 0.0, 0.0], [-0.04, 0.04, 0.0]])  # row 2 keeps its class by 0.02 ...
+    cmp = metrics.compare(["y"], [[ref]], [[near]])
+    assert cmp.agreement == 1.0 and cmp.stressed_agreement == 0.5  # ... and loses it with the error doubled
+    assert cmp.drop("agreement") == 0.0 and cmp.drop("agreement", stressed=True) == 0.5
+    assert metrics.STRESS == 2.0
+
+
+# --- the passes on the bundled digits model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_calib():
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    return datamod.load_data(str(DIGITS / "calib.npz"), datamod.input_specs(model))
+
+
+def _context(digits_calib, max_drop):
+    teacher = modelio.load_model(DIGITS / "digits.onnx")
+    return PassContext(calib=digits_calib, teacher=teacher, metric="accuracy", max_drop=max_drop)
+
+
+def _judged(context, model, samples):
+    """The result against the teacher on the samples the pass judged on."""
+    evaluator = context.calib_evaluator(samples)
+    return evaluator.evaluate(model, progress=False)
+
+
+@pytest.mark.parametrize("pass_cls, raw, key", [(KMeans, {"bits": "auto"}, "bits"),
+                                                (Prune, {"sparsity": "auto"}, "sparsity")])
+def test_auto_levels_keep_the_budget_and_compress(digits_calib, pass_cls, raw, key):
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    context = _context(digits_calib, 0.01)
+    options = build_options(pass_cls.Options, {**raw, "max_samples": 200}, pass_cls.name)
+    result = pass_cls(options, context)(model)
+    assert result.modified and result.rows
+    levels = options.levels
+    assert all(r[key] in levels or round(r[key], 2) in levels for r in result.rows)
+    assert len(result.rows) >= 3
+    assert any("budget:" in n and "held" in n for n in result.notes)
+    cmp = _judged(context, model, 200)
+    assert cmp.drop("accuracy", stressed=True) <= 0.01 + 1e-9
+    if pass_cls is KMeans:  # most weights end far below 8 bits: well past the gentlest setting
+        assert sum(r["bytes_after"] for r in result.rows) < sum(r["bytes_before"] for r in result.rows) / 6
+
+
+def test_a_zero_budget_changes_only_what_costs_nothing(digits_calib):
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    context = _context(digits_calib, 0.0)
+    KMeans(build_options(KMeans.Options, {"bits": "auto", "max_samples": 200}, "kmeans"), context)(model)
+    assert _judged(context, model, 200).drop("accuracy", stressed=True) <= 1e-9
+
+
+def test_bits_by_layer_and_names_that_match_nothing(digits_calib):
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    gemms = [n.name for n in model.graph if n.op_type == "Gemm"]
+    result = KMeans(build_options(KMeans.Options, {"bits": {gemms[0]: 3, "nope": 2}}, "kmeans"))(model)
+    assert [(r["layer"], r["bits"]) for r in result.rows] == [(gemms[0], 3)]
+    assert any("nope" in n for n in result.notes)
+    assert any(n.op_type == "Gather" for n in model.graph)
+
+
+def test_auto_without_data_is_refused_before_any_pass_runs(tmp_path):
+    import graphopt
+    from graphopt.pipeline import RunOptions
+
+    out = tmp_path / "out.onnx"
+    with pytest.raises(GraphoptError, match="bits=auto"):
+        graphopt.optimize(str(DIGITS / "digits.onnx"), out, passes="fold_batchnorm; kmeans:bits=auto",
+                          run=RunOptions(latency=False, progress=False))
+    assert not out.exists()
+
+
+def test_seek_budget_without_a_budget_is_a_programming_error(digits_calib):
+    from graphopt.sensitivity import seek_budget
+
+    with pytest.raises(ValueError, match="budget"):
+        seek_budget(PassContext(calib=digits_calib), ir.Model(ir.Graph([], [], nodes=[]), ir_version=10), [],
+                    lambda layer, setting: None)
