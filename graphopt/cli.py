@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--time-budget", type=float, help="seconds for the search (default: no limit)")
     au.add_argument("--study", help="Optuna study file (SQLite): a killed or finished search goes on from it")
     au.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    au.add_argument("--workers", type=int, help="run candidates on a local Dask cluster of this many worker "
+                    "processes (size searches run that many at once; latency searches time one at a time)")
+    au.add_argument("--scheduler", help="run candidates on the Dask cluster at this address (tcp://HOST:8786)")
     au.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="compare a candidate model with a reference model")
@@ -196,23 +199,17 @@ def _cmd_passes(_: argparse.Namespace) -> int:
 
 
 def _cmd_auto(args: argparse.Namespace) -> int:
-    from graphopt.auto import auto
-    from graphopt.formatting import human
+    from graphopt.auto import auto, summary
 
     result = auto(args.model, args.output, data=args.data, max_drop=args.max_drop, objective=args.objective,
                   trials=args.trials, time_budget=args.time_budget, study=args.study, metric=args.metric,
-                  threads=args.threads, progress=not args.quiet)
-    chosen = result.chosen
-    smaller = result.original_lzma_bytes / chosen.lzma_bytes if chosen.lzma_bytes else float("nan")
-    print(f"{len(result.candidates)} candidates" + (" (interrupted)" if result.interrupted else "")
-          + f"; chosen #{chosen.number}: {chosen.recipe}")
-    print(f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "
-          f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)")
-    held = result.holdout.get(result.metric) if result.metric != "snr" else result.holdout.get("worst_snr_db")
-    ref = result.holdout.get(f"reference_{result.metric}") if result.metric == "accuracy" else None
-    print(f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")
-          + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g})")
-    print(f"wrote {result.output}, {result.recipe_path}, {Path(result.output).with_suffix('.json')}")
+                  threads=args.threads, workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
+    for line in summary(result)[:3]:
+        print(line)
+    out = Path(result.output)
+    written = [out, Path(result.recipe_path), out.with_suffix(".json"), out.with_suffix(".md")]
+    written += [Path(result.fronts["plot"])] if result.fronts.get("plot") else []
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0 if result.passed else 1
 
 

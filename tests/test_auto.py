@@ -1,5 +1,6 @@
 """graphopt auto on the bundled digits model: a tiny search end to end, the held-out judgment, a resumed
-study, the recipe that reproduces the pick byte for byte, and the refusals."""
+study, the recipe that reproduces the pick byte for byte, repeated recipes not rerun, the Pareto fronts and their
+report, a search on a real Dask LocalCluster, and the refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from graphopt import bench, cli
-from graphopt.auto import auto, space
+from graphopt.auto import Candidate, auto, candidate, pareto, space
 from graphopt.errors import GraphoptError
 from tests.helpers import DIGITS
 
@@ -39,6 +40,11 @@ def test_search_end_to_end(tmp_path, capsys, monkeypatch):
     assert cli.main(["optimize", str(MODEL), "--recipe", str(out.with_suffix(".yaml")), "--calib",
                      str(out.with_suffix(".calib.npz")), "-o", str(again), "--quiet", "--no-latency"]) == 0
     assert again.read_bytes() == out.read_bytes()
+    # the report: every candidate in the Markdown, the fronts in the JSON, the plot as a PNG
+    md = out.with_suffix(".md").read_text()
+    assert all(f"| {c['number']} " in md for c in cands) and "✔" in md
+    assert chosen["number"] in report["fronts"]["fronts"]["lzma_bytes"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_study_resumes(tmp_path):
@@ -64,8 +70,41 @@ def test_recipes_of_the_space():
 
 @pytest.mark.parametrize("kwargs,match", [({}, "auto needs samples"), ({"data": CALIB, "objective": "speed"},
                                           "--objective speed"), ({"data": CALIB, "max_drop": 5}, "--max-drop 5"),
-                                          ({"data": CALIB, "trials": 0}, "--trials 0")])
+                                          ({"data": CALIB, "trials": 0}, "--trials 0"),
+                                          ({"data": CALIB, "workers": 0}, "--workers 0")])
 def test_refusals(tmp_path, kwargs, match):
     with pytest.raises(GraphoptError, match=match):
         auto(MODEL, tmp_path / "o.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def _cand(number, size, drop, latency=None, error=""):
+    search = {"accuracy": 1.0 - drop, "reference_accuracy": 1.0}
+    return Candidate(number, f"r{number}", size, latency, None if error else search, error=error)
+
+
+def test_pareto_fronts():
+    cands = [_cand(0, 100, 0.0, 1.0), _cand(1, 50, 0.01, 0.9), _cand(2, 60, 0.02, 0.5), _cand(3, 40, 0.005, 1.1),
+             _cand(4, 10, 0.0, error="outside the budget")]
+    assert [c.number for c in pareto.front(cands, "accuracy", "lzma_bytes")] == [3, 0]
+    assert [c.number for c in pareto.front(cands, "accuracy", "latency_ratio")] == [2, 1, 0]
+    assert pareto.loss(cands[4], "accuracy") is None
+
+
+def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
+    runs = []
+    real = candidate.run
+    monkeypatch.setattr(candidate, "run", lambda job: runs.append(job.recipe) or real(job))
+    monkeypatch.setattr(space, "suggest", lambda trial, objective: {"kmeans_bits": "8"})
+    result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=3, progress=False)
+    assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,max_drop=0.01")
+    first, again = result.candidates[1], result.candidates[2]
+    assert again.same_as == 1 and again.recipe == first.recipe and again.lzma_bytes == first.lzma_bytes
+
+
+def test_a_search_on_a_local_dask_cluster(tmp_path):
+    result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=3, workers=2, progress=False)
+    assert result.where == "2 Dask worker(s)"
+    assert [c.number for c in result.candidates] == [0, 1, 2]
+    assert all(c.seconds > 0 or c.same_as is not None for c in result.candidates)
+    assert (tmp_path / "o.onnx").exists() and result.chosen.lzma_bytes <= result.candidates[0].lzma_bytes

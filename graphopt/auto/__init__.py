@@ -1,12 +1,14 @@
 """`graphopt auto`: from an exported model and samples to the smallest (or fastest) model inside an accuracy
 budget, by a measured search over recipes.
 
-Modules, bottom to top: space (the recipes a trial can choose), search (the Optuna study, the candidates run
-through the verified pipeline, the held-out judgment, the outputs).
+Modules, bottom to top: space (the recipes a trial can choose), candidate (one recipe run through the verified
+pipeline), workers (in this process or on Dask workers), pareto (the fronts, the Markdown report and the plot),
+search (the Optuna study, the held-out judgment, the outputs).
 """
 
 from __future__ import annotations
 
-from graphopt.auto.search import AutoResult, Candidate, auto
+from graphopt.auto.candidate import Candidate
+from graphopt.auto.search import AutoResult, auto, summary
 
-__all__ = ["AutoResult", "Candidate", "auto"]
+__all__ = ["AutoResult", "Candidate", "auto", "summary"]

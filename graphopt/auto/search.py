@@ -13,50 +13,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import optuna
 import yaml
+from tqdm.auto import tqdm
 
 from graphopt import bench, data as datamod, modelio
-from graphopt.auto import space
-from graphopt.errors import GraphoptError, first_line
-from graphopt.formatting import json_safe
+from graphopt.auto import candidate, pareto, space
+from graphopt.auto import workers as workers_mod
+from graphopt.auto.candidate import Candidate
+from graphopt.errors import GraphoptError
+from graphopt.formatting import human, json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import STRESS, Evaluator
-from graphopt.pipeline import RunOptions, machine_line, optimize
+from graphopt.metrics import Evaluator
+from graphopt.pipeline import machine_line
 from graphopt.recipe import parse_text
 from graphopt.verify import Gate
 
 HOLDOUT_FRACTION = 0.3
 HOLDOUT_SEED = 0
-
-
-@dataclasses.dataclass
-class Candidate:
-    """One trial: its recipe and what it gave on the search samples."""
-
-    number: int
-    recipe: str
-    lzma_bytes: int | None = None
-    latency_ratio: float | None = None  # to the original, timed by the pipeline (objective latency)
-    search: dict[str, Any] | None = None  # the run's final comparison on the search samples
-    seconds: float = 0.0
-    error: str = ""
-
-    def value(self, objective: str) -> float:
-        if self.error or self.search is None:
-            return math.inf
-        if objective == "size":
-            return float(self.lzma_bytes) if self.lzma_bytes is not None else math.inf
-        return self.latency_ratio if self.latency_ratio is not None else 1.0
 
 
 @dataclasses.dataclass
@@ -75,6 +57,8 @@ class AutoResult:
     latency_ratio: float | None  # the pick against the original, batch 1, interleaved
     interrupted: bool = False
     machine: str = ""
+    where: str = ""  # where the candidates ran (this process, Dask workers)
+    fronts: dict[str, Any] = dataclasses.field(default_factory=dict)  # Pareto fronts (candidate numbers), plot
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -85,32 +69,6 @@ def _study(objective: str, storage: str | None, model: Path) -> optuna.Study:
     name = f"graphopt-auto-{model.stem}-{objective}"
     return optuna.create_study(direction="minimize", storage=storage, study_name=name, load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=0))
-
-
-def _run_candidate(model: Path, folder: Path, number: int, rec: str, search: Any, objective: str,
-                   max_drop: float, metric: str | None, threads: int) -> Candidate:
-    out = folder / f"candidate{number}.onnx"
-    cand = Candidate(number, rec)
-    start = time.perf_counter()
-    try:
-        report = optimize(str(model), out, passes=rec, calib=search, data=search, max_drop=max_drop, metric=metric,
-                          run=RunOptions(threads=threads, latency=objective == "latency", progress=False))
-        stressed = report.final_stressed_drop
-        steady = stressed is None or stressed <= max_drop + 1e-9
-        cand.search = report.final if report.passed and steady else None
-        cand.lzma_bytes = bench.file_sizes(out)[1]
-        kept = [r for r in report.passes if r.latency_ratio is not None]
-        cand.latency_ratio = kept[-1].latency_ratio if kept else None
-        if not report.passed:
-            cand.error = "outside the budget on the search samples"
-        elif not steady:
-            cand.error = f"at the budget's edge: drop {stressed:.4f} with the output error x{STRESS:g}"
-    except GraphoptError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a candidate that breaks is a row, the search goes on
-        cand.error = first_line(err)
-    cand.seconds = round(time.perf_counter() - start, 2)
-    return cand
 
 
 def _recipe_yaml(rec: str) -> str:
@@ -129,16 +87,11 @@ def _judge(model: Path, pick: Path, holdout: Any, max_drop: float, metric: str |
 def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, data: Any = None, calib: Any = None,
          max_drop: float = 0.01, objective: str = "size", trials: int = 20, time_budget: float | None = None,
          study: str | os.PathLike | None = None, metric: str | None = None, threads: int = 1,
-         progress: bool = True) -> AutoResult:
+         workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> AutoResult:
     """Search recipes for ``model``; write the pick to ``output`` (default ``<stem>.auto.onnx`` here), the
     recipe beside it (``.yaml``), the search split's samples (``.calib.npz``, to reproduce it with
-    ``graphopt optimize MODEL --recipe R --calib C``) and the report (``.json``, ``.md``)."""
-    if objective not in space.OBJECTIVES:
-        raise GraphoptError(f"--objective {objective}: expected one of {', '.join(space.OBJECTIVES)}")
-    if not 0.0 <= max_drop <= 1.0:
-        raise GraphoptError(f"--max-drop {max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
-    if trials < 1:
-        raise GraphoptError(f"--trials {trials}: expected at least 1")
+    ``graphopt optimize MODEL --recipe R --calib C``) and the report (``.json``, ``.md``, ``.png``)."""
+    _check_arguments(objective, max_drop, trials)
     source = data if data is not None else calib
     if source is None:
         raise GraphoptError("auto needs samples: give --data (it is split into search and held-out parts)")
@@ -151,44 +104,114 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     del loaded
     storage = f"sqlite:///{Path(study).resolve()}" if study is not None else None
     kept_dir = Path(study).with_suffix(".candidates") if study is not None else None
-    with tempfile.TemporaryDirectory(prefix="graphopt-auto-") as tmp:
-        folder = kept_dir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        opt_study = _study(objective, storage, model)
-        if not opt_study.trials:
-            opt_study.enqueue_trial(space.original(objective))
+    pool = workers_mod.executor(workers, scheduler, timed=objective == "latency")
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphopt-auto-") as tmp:
+            folder = kept_dir or Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
 
-        def run_trial(trial: optuna.Trial) -> float:
-            choices = space.suggest(trial, objective) if trial.number else space.original(objective)
-            rec = space.recipe(choices, objective, max_drop)
-            cand = _run_candidate(model, folder, trial.number, rec, search, objective, max_drop, metric, threads)
-            trial.set_user_attr("candidate", dataclasses.asdict(cand))
-            return cand.value(objective)
+            def job(number: int, rec: str) -> candidate.Job:
+                return candidate.Job(model, folder, number, rec, search, objective, max_drop, metric, threads)
 
-        interrupted = False
-        try:
-            opt_study.optimize(run_trial, n_trials=trials, timeout=time_budget, show_progress_bar=progress)
-        except KeyboardInterrupt:
-            interrupted = True
-        candidates = [Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials if "candidate" in t.user_attrs]
-        if not candidates:
-            raise GraphoptError("auto: no candidate finished (the time budget ran out during the first)")
-        chosen = min(candidates, key=lambda c: (c.value(objective), c.number))
-        pick = folder / f"candidate{chosen.number}.onnx"
-        if not pick.exists():  # a resumed study whose files were not kept: rebuild the pick from its recipe
-            chosen = _run_candidate(model, folder, chosen.number, chosen.recipe, search, objective, max_drop,
-                                    metric, threads)
-        holdout_cmp, passed, gate_metric = _judge(model, pick, holdout, max_drop, metric, threads)
-        feeds = batch_one(specs, holdout.feeds[:4])
-        ratio = bench.benchmark([str(model), str(pick)], feeds, threads=threads, stats=False)[1].ratio
-        _write(pick, output)
+            opt_study = _study(objective, storage, model)
+            interrupted = _search(opt_study, pool, job, objective, max_drop, trials, time_budget, progress)
+            candidates = [Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials
+                          if "candidate" in t.user_attrs]
+            if not candidates:
+                raise GraphoptError("auto: no candidate finished (the time budget ran out during the first)")
+            chosen = min(candidates, key=lambda c: (c.value(objective), c.number))
+            pick = folder / f"candidate{chosen.file_number}.onnx"
+            if not pick.exists():  # a resumed study whose files were not kept: rebuild the pick from its recipe
+                chosen = candidate.run(job(chosen.file_number, chosen.recipe))
+            holdout_cmp, passed, gate_metric = _judge(model, pick, holdout, max_drop, metric, threads)
+            feeds = batch_one(specs, holdout.feeds[:4])
+            ratio = bench.benchmark([str(model), str(pick)], feeds, threads=threads, stats=False)[1].ratio
+            _write(pick, output)
+    finally:
+        pool.close()
     result = AutoResult(str(model), str(output), str(output.with_suffix(".yaml")), objective, max_drop, gate_metric,
                         bench.file_sizes(model)[1], candidates, chosen,
-                        holdout_cmp, passed, round(ratio, 4), interrupted, machine_line())
+                        holdout_cmp, passed, round(ratio, 4), interrupted, machine_line(), pool.where)
     output.with_suffix(".yaml").write_text(_recipe_yaml(chosen.recipe))
     _save_samples(search, output.with_suffix(".calib.npz"))
+    result.fronts = pareto.report_files(output, candidates, gate_metric, chosen, summary(result))
     output.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _check_arguments(objective: str, max_drop: float, trials: int) -> None:
+    if objective not in space.OBJECTIVES:
+        raise GraphoptError(f"--objective {objective}: expected one of {', '.join(space.OBJECTIVES)}")
+    if not 0.0 <= max_drop <= 1.0:
+        raise GraphoptError(f"--max-drop {max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
+    if trials < 1:
+        raise GraphoptError(f"--trials {trials}: expected at least 1")
+
+
+def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candidate.Job], objective: str,
+            max_drop: float, trials: int, time_budget: float | None, progress: bool) -> bool:
+    """Ask Optuna for as many trials as the pool runs at once, run them, tell the results; until ``trials``
+    are done, the time budget is spent (a batch in flight finishes) or Ctrl-C. A recipe tried before is not
+    run again: the trial gets the earlier result. Returns whether the search was interrupted."""
+    if not opt_study.trials:
+        opt_study.enqueue_trial(space.original(objective))
+    seen = {t.user_attrs["candidate"]["recipe"]: Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials
+            if "candidate" in t.user_attrs and t.user_attrs["candidate"].get("same_as") is None}
+    best = min(seen.values(), key=lambda c: c.value(objective), default=None)
+    bar = tqdm(total=trials, desc="auto", unit="candidate", disable=not progress, leave=False)
+    start, launched, asked = time.perf_counter(), 0, []
+    try:
+        while launched < trials and (time_budget is None or time.perf_counter() - start < time_budget):
+            asked = [opt_study.ask() for _ in range(min(pool.slots, trials - launched))]
+            launched += len(asked)
+            recipes = {t.number: space.recipe(space.suggest(t, objective) if t.number else space.original(objective),
+                                              objective, max_drop) for t in asked}
+            fresh = [t for t in asked if recipes[t.number] not in seen]
+            ran = {c.number: c for c in pool.run([job(t.number, recipes[t.number]) for t in fresh])}
+            for t in asked:
+                earlier = seen.get(recipes[t.number])
+                cand = ran.get(t.number) or dataclasses.replace(earlier, number=t.number, seconds=0.0,
+                                                                same_as=earlier.file_number)
+                seen.setdefault(cand.recipe, cand)
+                t.set_user_attr("candidate", dataclasses.asdict(cand))
+                opt_study.tell(t, cand.value(objective))
+                if cand.valid and (best is None or cand.value(objective) < best.value(objective)):
+                    best = cand
+            asked = []
+            bar.update(len(recipes))
+            if best is not None:
+                bar.set_postfix_str(f"best #{best.number}: " + _value_text(best, objective))
+    except KeyboardInterrupt:
+        for t in asked:
+            opt_study.tell(t, state=optuna.trial.TrialState.FAIL)
+        return True
+    finally:
+        bar.close()
+    return False
+
+
+def _value_text(cand: Candidate, objective: str) -> str:
+    if objective == "size":
+        return human(cand.lzma_bytes, "B") if cand.lzma_bytes is not None else "-"
+    return f"x{cand.value(objective):.3f}"
+
+
+def summary(result: AutoResult) -> list[str]:
+    """The lines the CLI prints and the Markdown report starts with."""
+    chosen = result.chosen
+    smaller = result.original_lzma_bytes / chosen.lzma_bytes if chosen.lzma_bytes else float("nan")
+    held = result.holdout.get(result.metric) if result.metric != "snr" else result.holdout.get("worst_snr_db")
+    ref = result.holdout.get(f"reference_{result.metric}") if result.metric == "accuracy" else None
+    samples = result.holdout.get("samples") or 0
+    coarse = (f"; one held-out sample is {1 / samples:.2%}, more than the budget: give more samples"
+              if result.metric != "snr" and samples and 1 / samples > result.max_drop else "")
+    return [f"{len(result.candidates)} candidates" + (" (interrupted)" if result.interrupted else "")
+            + f" on {result.where}; chosen #{chosen.number}: {chosen.recipe}",
+            f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "
+            f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)",
+            f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")
+            + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g}){coarse}",
+            f"machine: {result.machine}"]
 
 
 def _write(pick: Path, output: Path) -> None:

@@ -1,0 +1,91 @@
+"""One candidate of `graphopt auto`: a recipe run through the verified pipeline on the search samples.
+
+A :class:`Job` holds everything a run needs (plain paths, the recipe text and the search samples), so it can be
+shipped to a Dask worker as it is; :func:`run` is the function the worker calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from graphopt import bench
+from graphopt.errors import GraphoptError, first_line
+from graphopt.metrics import STRESS
+from graphopt.pipeline import RunOptions, optimize
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One trial: its recipe and what it gave on the search samples."""
+
+    number: int
+    recipe: str
+    lzma_bytes: int | None = None
+    latency_ratio: float | None = None  # to the original, timed by the pipeline (objective latency)
+    search: dict[str, Any] | None = None  # the run's final comparison on the search samples (None: not valid)
+    seconds: float = 0.0
+    error: str = ""
+    same_as: int | None = None  # a repeated recipe: the earlier candidate whose result (and file) it reuses
+
+    @property
+    def valid(self) -> bool:
+        return not self.error and self.search is not None
+
+    def value(self, objective: str) -> float:
+        if not self.valid:
+            return math.inf
+        if objective == "size":
+            return float(self.lzma_bytes) if self.lzma_bytes is not None else math.inf
+        return self.latency_ratio if self.latency_ratio is not None else 1.0
+
+    @property
+    def file_number(self) -> int:
+        return self.same_as if self.same_as is not None else self.number
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    model: Path
+    folder: Path
+    number: int
+    recipe: str
+    search: Any  # graphopt.data.Dataset: the search samples (calibration and gate alike)
+    objective: str
+    max_drop: float
+    metric: str | None
+    threads: int
+
+    @property
+    def output(self) -> Path:
+        return self.folder / f"candidate{self.number}.onnx"
+
+
+def run(job: Job) -> Candidate:
+    """Build the candidate file; a candidate that breaks or leaves the budget is a row, not an error (only a
+    GraphoptError about the inputs themselves stops the search)."""
+    cand = Candidate(job.number, job.recipe)
+    start = time.perf_counter()
+    try:
+        report = optimize(str(job.model), job.output, passes=job.recipe, calib=job.search, data=job.search,
+                          max_drop=job.max_drop, metric=job.metric,
+                          run=RunOptions(threads=job.threads, latency=job.objective == "latency", progress=False))
+        stressed = report.final_stressed_drop
+        steady = stressed is None or stressed <= job.max_drop + 1e-9
+        cand.search = report.final if report.passed and steady else None
+        cand.lzma_bytes = bench.file_sizes(job.output)[1]
+        kept = [r for r in report.passes if r.latency_ratio is not None]
+        cand.latency_ratio = kept[-1].latency_ratio if kept else None
+        if not report.passed:
+            cand.error = "outside the budget on the search samples"
+        elif not steady:
+            cand.error = f"at the budget's edge: drop {stressed:.4f} with the output error x{STRESS:g}"
+    except GraphoptError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a candidate that breaks is a row, the search goes on
+        cand.error = first_line(err)
+    cand.seconds = round(time.perf_counter() - start, 2)
+    return cand

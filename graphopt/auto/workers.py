@@ -1,0 +1,75 @@
+"""Where `graphopt auto` runs its candidates: in this process, or on Dask workers.
+
+``workers`` > 1 starts a Dask LocalCluster of that many worker processes (one thread each, nothing to start by
+hand); ``scheduler`` connects to an existing cluster (``dask scheduler`` plus ``dask worker ADDR``). Size
+searches run as many candidates at once as there are workers. A latency search times its candidates, and a
+latency measured while other work runs on the machine is wrong: its candidates run one at a time, each on a
+worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on the machine the model
+will run on; every local worker has one).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from graphopt.auto import candidate
+from graphopt.errors import GraphoptError
+
+
+class Inline:
+    """Candidates one after the other, in this process."""
+
+    slots = 1
+    where = "this process"
+
+    def run(self, jobs: Sequence[candidate.Job]) -> list[candidate.Candidate]:
+        return [candidate.run(job) for job in jobs]
+
+    def close(self) -> None:
+        pass
+
+
+class DaskWorkers:
+    """Candidates on Dask workers: a LocalCluster of ``workers`` processes, or the cluster at ``scheduler``."""
+
+    def __init__(self, workers: int | None, scheduler: str | None, timed: bool) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster = None
+        try:
+            if scheduler:
+                self.client = Client(scheduler, timeout="20s")
+            else:
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, resources={"timing": 1})
+                self.client = Client(self.cluster)
+        except (OSError, TimeoutError) as err:
+            raise GraphoptError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({err})") from None
+        info = self.client.scheduler_info()["workers"]
+        if not info:
+            raise GraphoptError(f"--scheduler {scheduler}: the cluster has no workers")
+        timing = sum(1 for w in info.values() if w.get("resources", {}).get("timing"))
+        if timed and not timing:
+            raise GraphoptError("a latency search needs a worker with a 'timing' resource "
+                                "(dask worker ADDR --resources timing=1)")
+        self.timed = timed
+        self.slots = 1 if timed else len(info)
+        self.where = f"{len(info)} Dask worker(s)" + (f", {timing} with a timing resource" if timed else "")
+
+    def run(self, jobs: Sequence[candidate.Job]) -> list[candidate.Candidate]:
+        resources = {"timing": 1} if self.timed else None
+        futures = self.client.map(candidate.run, list(jobs), pure=False, resources=resources)
+        return self.client.gather(futures)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def executor(workers: int | None, scheduler: str | None, timed: bool) -> Inline | DaskWorkers:
+    if workers is not None and workers < 1:
+        raise GraphoptError(f"--workers {workers}: expected at least 1")
+    if scheduler is None and (workers or 1) == 1:
+        return Inline()
+    return DaskWorkers(workers, scheduler, timed)
