@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 # Script stem → what it measures (order = order in BENCHMARKS.md).
 SCRIPTS = {
+    "int8_cpus": "int8 that is right on every CPU: pair-safe weights, the host's kernels",
+    "default_recipe": "the default recipe is never slower",
+    "auto_bench": "graphopt auto: the searched pick on digits, 1 vs 2 Dask workers",
     "fuse_bench": "float fusions on the PP-OCR models",
     "quantize_vs_ort": "graphopt quantize against onnxruntime's quantizers",
     "compress_bench": "prune + kmeans (Deep Compression without retraining): digits, PP-OCRv4 rec, VGG-19",
@@ -32,10 +35,12 @@ SCRIPTS = {
     "lowrank_ocr": "low-rank factorization on PP-OCRv4 rec, plain vs data-aware",
     "gap_distill_bench": "global-average-pooling heads and closed-form distillation",
     "distill_det": "distillation after lossy passes on PP-OCRv4 det",
+    "quant_correct_bench": "empirical bias correction and the sensitivity screen's speed",
+    "transformer_encoder": "a BERT-style encoder (needs torch and transformers to build it)",
 }
 # Results files in the order of the scripts that write them (by file-name prefix).
-RESULT_PREFIXES = ["fuse_bench", "quantize_vs_ort", "compress_", "channel_prune", "lowrank", "gap_distill",
-                   "distill_det"]
+RESULT_PREFIXES = ["int8_cpus", "default_recipe", "auto", "fuse_bench", "quantize_vs_ort", "compress_", "channel_prune", "lowrank", "gap_distill",
+                   "distill_det", "quant_correct"]
 
 
 def machine() -> str:

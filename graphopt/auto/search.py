@@ -7,6 +7,7 @@ original model (exact passes only) is always the first candidate, so the pick is
 the objective. The pick is judged once on the held-out samples; that number is reported and sets the exit code.
 With ``study`` (an Optuna storage file, SQLite) the search state and the candidates' files survive a kill and
 a rerun goes on where it stopped; Ctrl-C or the time budget ends the search and still writes the best so far.
+Trials are asked from Optuna as many at a time as the workers run (:mod:`graphopt.auto.workers`).
 """
 
 from __future__ import annotations
