@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import capture
+from graphopt import capture, saturation
 from graphopt.graphs import default_opset, is_default_domain
 from graphopt.passes.quantize.qdq import quantize_bias
 from graphopt.weights import constant_array, replace_initializer, set_initializer
@@ -149,8 +149,11 @@ def _mismatch(node: ir.Node, tw: np.ndarray, tb: np.ndarray | None) -> str | Non
     shape = [1] * q.ndim
     if sw.size > 1:
         shape[w_dq.attributes.get_int("axis", 1)] = -1
-    err = np.abs(tw - q.astype(np.float64) * sw.reshape(shape))
-    if float(err.max(initial=0.0)) > 0.51 * float(sw.max()) + 1e-12:
+    step = np.broadcast_to(sw.astype(np.float64).reshape(shape), q.shape)
+    off = np.abs(tw - q.astype(np.float64) * step) > 0.51 * float(sw.max()) + 1e-12
+    if off.any():  # pair-safe weights: a clamped pair lies further from the float weights, by design
+        off &= ~_pair_clamped(node, q, tw / step)
+    if off.any():
         return "float weight of the same-named output is not this layer's weight (a fused Mul/Div?)"
     if node.op_type == "MatMul" or tb is None:
         return None
@@ -159,6 +162,22 @@ def _mismatch(node: ir.Node, tw: np.ndarray, tb: np.ndarray | None) -> str | Non
             0.51 * step, 1e-5 * (1.0 + float(np.abs(tb).max(initial=0.0))))):
         return "float bias of the same-named output is not this layer's bias (a fused Add/Sub?)"
     return None
+
+
+def _pair_clamped(node: ir.Node, q: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Per weight: True where int8 ``q`` is the pair-safe cut of the float weight ``steps`` (in quantization steps)
+    — its kernel pair (:func:`graphopt.saturation.clamp_pairs`) has the same-sign magnitude sum of exactly
+    PAIR_LIMIT, and the weight keeps its float sign with a magnitude cut, not raised, from round(|steps|)."""
+    order = saturation.kernel_order(node, q.shape)
+    if order is None or q.ndim < 2:
+        return np.zeros(q.shape, bool)
+    qr = order.rows(q.astype(np.int32))
+    fr = order.rows(np.asarray(steps, np.float64))
+    pairs = qr.reshape(qr.shape[0], -1, 2)
+    full = (saturation.pair_magnitudes(qr) == saturation.PAIR_LIMIT) & (pairs[..., 0] * pairs[..., 1] > 0)
+    cut = (np.sign(qr) == np.sign(fr)) & (np.abs(qr) <= np.abs(fr) + 0.51)
+    mask = np.repeat(full, 2, axis=1) & cut
+    return order.unrows(mask, q.shape).astype(bool)
 
 
 _AFFINE = ("Mul", "Div", "Add", "Sub")

@@ -14,7 +14,9 @@ Mul/Div/Add/Sub after it in the reference is folded into those until they match 
 Conv's name while folding that chain into it), and the chain's end is the tensor compared. Two more guards:
 the quantized output must be near the float one (mean |q − f| at most ``max_rel_error`` of mean |f|); and a
 wave of corrections after which the model outputs are further from the float model's (noise-to-signal power
-on the calibration feeds) than ``UNDO_FACTOR`` times before it (or at the start) is undone. By default each
+on the calibration feeds) than ``UNDO_FACTOR`` times before it (or at the start) is undone; and when the
+kept waves together end above the start, the waves after the lowest error measured are undone too (the
+allowance is for a rise later layers take back, not for a worse result). By default each
 layer is its own wave, corrected after the layers before it (Nagel's sequential order): one capture run of the
 quantized model per layer, the float model once.
 
@@ -153,6 +155,7 @@ def correct_biases(float_model: ir.Model, quant_model: ir.Model, dataset, thread
         following = groups[w + 1] if w + 1 < len(groups) else []
         if not run.correct(w, wave, following, rows, notes):
             break
+    run.settle()
     corrected = sum(r["action"] == "bias corrected" for r in rows)
     notes.append(f"bias correction: {corrected} of {len(sites) + len(skipped)} quantized weight ops corrected "
                  f"({len(groups)} waves, up to {samples} calibration samples); output noise/signal vs float "
@@ -207,9 +210,29 @@ class _Waves:
     error: float = 0.0  # output noise/signal vs float after the last kept wave
     start_error: float = 0.0  # ... before any correction
     undone: int = 0  # layers whose wave was undone
+    kept: list = dataclasses.field(default_factory=list)  # per kept wave: (w, its undos, its rows, error after it)
 
     def __post_init__(self) -> None:
         self.error = self.start_error = _output_error(self.outs, self.ref_outs)
+
+    def settle(self) -> None:
+        """When the kept waves end above the start error (each stayed within UNDO_FACTOR, none was taken back by
+        a later one), undo the waves after the lowest error measured (maybe all): the result is never worse than
+        no correction on the feeds it was measured on."""
+        if self.error <= self.start_error or not self.kept:
+            return
+        errors = [self.start_error] + [k[3] for k in self.kept]
+        best = int(np.argmin(errors))  # keep the first ``best`` kept waves
+        first, final = self.kept[best][0], self.error
+        for _, undo, wave_rows, _ in reversed(self.kept[best:]):
+            for fn in reversed(undo):
+                fn()
+            self.undone += len(wave_rows)
+            for r in wave_rows:
+                r.update(action="bias kept", reason=f"the waves from {first + 1} on left the output error above the "
+                                                    f"start ({self.start_error:.3g} -> {final:.3g}): undone")
+        del self.kept[best:]
+        self.error = errors[best]
 
     def measure(self, sites: Sequence[Site]) -> None:
         """Capture the quantized model again: the means of ``sites`` (the next wave) and the outputs."""
@@ -241,6 +264,8 @@ class _Waves:
                 self.measure(following)
         else:
             self.error = after
+            if wave_rows:
+                self.kept.append((w, undo, wave_rows, after))
         rows += wave_rows
         return True
 

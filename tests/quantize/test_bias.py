@@ -190,3 +190,27 @@ def test_float_reference_refuses_other_weights_and_missing_names():
         None, "float weight of the same-named output is not this layer's weight (a fused Mul/Div?)")
     site.output = "nowhere"
     assert float_reference(site, _teacher(None)) == (None, "output 'nowhere' has no counterpart in the float model")
+
+
+def test_float_reference_accepts_pair_safe_weights_and_still_refuses_a_scaled_copy():
+    # Pair-safe int8 (the default portable target) cuts kernel pairs whose same-sign sum could overflow a
+    # saturating u8×s8 kernel: those weights lie steps away from the float ones, by design. The float model
+    # quantize started from is still this layer's reference (the check used to refuse it: 53 of 54 ResNet-50
+    # layers went uncorrected).
+    from graphopt import saturation
+    from graphopt.passes.quantize.qdq import quantize_weight_safe
+
+    w = np.random.default_rng(0).normal(size=(8, 128, 3, 3)).astype(np.float32)
+    q, sw, changed = quantize_weight_safe(w, 0, saturation.KernelOrder("Conv"))
+    step = sw.reshape(-1, 1, 1, 1)
+    assert changed and np.abs(w - q * step).max() > 1.0 * sw.max()  # some weights were cut, not just rounded
+    b = Builder()
+    x = b.activation("x")
+    b.nodes.append(helper.make_node("Conv", [x, b.const_dq("qw", q, sw)], ["y"], name="conv"))
+    inputs = [tensor_info("x", np.float32, [1, 128, 4, 4])]
+    site = _site(make_model(b.nodes, inputs, ["y"], b.inits), "conv")
+    teacher = make_model([helper.make_node("Conv", ["x", "tw"], ["y"], name="conv")], inputs, ["y"], {"tw": w})
+    assert float_reference(site, teacher) == ("y", None)
+    teacher.graph.initializers["tw"].const_value = ir.tensor(w * np.float32(0.9), name="tw")  # a folded Mul
+    assert float_reference(site, teacher) == (
+        None, "float weight of the same-named output is not this layer's weight (a fused Mul/Div?)")
