@@ -32,6 +32,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="one-channel score map: pixels agree when on the same side of this value (default 0.5)")
 
 
+def _add_metric_fn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric-fn", metavar="MODULE:FUNCTION", help="your own score: a function of an onnxruntime "
+                   "session returning a number, higher is better (module importable from here, or file.py:function); "
+                   "--max-drop is then in its units")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphopt", description="ONNX graph-level model optimizer, verified with onnxruntime")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -48,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allowed drop of the gate metric, a fraction (0.01 = one point; default 0.01)")
     opt.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
                      help="gate metric (default: accuracy with labels, else agreement)")
+    _add_metric_fn(opt)
     opt.add_argument("--min-snr", type=float, help="minimum worst-channel SNR in dB")
     opt.add_argument("--target-cpu", choices=list(TARGETS), help="the CPU the model is built for: portable "
                      "(default: right on any x86-64 with AVX2 and any ARM64), host, or a kernel family")
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the gate metric (default 0.01)")
     au.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
                     help="gate metric (default: accuracy with labels, else agreement)")
+    _add_metric_fn(au)
     au.add_argument("--objective", choices=["size", "latency"], default="size",
                     help="what to minimize: bytes after lzma, or latency (default size)")
     au.add_argument("--trials", type=int, default=20, help="candidates to try (default 20)")
@@ -118,7 +126,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                      target_cpu=args.target_cpu, allow_slower=args.allow_slower)
     report = optimize(args.model, args.output, passes=args.passes, recipe=args.recipe, calib=args.calib,
                       data=args.data, shapes=_shapes(args.shape), max_drop=args.max_drop, min_snr=args.min_snr,
-                      metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples)
+                      metric=args.metric, run=run, report_path=args.report, synthetic_samples=args.samples,
+                      metric_fn=args.metric_fn)
     print(format_table(report))
     return 0 if report.passed else 1
 
@@ -203,7 +212,7 @@ def _cmd_auto(args: argparse.Namespace) -> int:
 
     result = auto(args.model, args.output, data=args.data, max_drop=args.max_drop, objective=args.objective,
                   trials=args.trials, time_budget=args.time_budget, study=args.study, metric=args.metric,
-                  threads=args.threads, workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
+                  metric_fn=args.metric_fn, threads=args.threads, workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
     for line in summary(result)[:3]:
         print(line)
     out = Path(result.output)

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from graphopt.cpu import Target, resolve_target
 from graphopt.errors import GraphoptError
-from graphopt.metrics import Evaluator
+from graphopt.metrics import Evaluator, TaskMetric
 from graphopt.options import BaseOptions
 
 if TYPE_CHECKING:
@@ -40,6 +40,10 @@ class PassContext:
     progress: bool = False
     target: Target = dataclasses.field(default_factory=resolve_target)  # the CPU the model is built for
     latency: LatencyProbe | None = None  # times rewrites a pass chooses between (None: timing is off)
+    # The user's metric function, when the run's budget is on it (``metric`` is then graphopt's own choice, for
+    # layer-by-layer measurements), and its score on the original model. Budget searches check whole models on it.
+    task: TaskMetric | None = None
+    task_reference: float | None = None
     # Evaluators against the teacher, by how many calibration samples they read (None: all); the teacher is
     # fixed for a context, so they are built once per pass. Not an init field: dataclasses.replace() with
     # another teacher or calib gets an empty cache of its own.

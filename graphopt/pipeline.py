@@ -24,7 +24,7 @@ import onnx_ir as ir
 from graphopt import bench, costs, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
 from graphopt.latency import MIN_MARGIN, LatencyProbe, Timer, Timing, batch_one
-from graphopt.metrics import Comparison, Evaluator
+from graphopt.metrics import Comparison, Evaluator, metric_for_gate
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve_recipe
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
@@ -77,6 +77,7 @@ class Pipeline:
         self.probe: LatencyProbe | None = None
         self._before: Any = None  # session of the model as it stands, once a pass was kept (else the original)
         self._ceiling = 1.0  # the input's latency, raised by kept passes that were allowed to be slower
+        self._layers_gate = gate  # what passes measure layers with (gate.proxy: not the user's function)
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
                 report: Report, source_bytes: int | None = None) -> ir.Model:
@@ -89,12 +90,13 @@ class Pipeline:
             self.probe = LatencyProbe(self._bench_feeds, self.run.threads, self.run.latency_repeats,
                                       self.run.latency_seconds, self.run.timer)
         evaluator = Evaluator(reference, evaluation, threads=self.run.threads, score_output=self.run.score_output,
-                              progress=self.run.progress, map_threshold=self.run.map_threshold)
+                              progress=self.run.progress, map_threshold=self.run.map_threshold, task=self.gate.task)
         self.current = evaluator.evaluate(reference, progress=False)
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
         report.passes[0].file_bytes = source_bytes
         self.gate, note = self.gate.resolved(self.current)
+        self._layers_gate = self.gate.proxy(self.current)
         report.metric, report.min_snr = self.gate.metric, self.gate.min_snr
         if note:
             report.passes[0].notes.append(note)
@@ -120,9 +122,11 @@ class Pipeline:
               reference: Any, report: Report) -> None:
         self._checkpoints.before(self.model)
         budget = step.options.max_drop if step.options.max_drop is not None else self.gate.max_drop
-        context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=self.gate.metric,
+        layers = self._layers_gate
+        context = PassContext(calib=calib, teacher=teacher, threads=self.run.threads, metric=layers.metric,
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
-                              max_drop=budget, min_snr=self.gate.min_snr, progress=self.run.progress,
+                              max_drop=budget, min_snr=layers.min_snr, progress=self.run.progress,
+                              task=self.gate.task, task_reference=self.current.reference_task,
                               target=cpu.resolve_target(self.run.target_cpu),
                               # heavy models are timed only at the end: two sessions would not fit
                               latency=None if self._checkpoints.on_disk or is_heavy(self.model) else self.probe)
@@ -320,7 +324,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
              calib: Any = None, data: Any = None, shapes: dict[str, tuple[int, ...]] | None = None,
              max_drop: float = DEFAULT_MAX_DROP, min_snr: float | None = None, metric: str | None = None,
              run: RunOptions | None = None, report_path: str | os.PathLike | None = None,
-             synthetic_samples: int = 8, target_cpu: str | None = None) -> Report:
+             synthetic_samples: int = 8, target_cpu: str | None = None, metric_fn: Any = None) -> Report:
     """Optimize ``model`` with a recipe and write ``output`` atomically; returns the report.
 
     ``passes`` uses the recipe grammar (CLI string or list), ``recipe`` a YAML/JSON file. ``calib``/``data``:
@@ -328,14 +332,15 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     by path is never touched. An in-memory ``model`` may be modified; the optimized ir.Model is
     ``report.optimized`` (a rollback replaces the model object, so read it there). ``target_cpu``
     (:data:`graphopt.cpu.TARGETS`; else the run's, the recipe's, or ``portable``) is the CPU the model is built for.
+    ``metric_fn`` (a function of an onnxruntime session, or "module:function"; :mod:`graphopt.metrics.task`)
+    puts the budget on the user's own score: the gate metric is then ``task``.
     """
     run = run or RunOptions()
     _check_run_values(max_drop, min_snr, synthetic_samples, run)
     steps, recipe_target = resolve_recipe(passes, recipe)  # recipe errors before any work
     target = cpu.resolve_target(target_cpu or run.target_cpu or recipe_target)
     run = dataclasses.replace(run, target_cpu=target.name)
-    if metric is not None and metric not in ("accuracy", "agreement", "snr"):
-        raise GraphoptError(f"--metric {metric}: expected accuracy, agreement or snr")
+    task = metric_for_gate(metric, metric_fn)
     source = str(model) if not isinstance(model, ir.Model) else (model.graph.name or "<in-memory model>")
     loaded, output = _load(model, output)
     specs = datamod.input_specs(loaded)
@@ -351,7 +356,7 @@ def optimize(model: str | os.PathLike | ir.Model, output: str | os.PathLike | No
     report = Report(model=source, output=str(output) if output else None, data=eval_ds.describe(),
                     synthetic=eval_ds.synthetic, metric=metric or "", max_drop=max_drop, min_snr=min_snr, passes=[],
                     machine=machine_line(), target_cpu=target.describe())
-    pipeline = Pipeline(steps, Gate(metric, max_drop, min_snr), run)
+    pipeline = Pipeline(steps, Gate(metric, max_drop, min_snr, task), run)
     pipeline.in_place = isinstance(model, ir.Model)
     with tempfile.TemporaryDirectory(prefix="graphopt-ref-") as tmp:
         if isinstance(model, ir.Model):  # the original must outlive the in-place rewrites

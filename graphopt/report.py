@@ -58,12 +58,12 @@ class Report:
         Path(path).write_text(to_markdown(self))
 
 
-def _metric_cells(row: PassRow) -> tuple[str, str, str]:
+def _metric_cells(row: PassRow, metric: str) -> tuple[str, str, str]:
     m = row.metrics or {}
-    acc = m.get("accuracy")
+    acc = m.get("task" if metric == "task" else "accuracy")
     agree = m.get("agreement")
     snr = m.get("worst_snr_db")
-    return ("-" if acc is None else f"{acc:.4f}", "-" if agree is None else f"{agree:.4f}",
+    return ("-" if acc is None else f"{acc:.4g}" if metric == "task" else f"{acc:.4f}", "-" if agree is None else f"{agree:.4f}",
             "-" if snr is None else f"{snr:.1f}")
 
 
@@ -71,10 +71,15 @@ HEADER = ("pass", "status", "time s", "params", "size", "MACs", "accuracy", "agr
           "latency ms", "x orig", "x before")
 
 
+def header(report: Report) -> tuple[str, ...]:
+    """HEADER, with the user's score in the accuracy column when the budget is on it."""
+    return tuple("task score" if h == "accuracy" and report.metric == "task" else h for h in HEADER)
+
+
 def table_rows(report: Report) -> list[tuple[str, ...]]:
     rows = []
     for row in report.passes:
-        acc, agree, snr = _metric_cells(row)
+        acc, agree, snr = _metric_cells(row, report.metric)
         rows.append((row.step, row.status, f"{row.seconds:.2f}", human(row.params), human(row.file_bytes, "B"),
                      human(row.macs), acc, agree, snr,
                      "-" if row.latency_ms is None else f"{row.latency_ms:.3f}",
@@ -89,7 +94,7 @@ def format_table(report: Report) -> str:
         out.append(f"host: {report.machine}; target CPU: {report.target_cpu}")
     if report.synthetic:
         out.append("WARNING: synthetic inputs: the metrics below say nothing about accuracy")
-    out.append(table(HEADER, table_rows(report), align_numbers=False))
+    out.append(table(header(report), table_rows(report), align_numbers=False))
     for row in report.passes:
         if row.reason:
             out.append(f"  {row.step}: {row.status}: {row.reason}")
@@ -117,7 +122,7 @@ def to_markdown(report: Report) -> str:
         out.append(f"- machine: {report.machine} (every latency was measured here)")
     if report.target_cpu:
         out.append(f"- target CPU: {report.target_cpu}")
-    out += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out += ["", "| " + " | ".join(header(report)) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in table_rows(report)]
     for row in report.passes:
         if not (row.rows or row.notes or row.reason):

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import costs, modelio, runtime
-from graphopt.metrics import Comparison
+from graphopt.metrics import Comparison, TaskMetric
 
 # Above this many bytes of tensors a candidate goes through a temporary file. Above this many bytes of
 # weights at run time (a codebook model is small on disk, full size in onnxruntime), verification sessions
@@ -32,19 +32,30 @@ DEFAULT_MIN_SNR_WITHOUT_SCORES = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    metric: str | None  # accuracy | agreement | snr; None: chosen by resolved()
+    metric: str | None  # accuracy | agreement | snr | task; None: chosen by resolved()
     max_drop: float
     min_snr: float | None
+    task: TaskMetric | None = None  # the user's function, when the metric is task
 
     def resolved(self, reference: Comparison) -> tuple[Gate, str | None]:
-        """The one place the gate metric is chosen, from the original model's own comparison: the metric asked
-        for, else accuracy when the data has labels, else agreement; worst-channel SNR when the model has no
-        class-score output to judge either by. Returns the gate and a note when it is not the one asked for."""
+        """The one place the gate metric is chosen, from the original model's own comparison: the user's metric
+        function when there is one, else the metric asked for, else accuracy when the data has labels, else
+        agreement; worst-channel SNR when the model has no class-score output to judge either by. Returns the
+        gate and a note when it is not the one asked for."""
+        if self.task is not None:
+            return dataclasses.replace(self, metric="task"), None
         metric = self.metric or ("accuracy" if reference.reference_accuracy is not None else "agreement")
         if metric != "snr" and reference.value(metric) is None:
             floor = self.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES
             return Gate("snr", self.max_drop, floor), f"no class-score output: the gate is worst-channel SNR >= {floor:g} dB"
         return Gate(metric, self.max_drop, self.min_snr), None
+
+    def proxy(self, reference: Comparison) -> Gate:
+        """The gate passes measure layers with: this one, or for the task metric the one graphopt would choose
+        itself (a user's function scores whole models only: it is not called once per layer)."""
+        if self.metric != "task":
+            return self
+        return Gate(None, self.max_drop, self.min_snr).resolved(reference)[0]
 
     def failure(self, comparison: Comparison, budget: float) -> str | None:
         """Why ``comparison`` breaks the gate with ``budget``, or None if it holds."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from graphopt import bench
 from graphopt.errors import GraphoptError, first_line
-from graphopt.metrics import STRESS
+from graphopt.metrics import STRESS, TaskMetric
 from graphopt.pipeline import RunOptions, optimize
 
 
@@ -58,6 +58,7 @@ class Job:
     max_drop: float
     metric: str | None
     threads: int
+    task: TaskMetric | None = None  # the user's metric function: the budget is on it
 
     @property
     def output(self) -> Path:
@@ -71,7 +72,7 @@ def run(job: Job) -> Candidate:
     start = time.perf_counter()
     try:
         report = optimize(str(job.model), job.output, passes=job.recipe, calib=job.search, data=job.search,
-                          max_drop=job.max_drop, metric=job.metric,
+                          max_drop=job.max_drop, metric=job.metric, metric_fn=job.task,
                           run=RunOptions(threads=job.threads, latency=job.objective == "latency", progress=False))
         stressed = report.final_stressed_drop
         steady = stressed is None or stressed <= job.max_drop + 1e-9

@@ -1,8 +1,8 @@
 """The trade-offs `graphopt auto` found: Pareto fronts of loss vs size and loss vs latency, as JSON, Markdown
 and PNG (the original and the chosen model marked).
 
-Loss is measured on the search samples against the original: the accuracy or agreement drop, or for the snr
-gate the negated worst-channel SNR (lower is better on every axis).
+Loss is measured on the search samples against the original: the accuracy, agreement or user's score drop, or
+for the snr gate the negated worst-channel SNR (lower is better on every axis).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ def loss(cand: Candidate, metric: str) -> float | None:
         return float(s["reference_accuracy"]) - float(s["accuracy"])
     if metric == "agreement" and s.get("agreement") is not None:
         return 1.0 - float(s["agreement"])
+    if metric == "task" and s.get("task") is not None and s.get("reference_task") is not None:
+        return float(s["reference_task"]) - float(s["task"])
     snr = s.get("worst_snr_db")
     return -float(snr) if snr is not None else None
 

@@ -33,7 +33,7 @@ from graphopt.auto.candidate import Candidate
 from graphopt.errors import GraphoptError
 from graphopt.formatting import human, json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import Evaluator
+from graphopt.metrics import Evaluator, TaskMetric, metric_for_gate
 from graphopt.pipeline import machine_line
 from graphopt.recipe import parse_text
 from graphopt.verify import Gate
@@ -77,22 +77,27 @@ def _recipe_yaml(rec: str) -> str:
     return yaml.safe_dump({"passes": steps}, sort_keys=False)
 
 
-def _judge(model: Path, pick: Path, holdout: Any, max_drop: float, metric: str | None, threads: int
-           ) -> tuple[dict[str, Any], bool, str]:
-    evaluator = Evaluator(str(model), holdout, threads=threads)
-    gate, _ = Gate(metric, max_drop, None).resolved(evaluator.evaluate(str(model)))
+def _judge(model: Path, pick: Path, holdout: Any, max_drop: float, metric: str | None, threads: int,
+           task: TaskMetric | None) -> tuple[dict[str, Any], bool, str]:
+    """The pick against the original on the held-out samples (the user's function called with holdout=True)."""
+    task = task.judging() if task is not None else None
+    evaluator = Evaluator(str(model), holdout, threads=threads, task=task)
+    gate = Gate("task", max_drop, None, task) if task is not None else \
+        Gate(metric, max_drop, None).resolved(evaluator.evaluate(str(model)))[0]
     comparison = evaluator.evaluate(str(pick))
     return comparison.to_dict(), gate.failure(comparison, max_drop) is None, gate.metric
 
 
 def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, data: Any = None, calib: Any = None,
          max_drop: float = 0.01, objective: str = "size", trials: int = 20, time_budget: float | None = None,
-         study: str | os.PathLike | None = None, metric: str | None = None, threads: int = 1,
+         study: str | os.PathLike | None = None, metric: str | None = None, metric_fn: Any = None, threads: int = 1,
          workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> AutoResult:
     """Search recipes for ``model``; write the pick to ``output`` (default ``<stem>.auto.onnx`` here), the
     recipe beside it (``.yaml``), the search split's samples (``.calib.npz``, to reproduce it with
-    ``graphopt optimize MODEL --recipe R --calib C``) and the report (``.json``, ``.md``, ``.png``)."""
+    ``graphopt optimize MODEL --recipe R --calib C``) and the report (``.json``, ``.md``, ``.png``).
+    ``metric_fn``: the user's score (:mod:`graphopt.metrics.task`); the budget is then on it."""
     _check_arguments(objective, max_drop, trials)
+    task = metric_for_gate(metric, metric_fn)
     source = data if data is not None else calib
     if source is None:
         raise GraphoptError("auto needs samples: give --data (it is split into search and held-out parts)")
@@ -112,7 +117,7 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
             folder.mkdir(parents=True, exist_ok=True)
 
             def job(number: int, rec: str) -> candidate.Job:
-                return candidate.Job(model, folder, number, rec, search, objective, max_drop, metric, threads)
+                return candidate.Job(model, folder, number, rec, search, objective, max_drop, metric, threads, task)
 
             opt_study = _study(objective, storage, model)
             interrupted = _search(opt_study, pool, job, objective, max_drop, trials, time_budget, progress)
@@ -124,7 +129,7 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
             pick = folder / f"candidate{chosen.file_number}.onnx"
             if not pick.exists():  # a resumed study whose files were not kept: rebuild the pick from its recipe
                 chosen = candidate.run(job(chosen.file_number, chosen.recipe))
-            holdout_cmp, passed, gate_metric = _judge(model, pick, holdout, max_drop, metric, threads)
+            holdout_cmp, passed, gate_metric = _judge(model, pick, holdout, max_drop, metric, threads, task)
             feeds = batch_one(specs, holdout.feeds[:4])
             ratio = bench.benchmark([str(model), str(pick)], feeds, threads=threads, stats=False)[1].ratio
             _write(pick, output)
@@ -202,10 +207,10 @@ def summary(result: AutoResult) -> list[str]:
     chosen = result.chosen
     smaller = result.original_lzma_bytes / chosen.lzma_bytes if chosen.lzma_bytes else float("nan")
     held = result.holdout.get(result.metric) if result.metric != "snr" else result.holdout.get("worst_snr_db")
-    ref = result.holdout.get(f"reference_{result.metric}") if result.metric == "accuracy" else None
+    ref = result.holdout.get(f"reference_{result.metric}") if result.metric in ("accuracy", "task") else None
     samples = result.holdout.get("samples") or 0
     coarse = (f"; one held-out sample is {1 / samples:.2%}, more than the budget: give more samples"
-              if result.metric != "snr" and samples and 1 / samples > result.max_drop else "")
+              if result.metric in ("accuracy", "agreement") and samples and 1 / samples > result.max_drop else "")
     return [f"{len(result.candidates)} candidates" + (" (interrupted)" if result.interrupted else "")
             + f" on {result.where}; chosen #{chosen.number}: {chosen.recipe}",
             f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "

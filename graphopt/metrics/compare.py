@@ -29,6 +29,7 @@ import numpy as np
 from graphopt.metrics.channels import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
 from graphopt.errors import DataError, GraphoptError, first_line
 from graphopt.formatting import json_safe
+from graphopt.metrics.task import TaskMetric
 from graphopt.runtime import make_session
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
     "split_labels",
 ]
 
-METRICS = ("accuracy", "agreement", "snr")
+METRICS = ("accuracy", "agreement", "snr", "task")  # task: the user's own function (graphopt.metrics.task)
 # Budget searches judge candidates with their output error made this much larger (the part of it a per-row
 # rescaling and shift of the scores does not explain, which cannot change an arg-max): a search that stops at
 # the first flipped sample stops where unseen samples flip, and the safety factor keeps it off that edge.
@@ -66,6 +67,8 @@ class Comparison:
     feeds: int = 0
     stressed_agreement: float | None = None  # agreement with the output error STRESS times larger
     stressed_accuracy: float | None = None  # accuracy likewise
+    task: float | None = None  # the user's metric function on the candidate (higher is better)
+    reference_task: float | None = None  # ... on the reference
 
     @property
     def worst_snr_db(self) -> float:
@@ -82,12 +85,17 @@ class Comparison:
             return self.accuracy
         if metric == "agreement":
             return self.agreement
+        if metric == "task":
+            return self.task
         return self.worst_snr_db
 
     def drop(self, metric: str, stressed: bool = False) -> float | None:
         """How much worse than the reference: accuracy points lost, or 1 - agreement; None for snr.
-        ``stressed``: the larger of that and the drop with the output error STRESS times larger."""
+        ``stressed``: the larger of that and the drop with the output error STRESS times larger (not for the
+        task metric: the user's function sees only the candidate). task: the reference's score less the candidate's."""
         _check_metric(metric)
+        if metric == "task":
+            return None if self.task is None or self.reference_task is None else self.reference_task - self.task
         if metric == "accuracy":
             if self.accuracy is None or self.reference_accuracy is None:
                 return None
@@ -115,6 +123,9 @@ class Comparison:
             parts.append(f"acc {self.accuracy:.3f}{ref}")
         if self.agreement is not None:
             parts.append(f"agree {self.agreement:.3f}")
+        if self.task is not None:
+            parts.append(f"task {self.task:.4g}" + (f" (ref {self.reference_task:.4g})"
+                                                    if self.reference_task is not None else ""))
         worst = self.worst_output
         if worst is not None:
             where = f" [{worst.name}" + (f" ch {worst.worst_channel}]" if worst.worst_channel is not None else "]")
@@ -325,8 +336,10 @@ class Evaluator:
         score_output: str | None = None,
         progress: bool = False,
         map_threshold: float = MAP_THRESHOLD,
+        task: TaskMetric | None = None,
     ) -> None:
         self.threads = threads
+        self.task = task
         self.map_threshold = map_threshold
         self.progress = progress
         self.feeds: list[dict[str, np.ndarray]] = list(dataset.feeds)
@@ -341,6 +354,7 @@ class Evaluator:
         self.score_output = score_output
         labels = getattr(dataset, "labels", None)
         self.labels = split_labels(labels, self.reference_outputs, self.output_names, score_output)
+        self.reference_task = task.score(session) if task is not None else None
 
     def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
         from tqdm.auto import tqdm
@@ -355,7 +369,10 @@ class Evaluator:
         for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
             outputs = _run(session, self.output_names, feed, i, "candidate")
             acc.add(self.reference_outputs[i], outputs, self.labels[i])
-        return acc.result()
+        result = acc.result()
+        if self.task is not None:
+            result.task, result.reference_task = self.task.score(session), self.reference_task
+        return result
 
 
 def _session(model: Any, threads: int, role: str):

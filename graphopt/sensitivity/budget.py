@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from graphopt import modelio, runtime
 from graphopt.passbase import PassContext
 from graphopt.sensitivity.measurement import ApplyFn, SensitivityRow, measure_combination
 
@@ -112,10 +113,13 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     if context.max_drop is None and context.min_snr is None:
         raise ValueError("seek_budget needs a budget in the context (max_drop, or min_snr for the snr metric)")
     states = frontier(ladders)
-    rows: dict[int, SensitivityRow] = {}
+    rows: dict[int, SensitivityRow | float] = {}
 
     def check(state: State) -> bool:
         fns = [edit(layer, setting) for layer, setting in chosen(ladders, state).items()]
+        if context.task is not None:  # the budget is on the user's score of the whole model
+            rows[len(rows)] = drop = task_drop(context, model, fns)
+            return context.max_drop is None or drop <= context.max_drop + 1e-12
         rows[len(rows)] = row = measure_combination(context, model, fns, max_samples)
         return holds(row, context.max_drop, context.min_snr, stressed=True)
 
@@ -128,7 +132,18 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     return picked, notes
 
 
-def _row_text(row: SensitivityRow) -> str:
+def task_drop(context: PassContext, model, fns: Sequence[ApplyFn]) -> float:
+    """The user's metric function on ``model`` with ``fns`` applied to a clone: the original's score less this."""
+    clone = model.clone()
+    for fn in fns:
+        fn(clone)
+    session = runtime.make_session(modelio.to_proto(clone), threads=context.threads)
+    return float(context.task_reference) - context.task.score(session)
+
+
+def _row_text(row: SensitivityRow | float) -> str:
+    if isinstance(row, float):
+        return f" (task drop {row:.4g})"
     if not row.measured:
         return f" ({row.error or row.status})"
     if row.drop is not None:

@@ -1,0 +1,147 @@
+"""The user's own yardstick (--metric-fn / metric_fn=): the budget is on the number the function returns, for
+optimize, budget-seeking passes and auto alike; and one clear line when the function is missing or misbehaves."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from graphopt import cli, optimize
+from graphopt.auto import auto
+from graphopt.errors import GraphoptError
+from graphopt.metrics import load_metric_fn, metric_for_gate
+from graphopt.pipeline import RunOptions
+from tests.helpers import DIGITS
+
+MODEL, CALIB, TEST = DIGITS / "digits.onnx", DIGITS / "calib.npz", DIGITS / "test.npz"
+QUIET = RunOptions(latency=False, progress=False)
+
+
+def digits_accuracy(session) -> float:
+    """The digits task the search never sees: accuracy on test.npz (a real user metric)."""
+    data = np.load(TEST)
+    scores = session.run(None, {"input": data["input"]})[0]
+    return float((scores.argmax(axis=1) == data["labels"]).mean())
+
+
+def accuracy_of(path) -> float:
+    from graphopt.runtime import make_session
+
+    return digits_accuracy(make_session(str(path)))
+
+
+def indifferent(session) -> float:
+    return 1.0
+
+
+def test_the_gate_follows_the_users_number_not_graphopts_guess(tmp_path):
+    # 95% of the weights gone: the digits classifier is wrecked (agreement far below 99%) ...
+    wrecked = "prune:sparsity=0.95,scope=global"
+    plain = optimize(str(MODEL), tmp_path / "a.onnx", passes=wrecked, data=CALIB, run=QUIET)
+    assert plain.passes[-2].status == "rolled back" and "accuracy drop" in plain.passes[-2].reason
+    # ... a user's metric that does not care keeps it: the budget is on the user's number only
+    kept = optimize(str(MODEL), tmp_path / "b.onnx", passes=wrecked, data=CALIB, run=QUIET, metric_fn=indifferent)
+    assert kept.metric == "task" and kept.passed
+    row = next(r for r in kept.passes if r.step.startswith("prune"))
+    assert row.status == "kept" and row.metrics["task"] == 1.0 and row.metrics["agreement"] < 0.9
+    # ... and the real task (accuracy on test.npz) rolls it back, naming the task drop
+    strict = optimize(str(MODEL), tmp_path / "c.onnx", passes=wrecked, data=CALIB, run=QUIET, metric_fn=digits_accuracy)
+    row = next(r for r in strict.passes if r.step.startswith("prune"))
+    assert row.status == "rolled back" and row.reason.startswith("task drop "), row.reason
+    assert strict.passes[0].metrics["reference_task"] == pytest.approx(accuracy_of(MODEL))
+
+
+def test_budget_seeking_checks_whole_models_on_the_users_number(tmp_path):
+    calls = []
+
+    def counting(session):
+        calls.append(1)
+        return digits_accuracy(session)
+
+    report = optimize(str(MODEL), tmp_path / "k.onnx", passes="kmeans:bits=auto,max_samples=64", data=CALIB,
+                      run=QUIET, metric_fn=counting, max_drop=0.01)
+    row = next(r for r in report.passes if r.step.startswith("kmeans"))
+    assert any("task drop" in n for n in row.notes), row.notes  # the bisection's checks are on the task
+    assert row.status == "kept" and report.passed
+    final = row.metrics["reference_task"] - row.metrics["task"]
+    assert final <= 0.01 + 1e-9
+    assert len(calls) >= 3  # the reference, at least one whole-model check, the pass's gate
+
+
+def test_cli_metric_fn_from_a_file(tmp_path, capsys):
+    fn = tmp_path / "mytask.py"
+    fn.write_text("import numpy as np\n"
+                  f"DATA = np.load({str(TEST)!r})\n"
+                  "def top1(session):\n"
+                  "    s = session.run(None, {'input': DATA['input']})[0]\n"
+                  "    return float((s.argmax(1) == DATA['labels']).mean())\n")
+    out = tmp_path / "o.onnx"
+    code = cli.main(["optimize", str(MODEL), "--passes", "prune:sparsity=0.3", "--data", str(CALIB),
+                     "--metric-fn", f"{fn}:top1", "-o", str(out), "--quiet", "--no-latency",
+                     "--report", str(tmp_path / "r.json")])
+    text = capsys.readouterr().out
+    assert code == 0 and "task score" in text and "gate: task drop <= 0.01: PASSED" in text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metric"] == "task"
+    assert report["passes"][-1]["metrics"]["task"] == pytest.approx(accuracy_of(out))
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--metric-fn", "no_such_module_xyz:f"], "cannot import no_such_module_xyz"),
+    (["--metric-fn", "json:no_such_function"], "json has no function no_such_function"),
+    (["--metric-fn", "missing.py:f"], "missing.py is not a file"),
+    (["--metric-fn", "justtext"], "expected module:function"),
+    (["--metric-fn", "json:dumps", "--metric", "accuracy"], "give one"),
+    (["--metric", "task"], "invalid choice: 'task'"),
+])
+def test_cli_refuses_a_metric_fn_it_cannot_use(tmp_path, capsys, argv, match):
+    code = cli.main(["optimize", str(MODEL), "--passes", "prune:sparsity=0.3", "--data", str(CALIB), "--quiet",
+                     "-o", str(tmp_path / "o.onnx"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fn,match", [(lambda s: float("nan"), "returned nan"), (lambda s: "high", "returned str"),
+                                      (lambda s: 1 / 0, "failed: ZeroDivisionError")])
+def test_a_misbehaving_function_is_one_clear_error_and_nothing_is_written(tmp_path, fn, match):
+    with pytest.raises(GraphoptError, match=match):
+        optimize(str(MODEL), tmp_path / "o.onnx", passes="prune:sparsity=0.3", data=CALIB, run=QUIET, metric_fn=fn)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_api_refuses_what_the_cli_refuses(tmp_path):
+    with pytest.raises(GraphoptError, match="--metric task needs --metric-fn"):
+        optimize(str(MODEL), tmp_path / "o.onnx", passes="prune", data=CALIB, metric="task")
+    with pytest.raises(GraphoptError, match="expected a function of an onnxruntime session"):
+        auto(MODEL, tmp_path / "o.onnx", data=CALIB, metric_fn=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_metric_given_by_name_travels_by_name(tmp_path):
+    fn = tmp_path / "scorer.py"
+    fn.write_text("def score(session, holdout):\n    return 2.0 if holdout else 1.0\n")
+    metric = load_metric_fn(f"{fn}:score")
+    again = pickle.loads(pickle.dumps(metric.judging()))  # re-imported, as on a Dask worker
+    assert again.spec == metric.spec and again.holdout and again.fn is not metric.fn
+    assert again.score(None) == 2.0 and metric.score(None) == 1.0
+    assert metric_for_gate(None, f"{fn}:score").spec == metric.spec
+    assert metric_for_gate(None, None) is None
+
+
+def test_auto_searches_on_the_users_number_and_judges_with_holdout_true(tmp_path):
+    seen = []
+
+    def scored(session, holdout=False):
+        seen.append(holdout)
+        return digits_accuracy(session)
+
+    result = auto(MODEL, tmp_path / "p.onnx", data=CALIB, trials=2, metric_fn=scored, progress=False)
+    assert result.metric == "task" and seen[-1] is True and seen.count(True) == 2  # the original and the pick
+    assert not any(seen[:-2])  # the search scored every candidate with holdout=False
+    pick = accuracy_of(result.output)
+    assert result.holdout["task"] == pytest.approx(pick)
+    assert result.passed == (accuracy_of(MODEL) - pick <= 0.01 + 1e-9)
