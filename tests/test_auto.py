@@ -108,3 +108,39 @@ def test_a_search_on_a_local_dask_cluster(tmp_path):
     assert [c.number for c in result.candidates] == [0, 1, 2]
     assert all(c.seconds > 0 or c.same_as is not None for c in result.candidates)
     assert (tmp_path / "o.onnx").exists() and result.chosen.lzma_bytes <= result.candidates[0].lzma_bytes
+
+
+def test_a_killed_search_resumes_from_its_study(tmp_path):
+    # SIGKILL the command once two candidates are in the study: nothing is written where the pick goes, and a
+    # rerun with the same --study goes on from the trials that finished (their files kept beside the study).
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    study, out = tmp_path / "s.db", tmp_path / "o.onnx"
+    argv = [sys.executable, "-m", "graphopt.cli", "auto", str(MODEL), "--data", str(CALIB), "--study", str(study),
+            "-o", str(out), "--quiet"]
+    proc = subprocess.Popen(argv + ["--trials", "50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished() -> int:
+        try:
+            with sqlite3.connect(study) as db:
+                return db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.Error:  # not created yet
+            return 0
+
+    deadline = time.monotonic() + 120
+    while finished() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = finished()
+    assert 2 <= done < 50 and not out.exists()
+    again = subprocess.run(argv + ["--trials", "1"], capture_output=True, text=True, timeout=300)
+    assert again.returncode in (0, 1), again.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [c["number"] for c in report["candidates"]][:done] == list(range(done))
+    assert len(report["candidates"]) == done + 1 and report["candidates"][0]["recipe"] == "fold_batchnorm; fuse"
+    assert report["chosen"]["lzma_bytes"] == bench.file_sizes(out)[1]
