@@ -63,6 +63,10 @@ def test_recipes_of_the_space():
     assert space.recipe(choices, "size", 0.02) == (
         "fold_batchnorm; fuse; prune:sparsity=0.5,scope=global,max_drop=0.02; "
         "kmeans:bits=4,data_aware=true,max_drop=0.02; quantize:target=size,max_drop=0.02")
+    choices = {"lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": 16384, "kmeans_bits": "auto"}
+    assert space.recipe(choices, "size", 0.01) == (
+        "fold_batchnorm; fuse; lowrank:ratio=auto,ratio_of=params,data_aware=true,min_size=16384,max_samples=512,"
+        "max_drop=0.0025; kmeans:bits=auto,max_samples=512,max_drop=0.01")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")

@@ -247,3 +247,45 @@ def test_data_aware_needs_calibration():
 
     with pytest.raises(GraphoptError, match="calibration"):
         _run(gemm_model(), rank=4, data_aware=True, min_size=0)
+
+
+def test_ratio_auto_cuts_where_measured_cheap_and_keeps_the_budget():
+    # Two layers of the same size: one with a fast-decaying spectrum (most ranks cost nothing), one flat (every
+    # rank dropped costs 1/64 of the output). With a 30 dB floor on the worst channel, ratio=auto must cut the
+    # first and leave the second alone, and the whole model must hold the floor.
+    decaying = _spectrum_matrix(64, 64, np.geomspace(10, 1e-8, 64), 1).astype(np.float32)
+    flat = _spectrum_matrix(64, 64, np.ones(64), 2).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="decaying"),
+             helper.make_node("MatMul", ["h", "B"], ["y"], name="flat")]
+    model = make_model(nodes, [tensor_info("x", np.float32, ("N", 64))], ["y"], {"A": decaying, "B": flat})
+    feeds = [{"x": randn((32, 64), seed)} for seed in range(4)]
+    context = PassContext(calib=Dataset(feeds=feeds), teacher=clone(model), metric="snr", min_snr=30.0)
+    opts = build_options(LowRank.Options, {"ratio": "auto", "ratio_of": "params", "min_size": 0}, "lowrank")
+    result = LowRank(opts, context)(model)
+    rows = {r["layer"]: r for r in result.rows}
+    assert list(rows) == ["decaying"] and rows["decaying"]["params_after"] <= 0.5 * 64 * 64, result.notes
+    assert any(n.startswith("budget: 1 of 2 layer(s) changed") for n in result.notes), result.notes
+    ref = np.concatenate([run_model(context.teacher, f)["y"] for f in feeds])
+    got = np.concatenate([run_model(model, f)["y"] for f in feeds])
+    worst = min(10 * np.log10(np.sum(ref[:, c] ** 2) / np.sum((ref[:, c] - got[:, c]) ** 2)) for c in range(64))
+    assert worst >= 30.0
+
+
+def test_ratio_auto_on_digits_stays_inside_the_budget(tmp_path):
+    import graphopt
+    from graphopt.pipeline import RunOptions
+    from tests.helpers import DIGITS
+
+    report = graphopt.optimize(str(DIGITS / "digits.onnx"), tmp_path / "o.onnx", calib=DIGITS / "calib.npz",
+                               data=DIGITS / "calib.npz", max_drop=0.01, run=RunOptions(latency=False, progress=False),
+                               passes="lowrank:ratio=auto,ratio_of=params,data_aware=true,max_samples=256")
+    row = next(r for r in report.passes if r.step.startswith("lowrank"))
+    assert row.status == "kept" and report.passed and row.rows, row.notes
+    assert sum(r["params_after"] for r in row.rows) < 0.5 * sum(r["params_before"] for r in row.rows)
+    assert report.final["reference_accuracy"] - report.final["accuracy"] <= 0.01 + 1e-9
+    assert report.passes[-1].params < report.passes[0].params
+
+
+def test_ratio_auto_needs_data():
+    assert LowRank.needs_data(build_options(LowRank.Options, {"ratio": "auto"}, "lowrank"))
+    assert LowRank.needs_data(build_options(LowRank.Options, {"ratio": 0.5}, "lowrank")) is None

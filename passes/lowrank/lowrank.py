@@ -7,7 +7,8 @@
   HOSVD: 1×1 C→r_in, k×k r_in→r_out, 1×1 r_out→N). The factor with the kernel carries the conv's geometry;
   ``svd`` on a k×k conv means ``basis``. ``auto`` picks per layer by MACs saved at the chosen rank/error.
 - Rank: fixed ``rank``; ``energy`` (relative squared error ≤ 1 - energy); ``ratio`` of MACs or params kept per
-  layer; or ``macs``: one global budget (fraction of the factorizable MACs kept), spread greedily over the
+  layer (``ratio=auto``: each layer's ratio chosen inside the accuracy budget from measured sensitivity,
+  :mod:`~graphopt.passes.lowrank.seek`); or ``macs``: one global budget (fraction of the factorizable MACs kept), spread greedily over the
   lower convex hulls of every layer's (MACs, error) candidates: the cheapest error per MAC saved goes first.
   The error proxy is the singular-value tail (relative, squared), whitened when data-aware.
 - ``data_aware``: with calibration data, SVD of Lᵀ·W (Σ = L Lᵀ the layer's input covariance from
@@ -35,6 +36,7 @@ from graphopt.passes.lowrank.budget import Choice, allocate, choices, choose
 from graphopt.passes.lowrank.geometry import Geometry, layer_geometry
 from graphopt.passes.lowrank.rewrite import rewrite
 from graphopt.passes.lowrank.schemes import Factorizer, Whitener, pareto
+from graphopt.passes.lowrank.seek import inside_budget
 from graphopt.weights import encoding_of
 
 DEFAULT_ENERGY = 0.98
@@ -55,8 +57,10 @@ class LowRank(GraphoptPass):
         energy: float | None = option(None, f"keep this fraction of the (whitened) spectrum's energy: relative "
                                             f"squared error ≤ 1 - energy (default {DEFAULT_ENERGY} when no rank "
                                             "option is given)", low=0.0, high=1.0, low_open=True)
-        ratio: float | None = option(None, "per layer: keep at most this fraction of its MACs (or params, see "
-                                           "ratio_of), least error", low=0.0, high=1.0, low_open=True, high_open=True)
+        ratio: float | Literal["auto"] | None = option(
+            None, "per layer: keep at most this fraction of its MACs (or params, see ratio_of), least error; or auto: "
+                  "each layer's fraction (from levels) chosen inside max_drop (needs --calib)",
+            low=0.0, high=1.0, low_open=True, high_open=True)
         ratio_of: Literal["macs", "params"] = option("macs", "what ratio counts", choices=("macs", "params"))
         macs: float | None = option(None, "global budget: fraction of the factorizable layers' MACs to keep, spread "
                                           "over layers by the error each rank costs", low=0.0, high=1.0,
@@ -67,7 +71,12 @@ class LowRank(GraphoptPass):
                                    low=-100.0, high=1.0, high_open=True)
         min_size: int = option(4096, "layers with fewer weight elements are left alone", low=0)
         skip_nodes: list[str] = option([], "node or weight names never factorized")
-        max_samples: int = option(64, "calibration samples for the input statistics (data_aware)", low=1)
+        levels: list[float] = option([0.5, 0.35, 0.25, 0.15, 0.1, 0.06], "fractions kept, measured per layer with "
+                                     "ratio=auto", low=0.0, high=1.0, low_open=True, high_open=True)
+        time_budget: float = option(120.0, "seconds for the ratio=auto sensitivity measurements", low=0.0,
+                                    low_open=True)
+        max_samples: int = option(64, "calibration samples for the input statistics (data_aware) and ratio=auto",
+                                  low=1)
         max_rows: int = option(100_000, "im2col rows kept per layer for the statistics (data_aware)", low=1)
         max_whiten_dim: int = option(4608, "layers with more inputs (C·k·k) than this stay weight-based", low=1)
         damping: float = option(1e-5, "relative ridge on the input covariance before its Cholesky", low=0.0)
@@ -79,6 +88,8 @@ class LowRank(GraphoptPass):
 
     @classmethod
     def needs_data(cls, options) -> str | None:
+        if options.ratio == "auto":
+            return "ratio=auto measures each layer's levels on data"
         return "data_aware fits each layer's output on calibration activations" if options.data_aware else None
 
     def accepts_slower(self) -> bool:
@@ -88,7 +99,8 @@ class LowRank(GraphoptPass):
         opts = self.options
         notes: list[str] = []
         plans = self._plans(model, notes)
-        chosen = self._plan(plans, notes)
+        chosen = inside_budget(self.context, model, plans, opts, notes) if opts.ratio == "auto" else \
+            self._plan(plans, notes)
         rows = []
         names = {v.name for g in all_graphs(model) for n in g for v in n.outputs if v.name}
         left = 0
