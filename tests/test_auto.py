@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from graphopt import bench, cli
-from graphopt.auto import Candidate, auto, candidate, pareto, space
+from graphopt.auto import Candidate, auto, candidate, pareto, search, space, summary
 from graphopt.errors import GraphoptError
 from tests.helpers import DIGITS
 
@@ -25,7 +25,8 @@ def test_search_end_to_end(tmp_path, capsys, monkeypatch):
     report = json.loads(out.with_suffix(".json").read_text())
     assert code == (0 if report["passed"] else 1) and ("PASSED" in text) == report["passed"]
     cands = report["candidates"]
-    assert [c["number"] for c in cands] == [0, 1, 2]
+    assert [c["number"] for c in cands] == list(range(len(cands)))
+    assert sum(c["same_as"] is None for c in cands) == 3  # --trials counts candidates built, not repeats
     assert cands[0]["recipe"] == "fold_batchnorm; fuse"  # the original, as the exact passes leave it
     chosen = report["chosen"]
     assert chosen["lzma_bytes"] == min(c["lzma_bytes"] for c in cands if not c["error"])
@@ -50,10 +51,11 @@ def test_search_end_to_end(tmp_path, capsys, monkeypatch):
 def test_a_study_resumes(tmp_path):
     study = tmp_path / "study.db"
     first = auto(MODEL, tmp_path / "a.onnx", data=CALIB, trials=2, study=study, progress=False)
-    assert [c.number for c in first.candidates] == [0, 1]
+    built = [c for c in first.candidates if c.same_as is None]
+    assert len(built) == 2 and first.candidates[0].number == 0
     second = auto(MODEL, tmp_path / "b.onnx", data=CALIB, trials=1, study=study, progress=False)
-    assert [c.number for c in second.candidates] == [0, 1, 2]
-    assert [c.recipe for c in second.candidates[:2]] == [c.recipe for c in first.candidates]
+    assert second.candidates[:len(first.candidates)] == first.candidates
+    assert sum(c.same_as is None for c in second.candidates) == 3
 
 
 def test_recipes_of_the_space():
@@ -104,6 +106,9 @@ def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,max_drop=0.01")
     first, again = result.candidates[1], result.candidates[2]
     assert again.same_as == 1 and again.recipe == first.recipe and again.lzma_bytes == first.lzma_bytes
+    # a repeat does not count as a trial; a space with nothing new left ends the search after MAX_REPEATS
+    assert len(result.candidates) == 2 + search.MAX_REPEATS
+    assert summary(result)[0].startswith(f"2 candidates ({search.MAX_REPEATS} more repeated a recipe)")
 
 
 def test_a_search_on_a_local_dask_cluster(tmp_path):
@@ -146,5 +151,7 @@ def test_a_killed_search_resumes_from_its_study(tmp_path):
     assert again.returncode in (0, 1), again.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     assert [c["number"] for c in report["candidates"]][:done] == list(range(done))
-    assert len(report["candidates"]) == done + 1 and report["candidates"][0]["recipe"] == "fold_batchnorm; fuse"
+    built = [c for c in report["candidates"] if c["same_as"] is None]
+    assert len(built) == sum(c["same_as"] is None for c in report["candidates"][:done]) + 1
+    assert report["candidates"][0]["recipe"] == "fold_batchnorm; fuse"
     assert report["chosen"]["lzma_bytes"] == bench.file_sizes(out)[1]
