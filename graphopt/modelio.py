@@ -13,6 +13,7 @@ and no more. onnxruntime fuses differently when it is given intermediate shapes,
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, first_line
 
 # Value.metadata_props key a pass sets to ask for sparse storage at save time.
 STORAGE_KEY = "graphopt.storage"
@@ -39,12 +40,47 @@ WRITTEN_SHAPES = "graphopt.written_shapes"
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file into onnx_ir after checking it is whole, safe and complete."""
     proto = load_proto(path)
-    model = ir.serde.deserialize_model(proto)
+    model = _deserialize(proto, path)
     ir.external_data.set_base_dir(model.graph, str(Path(path).resolve().parent))
     folder = Path(path).resolve().parent
     model.graph.meta[SOURCE_BYTES] = Path(path).stat().st_size + sum(
         f.stat().st_size for f in external_files(proto, folder))
     record_written_shapes(model)
+    return model
+
+
+class _InvalidGraph(logging.Filter):
+    """Catches onnx_ir's warnings that a graph is invalid (an input no scope defines, an output no node makes, a
+    nameless initializer it skips): it would go on with an invented value, where graphopt refuses the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "invalid" in message or "Skipping" in message:
+            self.found.append(message.split(". ")[0])
+            return False
+        return True
+
+
+def _deserialize(proto: onnx.ModelProto, path: str | os.PathLike) -> ir.Model:
+    """onnx_ir's model of ``proto``; a graph it cannot build (a value written twice, an input from nowhere) is
+    refused in one line."""
+    invalid = _InvalidGraph()
+    serde_logger = logging.getLogger(ir.serde.__name__)
+    serde_logger.addFilter(invalid)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as err:  # onnx_ir wraps the reason (ValueError) in its SerdeError
+        while err.__cause__ is not None:
+            err = err.__cause__
+        raise GraphoptError(f"{path}: not a valid ONNX graph ({first_line(err, with_type=False)})") from None
+    finally:
+        serde_logger.removeFilter(invalid)
+    if invalid.found:
+        raise GraphoptError(f"{path}: not a valid ONNX graph ({invalid.found[0]})")
     return model
 
 
@@ -240,6 +276,9 @@ def saved_bytes(path: str | os.PathLike) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+TEMP_PREFIX = ".graphopt-"  # + pid: the temporary folder a save writes in, beside the output
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically; external data beside it when large (or asked)."""
     path = Path(path)
@@ -248,7 +287,16 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | Non
         raise GraphoptError(f"{path}: output folder {folder} does not exist")
     if external is None:
         external = tensor_bytes(model) > EXTERNAL_THRESHOLD
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=folder))
+    try:
+        _write_atomically(model, path, folder, external)
+    except OSError as err:  # a full disk, a file size limit, a read-only folder: nothing partial is left
+        raise GraphoptError(f"{path}: could not write the model ({err.strerror or first_line(err)})") from None
+    return path
+
+
+def _write_atomically(model: ir.Model, path: Path, folder: Path, external: bool) -> None:
+    _remove_stale_temporaries(folder)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder))
     try:
         tmp_model = tmp_dir / path.name
         data_name = path.name + ".data"
@@ -263,10 +311,35 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool | Non
             os.replace(tmp_dir / data_name, folder / data_name)
         os.replace(tmp_model, folder / path.name)
     finally:
-        for leftover in tmp_dir.iterdir():
-            leftover.unlink()
-        tmp_dir.rmdir()
-    return path
+        _remove_folder(tmp_dir)
+
+
+def _remove_folder(folder: Path) -> None:
+    for leftover in folder.iterdir():
+        leftover.unlink()
+    folder.rmdir()
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary folders of saves whose process is gone (killed mid-write): removed before the next save there."""
+    for tmp in folder.glob(f"{TEMP_PREFIX}*-*"):
+        pid = tmp.name[len(TEMP_PREFIX):].split("-")[0]
+        if not tmp.is_dir() or not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            _remove_folder(tmp)
+        except OSError:  # another save cleaning it at the same moment, or not ours to remove
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def default_output(input_path: str | os.PathLike) -> Path:
