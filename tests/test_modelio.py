@@ -104,7 +104,7 @@ def test_failed_save_leaves_nothing(tmp_path, weight, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx, "save_model", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(GraphoptError, match="could not write the model"):
         modelio.save_model(model, target)
     assert list(target.parent.iterdir()) == []
 
