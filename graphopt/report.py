@@ -63,7 +63,8 @@ def _metric_cells(row: PassRow, metric: str) -> tuple[str, str, str]:
     acc = m.get("task" if metric == "task" else "accuracy")
     agree = m.get("agreement")
     snr = m.get("worst_snr_db")
-    return ("-" if acc is None else f"{acc:.4g}" if metric == "task" else f"{acc:.4f}", "-" if agree is None else f"{agree:.4f}",
+    acc_text = "-" if acc is None else f"{acc:.4g}" if metric == "task" else f"{acc:.4f}"
+    return (acc_text, "-" if agree is None else f"{agree:.4f}",
             "-" if snr is None else f"{snr:.1f}")
 
 

@@ -1,11 +1,11 @@
 """The recipes `graphopt auto` searches: one Optuna trial's choices → a recipe string.
 
 Each objective searches the families that serve it, in the order they compose (low rank, then prune before
-weight sharing, sharing before int8: later passes skip the compressed forms earlier ones leave). Every pass carries a budget,
-so a too-aggressive setting is rolled back by the pipeline and the candidate stays inside the budget on the
-search samples. ``auto`` settings are budget-seeking: the pass measures each layer's sensitivity and takes the
-most compression its budget allows (per-layer sparsities, per-layer bit widths); what Optuna searches is how
-the run's budget is shared between the passes and the knobs the allocation leaves open.
+weight sharing, sharing before int8: later passes skip the compressed forms earlier ones leave). Every pass
+carries a budget, so a too-aggressive setting is rolled back by the pipeline and the candidate stays inside the
+budget on the search samples. ``auto`` settings are budget-seeking: the pass measures each layer's sensitivity
+and takes the most compression its budget allows (per-layer ranks, sparsities, bit widths); what Optuna
+searches is how the run's budget is shared between the passes and the knobs the allocation leaves open.
 """
 
 from __future__ import annotations

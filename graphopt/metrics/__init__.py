@@ -12,5 +12,5 @@ from graphopt.metrics.compare import (MAP_THRESHOLD, METRICS, STRESS, Accumulato
                                       split_labels)
 from graphopt.metrics.task import TaskMetric, load_metric_fn, metric_for_gate, task_metric
 
-__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "STRESS", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "TaskMetric", "compare",
-           "cosine", "load_metric_fn", "metric_for_gate", "snr_db", "split_labels", "task_metric"]
+__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "STRESS", "Accumulator", "Comparison", "Evaluator", "OutputMetrics",
+           "TaskMetric", "compare", "cosine", "load_metric_fn", "metric_for_gate", "snr_db", "split_labels", "task_metric"]
