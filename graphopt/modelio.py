@@ -266,7 +266,23 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize for tools that only take a ModelProto (tensors must fit in memory, < 2 GB)."""
     proto = drop_inferred_shapes(ir.serde.serialize_model(model), model)
     _sparsify_marked(proto)
+    _inline_external(proto, model)
     return proto
+
+
+def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
+    """Tensors still read from the source's external-data file, written into ``proto``: a proto has no folder,
+    so the checker and onnxruntime could not find that file (weights a pass left as they were)."""
+    external = {value.name: value.const_value for graph in [model.graph, *model.graph.subgraphs()]
+                for value in graph.initializers.values() if isinstance(value.const_value, ir.ExternalTensor)}
+    if not external:
+        return
+    for tensor in _all_tensors(proto.graph):
+        source = external.get(tensor.name)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and source is not None:
+            tensor.raw_data = source.tobytes()
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def saved_bytes(path: str | os.PathLike) -> int:
