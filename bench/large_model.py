@@ -3,9 +3,9 @@
 Builds a wide MLP (Gemm layers, seeded random weights written straight to an external-data file, so the builder
 never holds them all) with more than 2 GiB of float32 weights, then runs each recipe in a fresh process —
 `prune; kmeans`, `quantize`, and the default recipe — with verification (checker, onnxruntime, gate) as always.
-The gate is worst-channel SNR >= 3 dB, loose on purpose: this measures time and memory (random
-weights have no classes to agree on). Reports wall time, the process's peak RSS and its ratio to the weights' size (the goal: under 2.5x), and checks
-that the written model loads and runs.
+The gate is worst-channel SNR >= 3 dB, loose on purpose: this measures time and memory (random weights have no
+classes to agree on). Reports wall time, the process's peak RSS and its ratio to the weights' size (the goal:
+under 2.5x), and checks that the written model loads and runs.
 
     python bench/large_model.py [--width 8192] [--layers 9] [--folder /tmp/graphopt-large]
 Writes bench/results/large_model.md. Needs about 3x the weights in free disk and 2.5x in RAM.
