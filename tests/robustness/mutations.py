@@ -170,7 +170,13 @@ def _external_short(model: onnx.ModelProto) -> None:
     t.external_data.add(key="length", value=str(4 * int(np.prod(t.dims))))
 
 
+def _zero_stride(model: onnx.ModelProto) -> None:
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    next(a for a in conv.attribute if a.name == "strides").ints[1] = 0
+
+
 STRUCTURAL = {
+    "zero stride": _zero_stride,
     "negative dim": lambda m: _set_dims(m, [-1, *_weight(m).dims[1:]]),
     "huge dims, small data": lambda m: _set_dims(m, [2 ** 40, *_weight(m).dims[1:]]),
     "dims that do not match the data": lambda m: _set_dims(m, [int(np.prod(_weight(m).dims)) + 1]),
