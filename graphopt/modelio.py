@@ -35,12 +35,15 @@ EXTERNAL_THRESHOLD = 1_800_000_000
 SOURCE_BYTES = "graphopt.source_bytes"
 # graph.meta key: names of the intermediate values whose shapes the source file declared (the ones written).
 WRITTEN_SHAPES = "graphopt.written_shapes"
+# graph.meta key: {name: serialized TypeProto} the source declared for main-graph outputs that are also inputs.
+PASSTHROUGH_OUTPUTS = "graphopt.passthrough_outputs"
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX file into onnx_ir after checking it is whole, safe and complete."""
     proto = load_proto(path)
     model = _deserialize(proto, path)
+    _keep_input_declarations(model, proto)
     ir.external_data.set_base_dir(model.graph, str(Path(path).resolve().parent))
     folder = Path(path).resolve().parent
     model.graph.meta[SOURCE_BYTES] = Path(path).stat().st_size + sum(
@@ -82,6 +85,33 @@ def _deserialize(proto: onnx.ModelProto, path: str | os.PathLike) -> ir.Model:
     if invalid.found:
         raise GraphoptError(f"{path}: not a valid ONNX graph ({invalid.found[0]})")
     return model
+
+
+def _keep_input_declarations(model: ir.Model, proto: onnx.ModelProto) -> None:
+    """A main-graph input that is also an output is one Value in onnx_ir, typed as the output was declared; the
+    input's declaration is what the data must fit, so it wins, and the output's is written back at save."""
+    outputs = {info.name: info.type for info in proto.graph.output}
+    inputs = {value.name: value for value in model.graph.inputs}
+    declared = {}
+    for info in proto.graph.input:
+        if info.name in outputs and info.name in inputs:
+            inputs[info.name].type = ir.serde.deserialize_type_proto_for_type(info.type)
+            inputs[info.name].shape = ir.serde.deserialize_type_proto_for_shape(info.type)
+            declared[info.name] = outputs[info.name].SerializeToString()
+    if declared:
+        model.graph.meta[PASSTHROUGH_OUTPUTS] = declared
+
+
+def _declare_passthrough_outputs(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
+    """``proto`` with the source's own declarations of its outputs that are inputs (one Value held the input's)."""
+    declared = model.graph.meta.get(PASSTHROUGH_OUTPUTS, {})
+    inputs = {info.name for info in proto.graph.input}
+    for output in proto.graph.output:
+        if output.name in declared and output.name in inputs:
+            source = onnx.TypeProto.FromString(declared[output.name])
+            if source.tensor_type.elem_type == output.type.tensor_type.elem_type:  # else a pass retyped it
+                output.type.CopyFrom(source)
+    return proto
 
 
 def record_written_shapes(model: ir.Model) -> None:
@@ -279,7 +309,7 @@ def tensor_bytes(model: ir.Model) -> int:
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize for tools that only take a ModelProto (tensors must fit in memory, < 2 GB)."""
-    proto = drop_inferred_shapes(ir.serde.serialize_model(model), model)
+    proto = _declare_passthrough_outputs(drop_inferred_shapes(ir.serde.serialize_model(model), model), model)
     _sparsify_marked(proto)
     _inline_external(proto, model)
     return proto
@@ -333,9 +363,10 @@ def _write_atomically(model: ir.Model, path: Path, folder: Path, external: bool)
         data_name = path.name + ".data"
         if external:
             ir.save(model, tmp_model, external_data=data_name)
-            if WRITTEN_SHAPES in model.graph.meta:  # rewrite the header only; the data file stays as written
-                header = onnx.load_model(str(tmp_model), load_external_data=False)
-                onnx.save_model(drop_inferred_shapes(header, model), str(tmp_model))
+            if WRITTEN_SHAPES in model.graph.meta or PASSTHROUGH_OUTPUTS in model.graph.meta:
+                header = onnx.load_model(str(tmp_model), load_external_data=False)  # the data file stays as written
+                onnx.save_model(_declare_passthrough_outputs(drop_inferred_shapes(header, model), model),
+                                str(tmp_model))
         else:
             onnx.save_model(to_proto(model), str(tmp_model))
         if external and (tmp_dir / data_name).exists():

@@ -21,7 +21,6 @@ from collections import Counter
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     LiftConstantsToInitializersPass,
     RemoveUnusedNodesPass,
     TopologicalSortPass,
@@ -32,7 +31,7 @@ from graphopt.modelio import drop_inferred_shapes, tensor_bytes
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.proto_handoff import adopt, serialize_loaded
-from graphopt.graphs import all_graphs, all_nodes
+from graphopt.graphs import all_graphs, all_nodes, is_default_domain
 from graphopt.weights import constant_tensor, is_sparse_marked
 
 # Storage dtypes of compressed weights: a node reading one of these constants decompresses it.
@@ -84,6 +83,42 @@ def _should_fold(node: ir.Node) -> bool | None:
     return False if held_out_reason(node) else None
 
 
+def _drop_identity(node: ir.Node) -> bool:
+    """Drop ``y = Identity(x)`` when every graph stays whole; whether it did.
+
+    onnx_ir's IdentityEliminationPass also drops it when y is a graph output and x is not made by a node of that
+    graph: an If branch or Loop body returning an outer value then has an output no node of it makes (the
+    checker refuses it), or one value is the output of two graphs (onnx_ir raises). And when x is already an
+    output, two outputs merge into one and the other name is lost. Here x takes y's place as an output only
+    when a node of the same graph makes it and it is no output yet; otherwise the Identity stays.
+    """
+    if node.op_type != "Identity" or not is_default_domain(node) or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return False
+    source, target = node.inputs[0], node.outputs[0]
+    if source is None:
+        return False
+    if target.is_graph_output():
+        producer = source.producer()
+        if producer is None or producer.graph is not node.graph or source.is_graph_output():
+            return False
+        ir.convenience.replace_all_uses_with(target, source, replace_graph_outputs=True)
+        source.name = target.name  # the output keeps its name and declared type and shape
+        source.type = target.type or source.type
+        source.shape = target.shape if target.shape is not None else source.shape
+    else:
+        ir.convenience.replace_all_uses_with(target, source)
+    node.graph.remove(node, safe=True)
+    return True
+
+
+def drop_identities(model: ir.Model) -> int:
+    """Drop every Identity :func:`_drop_identity` allows, subgraphs and functions included; how many."""
+    nodes = list(all_nodes(model))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return sum(_drop_identity(node) for node in nodes)
+
+
 def count_nodes(model: ir.Model) -> int:
     return sum(1 for _ in all_nodes(model))
 
@@ -112,7 +147,7 @@ class Cleanup(GraphoptPass):
             onnxscript_optimizer.fold_constants(model, should_fold=_should_fold)
         except Exception as err:  # noqa: BLE001 - the folder's evaluators raise anything
             notes.append(f"constant folding stopped early: {' '.join(str(err).split())[:300]}")
-        IdentityEliminationPass()(model)
+        drop_identities(model)
         RemoveUnusedNodesPass()(model)
         # Folded shapes come back as Constant nodes; keep the canonical form (constants are initializers).
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)

@@ -132,3 +132,74 @@ def test_onnxsim_skipped_above_size_limit() -> None:
     model = onnxsim_friendly_model()
     result = Cleanup(Cleanup.Options(onnxsim_max_mb=0.0))(model)
     assert any("onnxsim skipped" in note and "onnxsim_max_mb" in note for note in result.notes)
+
+
+# Identities in subgraphs. A branch or body output must be made inside its graph: an Identity that returns an
+# outer value is what makes it so, and stays; other identities still go.
+
+F32 = onnx.TensorProto.FLOAT
+X_INFO = tensor_info("x", np.float32, [2, 8])
+
+
+def _graph(name: str, nodes: list, outputs: list[str], inputs: tuple = ()) -> onnx.GraphProto:
+    return helper.make_graph(nodes, name, list(inputs), [helper.make_tensor_value_info(o, F32, [2, 8])
+                                                         for o in outputs])
+
+
+def _identity_outputs(model: ir.Model) -> dict[str, list[str]]:
+    """Per subgraph: the outputs an Identity makes."""
+    return {g.name: [n.outputs[0].name for n in g if n.op_type == "Identity"] for g in model.graph.subgraphs()}
+
+
+def _cleaned(model: ir.Model) -> ir.Model:
+    reference = clone(_prepared(model))
+    Cleanup(Cleanup.Options(onnxsim=False))(model)
+    _check_valid(model)
+    assert_same_outputs(reference, model, X, rtol=0, atol=0)
+    return model
+
+
+@pytest.mark.parametrize("taken", ["then", "else"])
+def test_nested_branches_keep_identities_of_outer_values(taken: str) -> None:
+    inner_then = _graph("inner_then", [helper.make_node("Identity", ["r"], ["ia"])], ["ia"])  # from the main graph
+    inner_else = _graph("inner_else", [helper.make_node("Identity", ["mid"], ["ib"])], ["ib"])  # from the branch
+    then = _graph("then", [helper.make_node("Neg", ["r"], ["mid"]), helper.make_node("Identity", ["mid"], ["unused"]),
+                           helper.make_node("If", ["inner"], ["a"], then_branch=inner_then, else_branch=inner_else)],
+                  ["a"])
+    other = _graph("else", [helper.make_node("Identity", ["r"], ["b"])], ["b"])
+    # Conditions computed from x, so that folding cannot take a branch: x is far inside ±100.
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+             helper.make_node("Greater", ["top", "low"], ["cond"]), helper.make_node("Greater", ["top", "limit"], ["inner"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other)]
+    limits = {"low": np.array(-100, np.float32), "limit": np.array(-100 if taken == "then" else 100, np.float32)}
+    # "y" and "r" both outputs: a branch output folded into r would make r an output of two graphs.
+    model = _cleaned(make_model(nodes, [X_INFO], [tensor_info(o, np.float32, [2, 8]) for o in ("y", "r")], limits))
+    assert _identity_outputs(model) == {"then": [], "inner_then": ["ia"], "inner_else": ["ib"], "else": ["b"]}
+
+
+def test_loop_body_keeps_identities_of_outer_values() -> None:
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),  # a body input: stays, as onnx_ir keeps it
+         helper.make_node("Identity", ["r"], ["r_copy"]),  # not an output: goes
+         helper.make_node("Add", ["carried_in", "r_copy"], ["carried_out"]),
+         helper.make_node("Identity", ["r"], ["scanned"])],  # the scan output, an outer value: stays
+        "body", [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("carried_in", F32, [2, 8])],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         helper.make_tensor_value_info("carried_out", F32, [2, 8]), helper.make_tensor_value_info("scanned", F32, [2, 8])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Loop", ["trips", "", "x"], ["carried", "scans"], body=body)]
+    outputs = [tensor_info("carried", np.float32, [2, 8]), tensor_info("scans", np.float32, [3, 2, 8])]
+    model = _cleaned(make_model(nodes, [X_INFO], outputs, {"trips": np.array(3, np.int64)}))
+    assert _identity_outputs(model) == {"body": ["cond_out", "scanned"]}
+
+
+@pytest.mark.parametrize("outputs", [["r", "y"], ["y1", "y2"]], ids=["of_an_output", "twice"])
+def test_identities_into_outputs_keep_every_output(outputs: list[str]) -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y1" if "y1" in outputs else "y"])]
+    if "y2" in outputs:
+        nodes.append(helper.make_node("Identity", ["r"], ["y2"]))
+    model = _cleaned(make_model(nodes, [X_INFO], [tensor_info(o, np.float32, [2, 8]) for o in outputs]))
+    assert [v.name for v in model.graph.outputs] == outputs
+    assert op_types(model) == ["Relu", "Identity"]  # one Identity folded into r, the other kept

@@ -199,3 +199,57 @@ def test_external_weights_a_pass_left_alone_stay_readable(tmp_path, weight):
                                calib=tmp_path / "c.npz", metric="snr", min_snr=1.0,
                                run=RunOptions(latency=False, progress=False))
     assert [r.status for r in report.passes if r.step.startswith("prune")] == ["kept"], report.passes[-2].reason
+
+
+def _passthrough_model(input_dims: list, output_dims: list, opset: int = 13) -> onnx.ModelProto:
+    """y = Relu(x), and x itself also an output, declared with other dims than the input (onnx_ir holds one Value)."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, input_dims),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, output_dims)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _declared(proto: onnx.ModelProto, infos: str) -> list:
+    info = next(i for i in getattr(proto.graph, infos) if i.name == "x")
+    return [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in info.type.tensor_type.shape.dim]
+
+
+DECLARATIONS = [([2, 3], [None, None]), (["N", 3], [2, 3])]  # (input dims, output dims) of x
+
+
+@pytest.mark.parametrize("external", [False, True])
+@pytest.mark.parametrize("input_dims, output_dims", DECLARATIONS, ids=["fixed_input", "fixed_output"])
+def test_an_input_that_is_an_output_keeps_both_declarations(tmp_path, input_dims, output_dims, external):
+    from graphopt.data import input_specs
+    from graphopt.passes.canonicalize import Canonicalize
+
+    onnx.save(_passthrough_model(input_dims, output_dims), tmp_path / "m.onnx")
+    model = modelio.load_model(tmp_path / "m.onnx")
+    expected = tuple(input_dims)
+    assert input_specs(model)[0].shape == expected  # the input's declaration is what data must fit
+    Canonicalize()(model)  # shape inference must not bring the output's dims back
+    assert input_specs(model)[0].shape == expected
+    for proto in (modelio.to_proto(model),
+                  onnx.load(str(modelio.save_model(model, tmp_path / "out.onnx", external=external)))):
+        assert (_declared(proto, "input"), _declared(proto, "output")) == (input_dims, output_dims)
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    session = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"])
+    relu, same = session.run(["y", "x"], {"x": x})
+    assert np.array_equal(relu, np.maximum(x, 0)) and np.array_equal(same, x)
+    assert input_specs(modelio.load_model(tmp_path / "out.onnx"))[0].shape == expected  # checkpoints reload files
+
+
+def test_an_input_that_is_an_output_keeps_both_declarations_through_a_run(tmp_path):
+    # opset 11: canonicalize upgrades it through the version converter, whose result is read back into the model.
+    import graphopt
+    from graphopt.pipeline import RunOptions
+
+    onnx.save(_passthrough_model([2, 3], [None, None], opset=11), tmp_path / "m.onnx")
+    report = graphopt.optimize(tmp_path / "m.onnx", tmp_path / "out.onnx", run=RunOptions(latency=False, progress=False))
+    assert report.passed and any(r.step.startswith("canonicalize") and r.status == "kept" for r in report.passes)
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    assert (_declared(written, "input"), _declared(written, "output")) == ([2, 3], [None, None])

@@ -9,14 +9,6 @@ import re
 
 # name (the regression test in test_found.py) -> regex over the failure message the fuzz test writes
 KNOWN: dict[str, str] = {
-    "test_cleanup_keeps_branch_identity_of_an_outer_value":
-        r"'cleanup[^']*' rolled back: onnx checker: .*Graph output '[^']*' is not an output of any node"
-        r"|'cleanup[^']*' failed: ValueError: Value .* is already an output of a different graph",
-    "test_quantize_keeps_onnxruntime_alive_with_a_float_slice_into_an_if":
-        r"the process died \(signal SIGABRT\) running .*'quantize.*NodeArg",
-    "test_a_passthrough_output_keeps_the_input_shape":
-        r"a valid model refused: (input '[^']*' has dynamic dim|reference model failed on evaluation feed 0: "
-        r".*Got invalid dimensions)",
 }
 
 

@@ -40,11 +40,6 @@ def _if_on_mean(then_nodes: list, then_out: str, else_nodes: list, else_out: str
                              else_branch=_body("else", else_nodes, else_out, width))]
 
 
-@pytest.mark.xfail(strict=True, reason="cleanup: onnx_ir's IdentityEliminationPass removes an If branch's "
-                                       "Identity whose input comes from the outer graph: the branch output is then "
-                                       "produced by no node (the checker refuses, the pipeline rolls cleanup back), "
-                                       "or, when that outer value is also a graph output, it raises ValueError "
-                                       "(the pipeline marks cleanup failed)")
 @pytest.mark.parametrize("outer_is_output", [False, True], ids=["rolled_back", "raises"])
 def test_cleanup_keeps_branch_identity_of_an_outer_value(outer_is_output: bool) -> None:
     inits = {"w": randn((3, 3), 1)}
@@ -60,10 +55,6 @@ def test_cleanup_keeps_branch_identity_of_an_outer_value(outer_is_output: bool) 
     assert_same_outputs(reference, model, FEEDS)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize leaves int8 MatMul -> DequantizeLinear -> float Slice whose "
-                                       "output only feeds an If body; onnxruntime 1.32's QDQPropagationTransformer "
-                                       "aborts the process (C++ assertion) on that model, in quantize's own "
-                                       "sessions or the pipeline's check: no rollback can catch it")
 def test_quantize_keeps_onnxruntime_alive_with_a_float_slice_into_an_if(tmp_path: Path) -> None:
     inits = {"w": randn((6, 8), 1) * 0.4, "starts": np.array([0], np.int64), "ends": np.array([4], np.int64),
              "axes": np.array([1], np.int64)}
@@ -85,11 +76,6 @@ def test_quantize_keeps_onnxruntime_alive_with_a_float_slice_into_an_if(tmp_path
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr.strip()[-300:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="modelio.load_model: onnx_ir's deserializer gives a graph input that is also "
-                                       "a graph output the output's declared shape, so x [2, 3] declared as an "
-                                       "output [?, ?] loses its fixed dims: data is cut into feeds of the wrong "
-                                       "batch ('reference model failed on evaluation feed 0') and synthetic inputs "
-                                       "are refused ('has dynamic dim 1')")
 def test_a_passthrough_output_keeps_the_input_shape(tmp_path: Path) -> None:
     proto = make_proto([helper.make_node("Relu", ["x"], ["y"])], [tensor_info("x", np.float32, [2, 3])],
                        [tensor_info("y", np.float32, [2, 3]), tensor_info("x", np.float32, [None, None])])
