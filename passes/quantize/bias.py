@@ -20,8 +20,8 @@ import onnx_ir as ir
 
 from graphopt import capture, saturation
 from graphopt.graphs import default_opset, is_default_domain
-from graphopt.passes.quantize.qdq import quantize_bias
-from graphopt.weights import constant_array, replace_initializer, set_initializer
+from graphopt.passes.quantize.intweights import BLOCK_ELEMENTS, quantize_bias, unmap
+from graphopt.weights import constant_array, constant_tensor, replace_initializer, set_initializer
 
 CORRECTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -146,14 +146,7 @@ def _mismatch(node: ir.Node, tw: np.ndarray, tb: np.ndarray | None) -> str | Non
         return None
     if tw.shape != q.shape:
         return f"float weight shape {tw.shape} != int8 weight shape {q.shape}"
-    shape = [1] * q.ndim
-    if sw.size > 1:
-        shape[w_dq.attributes.get_int("axis", 1)] = -1
-    step = np.broadcast_to(sw.astype(np.float64).reshape(shape), q.shape)
-    off = np.abs(tw - q.astype(np.float64) * step) > 0.51 * float(sw.max()) + 1e-12
-    if off.any():  # pair-safe weights: a clamped pair lies further from the float weights, by design
-        off &= ~_pair_clamped(node, q, tw / step)
-    if off.any():
+    if _weights_off(node, tw, q, sw, w_dq.attributes.get_int("axis", 1)):
         return "float weight of the same-named output is not this layer's weight (a fused Mul/Div?)"
     if node.op_type == "MatMul" or tb is None:
         return None
@@ -164,11 +157,32 @@ def _mismatch(node: ir.Node, tw: np.ndarray, tb: np.ndarray | None) -> str | Non
     return None
 
 
-def _pair_clamped(node: ir.Node, q: np.ndarray, steps: np.ndarray) -> np.ndarray:
+def _weights_off(node: ir.Node, tw: np.ndarray, q: np.ndarray, sw: np.ndarray, axis: int) -> bool:
+    """Whether some float weight lies more than half a step from its int8 weight (pair-safe cuts aside), in float64
+    over blocks of axis 0: an even number of indices each, so every kernel pair stays whole (axis 0 is the output
+    channel, or K of a [K, N] weight), and the temporaries stay small for big weights."""
+    shape = [1] * q.ndim
+    if sw.size > 1:
+        shape[axis] = -1
+    steps = np.broadcast_to(sw.astype(np.float64).reshape(shape), q.shape)
+    limit = 0.51 * float(sw.max()) + 1e-12
+    order = saturation.kernel_order(node, q.shape)
+    block = max(2, BLOCK_ELEMENTS // max(1, q[:1].size) // 2 * 2)
+    for start in range(0, q.shape[0], block):
+        part = slice(start, start + block)
+        tw_part, q_part, step = np.asarray(tw[part], np.float64), q[part], steps[part]
+        off = np.abs(tw_part - q_part.astype(np.float64) * step) > limit
+        if off.any():  # pair-safe weights: a clamped pair lies further from the float weights, by design
+            off &= ~_pair_clamped(order, q_part, tw_part / step)
+        if off.any():
+            return True
+    return False
+
+
+def _pair_clamped(order: saturation.KernelOrder | None, q: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Per weight: True where int8 ``q`` is the pair-safe cut of the float weight ``steps`` (in quantization steps)
     — its kernel pair (:func:`graphopt.saturation.clamp_pairs`) has the same-sign magnitude sum of exactly
     PAIR_LIMIT, and the weight keeps its float sign with a magnitude cut, not raised, from round(|steps|)."""
-    order = saturation.kernel_order(node, q.shape)
     if order is None or q.ndim < 2:
         return np.zeros(q.shape, bool)
     qr = order.rows(q.astype(np.int32))
@@ -215,16 +229,25 @@ def float_reference(site: Site, float_model: ir.Model) -> tuple[str | None, str 
     node, producer = site.node, value.producer()
     if producer is None or producer.op_type != node.op_type:
         return site.output, None  # e.g. a BatchNormalization folded into the layer: same tensor, other producer
-    tw = constant_array(producer.inputs[1]) if len(producer.inputs) > 1 else None
-    if tw is None:
+    tensor = constant_tensor(producer.inputs[1], nodes=False) if len(producer.inputs) > 1 else None
+    if tensor is None:
         return site.output, None
-    tw = tw.astype(np.float64)
+    try:
+        return _reference_of(site, value, tensor.numpy(), producer)
+    finally:
+        unmap(tensor)  # the teacher's weight, read from its file: its pages leave the resident set
+
+
+def _reference_of(site: Site, value: ir.Value, tw: np.ndarray, producer: ir.Node) -> tuple[str | None, str | None]:
+    """:func:`float_reference` once the teacher's producer has weight ``tw``."""
+    node = site.node
     tb = constant_array(producer.inputs[2]) if len(producer.inputs) > 2 and producer.inputs[2] is not None else None
     tb = np.zeros(site.channels) if tb is None else tb.astype(np.float64).reshape(-1)
     reason = _mismatch(node, tw, tb)
     if reason is None or node.op_type != "Conv" or tb.shape != (site.channels,):
         return (site.output, None) if reason is None else (None, reason)
     shape = (-1,) + (1,) * (tw.ndim - 1)
+    tw = tw.astype(np.float64)  # a Conv's weight, folded with the affine chain below
     while (step := _affine_step(value, site.channels, tw.ndim)) is not None:
         value, op, vec = step
         if op == "Mul":

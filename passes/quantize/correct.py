@@ -36,6 +36,7 @@ import onnx_ir as ir
 from graphopt import capture
 from graphopt.errors import GraphoptError
 from graphopt.passes.quantize.bias import Site, apply_shift, find_sites, float_reference
+from graphopt.verify import is_heavy
 
 __all__ = ["MARKER", "capture_means", "correct_biases", "is_corrected", "mark_corrected"]
 MARKER = "graphopt.bias_corrected"  # metadata_props key set on a corrected model (value: who corrected it)
@@ -90,7 +91,8 @@ class _Means:
 def capture_means(model: ir.Model, sites: Sequence[Site], outputs: Sequence[str], dataset, threads: int,
                   samples: int, other: ir.Model | None = None) -> tuple[_Means, list[list[np.ndarray]], Any]:
     """Per-channel means of the sites' outputs and the graph outputs per feed; with ``other`` (the float model),
-    the same for it in lockstep plus mean |q − f| per site: (means, outputs, (other means, other outputs, diff))."""
+    the same for it in lockstep plus mean |q − f| per site: (means, outputs, (other means, other outputs, diff)).
+    A heavy float model runs first, alone, its values kept for the ``samples`` feeds."""
     names = [*dict.fromkeys([s.output for s in sites] + list(outputs))]
     means, outs = _Means(), []
     if other is None:
@@ -101,7 +103,12 @@ def capture_means(model: ir.Model, sites: Sequence[Site], outputs: Sequence[str]
         return means, outs, None
     o_means, o_outs, diff = _Means(), [], {s.output: 0.0 for s in sites}
     o_names = [*dict.fromkeys([s.ref or s.output for s in sites] + list(outputs))]
-    for q, f in capture.stream_pair(model, names, other, o_names, dataset, threads, samples):
+    if is_heavy(other):  # one session at a time: the float weights never sit beside the quantized ones
+        floats = list(capture.stream(other, o_names, dataset, threads, samples))  # the sites' values, kept
+        pairs: Any = zip(capture.stream(model, names, dataset, threads, samples), floats)
+    else:
+        pairs = capture.stream_pair(model, names, other, o_names, dataset, threads, samples)
+    for q, f in pairs:
         for s in sites:
             qv, fv = q[s.output], f[s.ref or s.output]
             means.add(s.output, qv, s.axis)

@@ -20,9 +20,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.graphs import attr as _attr, default_opset, is_default_domain
-from graphopt.passes.quantize.qdq import quantize_weight
+from graphopt.passes.quantize.intweights import quantize_tensor, quantize_weight
 from graphopt.saturation import KernelOrder
-from graphopt.weights import constant_array, set_initializer
+from graphopt.weights import constant_array, constant_tensor, set_initializer
 
 MS_DOMAIN = "com.microsoft"
 Mark = Callable[[ir.Node], ir.Node]
@@ -74,10 +74,13 @@ def _new(graph: ir.Graph, before: ir.Node, op: str, inputs: list, name: str, n_o
 
 def _emit_matmul(node: ir.Node, per_channel: bool, mark: Mark | None, safe_pairs: bool) -> dict:
     graph, x, out = node.graph, node.inputs[0], node.outputs[0]
-    w = constant_array(node.inputs[1]).astype(np.float32)
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        w = w.T
-    q, scale = quantize_weight(np.ascontiguousarray(w), 1 if per_channel else None, _order(safe_pairs))
+    # B [K, N] per column, from the stored weight: a Gemm's transB=1 weight [N, K] per row is the same rows (and
+    # the same quantization the static form asks for, so within intweights.reusing it is computed once).
+    trans = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+    order = KernelOrder("Gemm", trans_b=True) if trans and safe_pairs else _order(safe_pairs)
+    q, scale, _ = quantize_tensor(constant_tensor(node.inputs[1], nodes=False),
+                                  (0 if trans else 1) if per_channel else None, order)
+    q = np.ascontiguousarray(q.T) if trans else q
     base = node.name or out.name
     wq = set_initializer(graph, f"{node.inputs[1].name}_dyn_quantized", q)
     wz = set_initializer(graph, f"{node.inputs[1].name}_dyn_zero_point", np.zeros(scale.shape, np.int8))

@@ -35,6 +35,7 @@ from graphopt.passes.quantize.calibrate import Range, calibrate
 from graphopt.passes.quantize.correct import MARKER, correct_biases, is_corrected, mark_corrected
 from graphopt.passes.quantize.dynamic import candidates as dynamic_candidates
 from graphopt.passes.quantize.dynamic import emit_dynamic
+from graphopt.passes.quantize.intweights import reusing
 from graphopt.passes.quantize.options import BiasCorrectOptions, QuantizeDynamicOptions, QuantizeOptions
 from graphopt.passes.quantize.placement import Placement
 from graphopt.passes.quantize.plan import Plan, already_quantized, plan
@@ -90,6 +91,10 @@ class Quantize(GraphoptPass):
 
     # --- the pass -----------------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> GraphoptResult:
+        with reusing():  # every candidate clone shares the weights: each is quantized once
+            return self._quantize(model)
+
+    def _quantize(self, model: ir.Model) -> GraphoptResult:
         note = already_quantized(model)
         if note:
             return self.result(model, [], [note], modified=False)
@@ -169,6 +174,10 @@ class QuantizeDynamic(GraphoptPass):
         return self.options.target == "size"
 
     def call(self, model: ir.Model) -> GraphoptResult:
+        with reusing():  # the timing models and the emitted model share the weights: each is quantized once
+            return self._quantize(model)
+
+    def _quantize(self, model: ir.Model) -> GraphoptResult:
         note = already_quantized(model)
         if note:
             return self.result(model, [], [note], modified=False)

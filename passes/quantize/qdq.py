@@ -12,7 +12,8 @@ Measured with onnxruntime 1.32 (optimized_model_filepath): DQ→Conv→Relu→Q 
 QLinearMatMul (or MatMulIntegerToFloat with a float output), Gemm QGemm, Add/Mul/Concat/AveragePool/
 GlobalAveragePool their QLinear* forms; MaxPool/Flatten/Transpose run on uint8. A Conv whose output is not
 quantized stays a float Conv. :func:`emit_weights_only` quantizes weights alone (float activations), for If/Loop
-bodies whose activations cannot be calibrated.
+bodies whose activations cannot be calibrated. No DQ is left feeding a float data-movement op whose output reaches an
+If/Loop/Scan body (onnxruntime 1.32 aborts the process propagating it there: ``PROPAGATING_OPS``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from graphopt import saturation
 from graphopt.errors import GraphoptError
 from graphopt.graphs import attr as _attr, is_default_domain
 from graphopt.passes.quantize.calibrate import Range
-from graphopt.weights import LINEAR_OPS, constant_array, set_initializer, weight_layout
+from graphopt.passes.quantize.intweights import quantize_bias, quantize_tensor
+from graphopt.weights import LINEAR_OPS, constant_array, constant_tensor, set_initializer, weight_layout
 
 WEIGHT_OPS = frozenset(LINEAR_OPS)
 OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool"})
@@ -35,6 +37,10 @@ SHARED_SCALE_OPS = frozenset({"MaxPool", "Resize", "Reshape", "Transpose", "Flat
                               "Slice", "Split"})
 FOLD_OPS = frozenset({"Relu", "Clip"})
 COVERED_OPS = WEIGHT_OPS | OWN_SCALE_OPS | SHARED_SCALE_OPS
+# onnxruntime 1.32's QDQPropagationTransformer moves each DequantizeLinear forward through these (Identity is removed
+# before it runs) until an edge group holds a QuantizeLinear. Where it meets a value read inside an If/Loop/Scan
+# body it indexes the node's explicit inputs with the implicit input's slot: a C++ assertion aborts the process.
+PROPAGATING_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Identity"})
 
 _ACT = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
 
@@ -100,45 +106,6 @@ def activation_qparams(lo: float, hi: float, activation_type: str = "uint8") -> 
     return scale, zp
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, order: saturation.KernelOrder | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """int8 symmetric weights in [-127, 127] and float32 scales (one per index of ``axis``, or a scalar)."""
-    q, scale, _ = quantize_weight_safe(w, axis, order)
-    return q, scale
-
-
-def quantize_weight_safe(w: np.ndarray, axis: int | None, order: saturation.KernelOrder | None = None
-                         ) -> tuple[np.ndarray, np.ndarray, int]:
-    """:func:`quantize_weight` and how many channels were made pair-safe.
-
-    With a kernel ``order``, the channels whose neighbouring weights could overflow a saturating u8×s8 kernel's
-    int16 pair sum are requantized so they cannot (:func:`graphopt.saturation.safe_quantize`)."""
-    w = np.asarray(w, dtype=np.float32)
-    if axis is None:
-        peak = np.float32(np.abs(w).max()) if w.size else np.float32(0)
-        scale = np.asarray(np.float32(peak / 127.0) if peak > 0 else np.float32(1.0), np.float32)
-        shape = ()
-    else:
-        moved = np.moveaxis(w, axis, 0)
-        peak = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1) if w.size else np.zeros(w.shape[axis])
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-    if order is not None and w.size:  # each channel's kernel rows side by side: one row of pairs per scale
-        rows = order.rows(w)
-        q_rows, scale, changed = saturation.safe_quantize(rows.reshape(scale.size, -1), scale)
-        return order.unrows(q_rows.reshape(rows.shape), w.shape).astype(np.int8), scale, changed
-    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-    return q, scale, 0
-
-
-def quantize_bias(b: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """round(b / scale) as int32 (saturating: a bias beyond 2^31 steps cannot be represented anyway)."""
-    info = np.iinfo(np.int32)
-    q = np.round(np.asarray(b, np.float64) / np.asarray(scale, np.float64))
-    return np.clip(q, info.min, info.max).astype(np.int32)
-
-
 class _Emitter:
     """Writes Q/DQ nodes and quantized initializers into one model; remembers shared scales and DQs."""
 
@@ -151,6 +118,7 @@ class _Emitter:
         self.consts: dict[ir.Value, ir.Value] = {}  # (graph-owned) scale/zp initializers per quantized tensor
         self.weight_dq: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
         self.replaced: list[ir.Value] = []
+        self.pairs: list[tuple[ir.Node, ir.Node]] = []  # activation (Q, DQ) nodes, as inserted
 
     def _node(self, op: str, inputs: list, name: str, dtype: ir.DataType, shape, axis: int | None = None) -> ir.Node:
         attrs = {"axis": axis} if axis is not None else None
@@ -180,6 +148,7 @@ class _Emitter:
             graph.insert_before(next(iter(graph)), [q, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq.outputs[0])
+        self.pairs.append((q, dq))
         if value.is_graph_output():  # only with quantize_outputs: the DQ output takes the name and the slot
             name, out = value.name, dq.outputs[0]
             value.name, out.name = f"{name}_float", name
@@ -203,15 +172,16 @@ class _Emitter:
     def weight(self, node: ir.Node) -> np.ndarray | None:
         """Replace the node's weight by int8 + DQ; returns the weight scales (None: nothing done)."""
         layout = weight_layout(node)
-        w = None if layout is None else constant_array(node.inputs[layout.index])
-        if w is None:
+        tensor = None if layout is None else constant_tensor(node.inputs[layout.index], nodes=False)
+        if tensor is None:
             return None  # no weight, or a computed / overridable one: it stays float
         index, value, graph = layout.index, node.inputs[layout.index], node.graph
         axis = layout.channel_axis if self.cfg.per_channel else None  # batched MatMul B: per tensor
-        order = saturation.kernel_order(node, w.shape) if self.cfg.safe_pairs and self.activations else None
+        shape = tuple(tensor.shape.numpy())
+        order = saturation.kernel_order(node, shape) if self.cfg.safe_pairs and self.activations else None
         key = (id(value), id(graph), axis, order)
         if key not in self.weight_dq:
-            q, scale, self.limited[node] = quantize_weight_safe(w, axis, order)
+            q, scale, self.limited[node] = quantize_tensor(tensor, axis, order)
             qv = set_initializer(graph, f"{value.name}_quantized", q)
             s = set_initializer(graph, f"{value.name}_scale", scale)
             z = set_initializer(graph, f"{value.name}_zero_point", np.zeros(scale.shape, np.int8))
@@ -255,6 +225,28 @@ class _Emitter:
         self.replaced.append(value)
         return True
 
+    def keep_out_of_subgraphs(self, graph: ir.Graph) -> set[str]:
+        """A float data-movement op (PROPAGATING_OPS) on a path into an If/Loop/Scan body reads the float value, not
+        its DQ; a Q/DQ left unread goes, which can expose the path before it (so: until nothing changes). Returns the
+        names of the rewired nodes."""
+        rewired: set[str] = set()
+        changed = any(True for _ in graph.subgraphs())
+        while changed:
+            changed = False
+            for q, dq in list(self.pairs):
+                for use in list(dq.outputs[0].uses()):
+                    node = use.node
+                    if node.graph is graph and _moves_data(node) and _reaches_subgraph(node.outputs[0]):
+                        node.replace_input_with(use.idx, q.inputs[0])
+                        rewired.add(node.name)
+                        changed = True
+                if not dq.outputs[0].uses() and not dq.outputs[0].is_graph_output():
+                    self.replaced += [v for v in q.inputs[1:] if v is not None]  # its scale and zero point
+                    graph.remove([q, dq], safe=True)
+                    self.pairs.remove((q, dq))
+                    changed = True
+        return rewired
+
     def drop_unused(self) -> None:
         """Float initializers no longer read by anyone go, so the file really shrinks."""
         for value in dict.fromkeys(self.replaced):
@@ -263,6 +255,21 @@ class _Emitter:
                 continue
             if graph.initializers.get(value.name) is value:
                 graph.initializers.pop(value.name)
+
+
+def _moves_data(node: ir.Node) -> bool:
+    return node.op_type in PROPAGATING_OPS and is_default_domain(node)
+
+
+def _reaches_subgraph(value: ir.Value) -> bool:
+    """Whether onnxruntime's DQ propagation, arriving at ``value`` (in the main graph), would cross into a subgraph:
+    it stops where a QuantizeLinear reads the value, else goes on through every reader that moves data."""
+    graph = value.producer().graph
+    uses = list(value.uses())
+    if any(u.node.op_type == "QuantizeLinear" and u.node.graph is graph for u in uses):
+        return False
+    return any(u.node.graph is not graph or (_moves_data(u.node) and _reaches_subgraph(u.node.outputs[0]))
+               for u in uses)
 
 
 def _range_of(scale: np.float32, zp: int, activation_type: str) -> list[float]:
@@ -327,6 +334,11 @@ def emit(model: ir.Model, nodes: Iterable[ir.Node], ranges: Mapping[str, Range],
         em.const_dq(graph, node, i, lo_hi)
     for value in targets:
         em.insert_qdq(graph, value)
+    for name in em.keep_out_of_subgraphs(graph):
+        for row in rows:
+            if row["node"] == name:
+                row.update(action="float", reason="its output reaches an If/Loop/Scan body: it reads float data "
+                                                  "(onnxruntime aborts propagating a DQ into a subgraph)")
     em.drop_unused()
     return rows
 

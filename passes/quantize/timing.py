@@ -1,31 +1,33 @@
 """Timing for quantize's latency placement: one-node models per weight op, and whole models interleaved.
 
 Each weight op (Conv/ConvTranspose/Gemm/MatMul with a constant weight) is timed alone with onnxruntime at the
-run's thread count, as three one-node models interleaved by :func:`graphopt.bench.benchmark`:
+run's thread count, as three one-node models interleaved by :func:`graphopt.latency.time_rounds`:
 - float: x → op (→ its Relu/Clip) → y;
 - int8: the same in QDQ with float x and y (Q → op → DQ after onnxruntime's fusion);
 - boundary: only the Q of x and the DQ of y, so int8 − boundary is the integer kernel alone, as it runs
   inside a chain of int8 ops; and, for MatMul/Gemm, the dynamic int8 form.
 Per-op times of tiny ops are noisy, so the final choices are made on whole models: :func:`time_candidates` runs
-the float model and every candidate interleaved round by round on calibration feeds.
+the float model and every candidate interleaved round by round on calibration feeds (a heavy model: one after
+the other).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
-from graphopt import bench, capture, modelio
+from graphopt import capture
 from graphopt.graphs import default_opset
 from graphopt.latency import paired_ratio, time_rounds
 from graphopt.passes.quantize import qdq
 from graphopt.passes.quantize.calibrate import Range
 from graphopt.passes.quantize.dynamic import emit_dynamic
+from graphopt.verify import is_heavy, release_memory
 
 
 @dataclasses.dataclass
@@ -110,10 +112,6 @@ def _boundary(x_name: str, x_shape, y_name: str, y_shape, x_range: Range, y_rang
     return ir.Model(graph, ir_version=8)
 
 
-def _proto(model: ir.Model) -> onnx.ModelProto:
-    return modelio.to_proto(model)
-
-
 def capture_shapes(model: ir.Model, names: Sequence[str], dataset, threads: int = 1) -> dict[str, tuple]:
     """Shapes of the named values on the first calibration feed."""
     for acts in capture.stream(model, list(dict.fromkeys(names)), dataset, threads, max_samples=1):
@@ -148,12 +146,13 @@ def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, 
             feed = {x.name: rng.uniform(lo, hi, shapes[x.name]).astype(np.float32),
                     f"{y.name}__q": rng.integers(0, 127, shapes[y.name]).astype(
                         np.uint8 if cfg.activation_type == "uint8" else np.int8)}
-            rows = bench.benchmark([_proto(m) for m in models], [feed], threads=threads, warmup=3, repeats=15,
-                                   min_time_s=0.05)
+            # ir.Models, not protos: a weight still in the source file reaches onnxruntime through a file (no
+            # proto and bytes copies of an 8192x8192 weight beside onnxruntime's own).
+            ms = [statistics.median(t) for t in time_rounds(models, [feed], threads, warmup=3, repeats=15,
+                                                            min_time_s=0.05)]
         except Exception:  # an op the one-node model cannot express: no timing, plan unchanged
             continue
         elems = int(np.prod(shapes[x.name])) + int(np.prod(shapes[y.name]))
-        ms = [r.median_ms for r in rows]
         out[node.name] = LayerTiming(node.name, node.op_type, ms[0], max(ms[1] - ms[2], 0.0), ms[2], elems,
                                      ms[3] if len(ms) > 3 else None)
     return out
@@ -165,10 +164,20 @@ def time_layers(model: ir.Model, nodes: Sequence[ir.Node], ranges: Mapping[str, 
 def time_candidates(reference: ir.Model, candidates: Sequence[ir.Model], dataset, threads: int = 1,
                     repeats: int = 10, min_time_s: float = 0.5) -> list[float]:
     """Each candidate's latency / the reference's: the median of per-round ratios, all models interleaved on the
-    first two calibration feeds (latency.time_rounds), so load bursts that slow a whole round cancel."""
-    rounds = time_rounds([reference, *candidates], dataset.feeds[:2], threads, warmup=2, repeats=repeats,
-                         min_time_s=min_time_s * len(candidates))
-    return [paired_ratio(rounds[0], t).value for t in rounds[1:]]
+    first two calibration feeds (latency.time_rounds), so load bursts that slow a whole round cancel. A heavy
+    model (verify.is_heavy) is timed one model after the other, the ratio of medians: its sessions side by side
+    would hold the float weights beside every candidate's (the pipeline times large models so too)."""
+    models, feeds = [reference, *candidates], dataset.feeds[:2]
+    if not any(is_heavy(m) for m in models):
+        rounds = time_rounds(models, feeds, threads, warmup=2, repeats=repeats,
+                             min_time_s=min_time_s * len(candidates))
+        return [paired_ratio(rounds[0], t).value for t in rounds[1:]]
+    medians = []
+    for model in models:
+        medians.append(statistics.median(time_rounds([model], feeds, threads, warmup=2, repeats=repeats,
+                                                     min_time_s=min_time_s)[0]))
+        release_memory()
+    return [m / medians[0] for m in medians[1:]]
 
 
 def time_models(reference: ir.Model, candidate: ir.Model, dataset, threads: int = 1, repeats: int = 10,

@@ -198,7 +198,7 @@ def test_float_reference_accepts_pair_safe_weights_and_still_refuses_a_scaled_co
     # quantize started from is still this layer's reference (the check used to refuse it: 53 of 54 ResNet-50
     # layers went uncorrected).
     from graphopt import saturation
-    from graphopt.passes.quantize.qdq import quantize_weight_safe
+    from graphopt.passes.quantize.intweights import quantize_weight_safe
 
     w = np.random.default_rng(0).normal(size=(8, 128, 3, 3)).astype(np.float32)
     q, sw, changed = quantize_weight_safe(w, 0, saturation.KernelOrder("Conv"))

@@ -387,3 +387,22 @@ def test_corrections_that_end_above_the_start_error_are_undone(monkeypatch):
     got = np.concatenate([run_model(model, f)["y"] for f in feeds]).astype(np.float64)
     ref = np.concatenate([run_model(proto, f)["y"] for f in feeds]).astype(np.float64)
     assert np.sum((got - ref) ** 2) / np.sum(ref ** 2) == pytest.approx(end, rel=0.1)  # other feeds: near
+
+
+def test_a_heavy_float_model_is_captured_first_with_the_same_corrections(monkeypatch):
+    """A float model over verify.LARGE_BYTES runs alone before the quantized one (never two big sessions side by
+    side): the corrections are the ones the lockstep run makes."""
+    from graphopt.passes.quantize import correct as correct_module
+
+    proto, feeds, _ = _net()
+    results = []
+    for heavy in (False, True):
+        monkeypatch.setattr(correct_module, "is_heavy", lambda model, heavy=heavy: heavy)
+        if heavy:  # no lockstep run of the two models
+            monkeypatch.setattr(correct_module.capture, "stream_pair", None)
+        model, data = _quantized(proto, feeds)
+        rows, _ = correct_biases(ir.serde.deserialize_model(proto), model, data)
+        results.append(([(r["node"], r["action"], r.get("mean_shift")) for r in rows],
+                        modelio.to_proto(model).SerializeToString()))
+    assert results[0][0] == results[1][0] and any(action == "bias corrected" for _, action, _ in results[0][0])
+    assert results[0][1] == results[1][1]  # the same corrected model, byte for byte

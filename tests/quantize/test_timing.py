@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -113,6 +113,17 @@ def test_time_models_is_the_one_candidate_ratio(monkeypatch, feeds):
         pytest.approx(0.75, rel=1e-9)
 
 
+def test_heavy_models_are_timed_one_after_the_other(monkeypatch, feeds):
+    # A model over verify.LARGE_BYTES: one session at a time (never the float weights beside a candidate's).
+    runtime = FakeRuntime(lambda tag, call: {"ref": 2.0, "a": 1.0, "b": 3.0}[tag])
+    _install(monkeypatch, runtime)
+    monkeypatch.setattr(qt, "is_heavy", lambda model: True)
+    ratios = qt.time_candidates(_relu_model("ref"), [_relu_model("a"), _relu_model("b")], feeds, repeats=5,
+                                min_time_s=0.0)
+    assert ratios == pytest.approx([0.5, 1.5], rel=1e-9)
+    assert [tag for tag, _ in runtime.runs] == ["ref"] * 7 + ["a"] * 7 + ["b"] * 7
+
+
 # --- one-node models: time_layers ------------------------------------------------------------------------------
 
 
@@ -125,19 +136,19 @@ def _matmul_model():
     return model, w
 
 
-def _ops(proto: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in proto.graph.node]
+def _ops(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]
 
 
 def test_time_layers_builds_three_models_and_subtracts_the_boundary(monkeypatch):
     model, w = _matmul_model()
     seen = []
 
-    def benchmark(models, feeds, **kwargs):  # medians: float, int8 with Q/DQ, boundary alone, dynamic
+    def time_rounds(models, feeds, *args, **kwargs):  # per model its rounds: float, int8, boundary, dynamic
         seen.append((models, feeds))
-        return [SimpleNamespace(median_ms=ms) for ms in (1.0, 0.7, 0.2, 0.4)[:len(models)]]
+        return [[ms, 9.0, ms] for ms in (1.0, 0.7, 0.2, 0.4)[:len(models)]]  # medians 1.0, 0.7, 0.2, 0.4
 
-    monkeypatch.setattr(qt.bench, "benchmark", benchmark)
+    monkeypatch.setattr(qt, "time_rounds", time_rounds)
     mm = next(n for n in model.graph if n.name == "mm")
     ranges = {"x": (-1.0, 1.0), "m": (-4.0, 4.0)}
     timed = qt.time_layers(model, [mm], ranges, qdq.QdqConfig(), {"x": (2, 16), "m": (2, 8)}, dynamic=True)
@@ -165,8 +176,7 @@ def test_time_layers_builds_three_models_and_subtracts_the_boundary(monkeypatch)
 def test_time_layers_skips_unknown_shapes_and_clamps_the_kernel_at_zero(monkeypatch):
     model, _ = _matmul_model()
     # the int8 model measured faster than its boundary alone (noise): the kernel time is 0, not negative
-    monkeypatch.setattr(qt.bench, "benchmark",
-                        lambda models, feeds, **kw: [SimpleNamespace(median_ms=ms) for ms in (1.0, 0.1, 0.3)])
+    monkeypatch.setattr(qt, "time_rounds", lambda models, feeds, *a, **kw: [[ms] for ms in (1.0, 0.1, 0.3)])
     nodes = list(model.graph)
     ranges = {"x": (-1.0, 1.0), "m": (-4.0, 4.0), "y": (-9.0, 9.0)}
     timed = qt.time_layers(model, nodes, ranges, qdq.QdqConfig(), {"x": (2, 16), "m": (2, 8)})
