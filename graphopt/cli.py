@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(opt)
     opt.add_argument("--max-drop", type=float, default=0.01,
                      help="allowed drop of the gate metric, a fraction (0.01 = one point; default 0.01)")
-    opt.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
-                     help="gate metric (default: accuracy with labels, else agreement)")
+    opt.add_argument("--metric", choices=["accuracy", "agreement", "cosine", "snr"],
+                     help="gate metric (default: by what the outputs are: accuracy with labels, else agreement, on "
+                          "class scores; cosine on embeddings and hidden states; else worst-channel SNR)")
     _add_metric_fn(opt)
     opt.add_argument("--min-snr", type=float, help="minimum worst-channel SNR in dB")
     opt.add_argument("--target-cpu", choices=list(TARGETS), help="the CPU the model is built for: portable "
@@ -74,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--data", required=True, help=".npz (keys = input names, axis 0 = samples, optional 'labels') "
                     "or a folder of .npz feeds; split into search samples (70%%) and held-out samples (30%%)")
     au.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the gate metric (default 0.01)")
-    au.add_argument("--metric", choices=["accuracy", "agreement", "snr"],
-                    help="gate metric (default: accuracy with labels, else agreement)")
+    au.add_argument("--metric", choices=["accuracy", "agreement", "cosine", "snr"],
+                    help="gate metric (default: chosen by what the outputs are, as for optimize)")
     _add_metric_fn(au)
     au.add_argument("--objective", choices=["size", "latency"], default="size",
                     help="what to minimize: bytes after lzma, or latency (default size)")
@@ -103,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="op histogram, params, MACs per layer, largest initializers; for an int8 "
                                          "model, the layers that can saturate on AVX2-class CPUs")
     ins.add_argument("model")
-    ins.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC")
-    ins.add_argument("--data", help="samples (.npz or folder) to count clipped int8 pair sums and emulate AVX2")
+    ins.add_argument("--shape", action="append", default=[], metavar="NAME=AxBxC",
+                     help="an input's shape to count MACs at (default: batch 1, the other dynamic dimensions from "
+                          "--data, else a default the report names)")
+    ins.add_argument("--data", help="samples (.npz or folder): MACs at their shapes; clipped int8 pair sums counted "
+                                    "and AVX2 emulated on them")
     ins.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
     sub.add_parser("passes", help="list every pass with its options")
@@ -188,7 +192,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
         data = datamod.load_data(args.data, datamod.input_specs(model))
     print(f"host CPU: {cpu.host().describe()}")
-    print(format_inspect(inspect_model(model, _shapes(args.shape))))
+    feed = data.feeds[0] if data is not None and len(data) else None
+    print(format_inspect(inspect_model(model, _shapes(args.shape), feed=feed)))
     saturation = saturation_check.check(model, data, args.threads)
     if saturation.layers:  # an int8 model: can it clip on AVX2-class kernels?
         print()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.formatting import human, json_safe, table
+from graphopt.metrics import WORST_SAMPLE_SLACK, OutputRole, rule_of
 
 KEPT, ROLLED_BACK, NO_CHANGE, FAILED, BASELINE = "kept", "rolled back", "no change", "failed", "input"
 
@@ -60,7 +61,7 @@ class Report:
 
 def _metric_cells(row: PassRow, metric: str) -> tuple[str, str, str]:
     m = row.metrics or {}
-    acc = m.get("task" if metric == "task" else "accuracy")
+    acc = m.get(metric if metric in ("task", "cosine") else "accuracy")
     agree = m.get("agreement")
     snr = m.get("worst_snr_db")
     acc_text = "-" if acc is None else f"{acc:.4g}" if metric == "task" else f"{acc:.4f}"
@@ -73,8 +74,9 @@ HEADER = ("pass", "status", "time s", "params", "size", "MACs", "accuracy", "agr
 
 
 def header(report: Report) -> tuple[str, ...]:
-    """HEADER, with the user's score in the accuracy column when the budget is on it."""
-    return tuple("task score" if h == "accuracy" and report.metric == "task" else h for h in HEADER)
+    """HEADER, with the user's score or the mean cosine in the accuracy column when the budget is on it."""
+    named = {"task": "task score", "cosine": "mean cosine"}
+    return tuple(named.get(report.metric, h) if h == "accuracy" else h for h in HEADER)
 
 
 def table_rows(report: Report) -> list[tuple[str, ...]]:
@@ -99,24 +101,42 @@ def format_table(report: Report) -> str:
     for row in report.passes:
         if row.reason:
             out.append(f"  {row.step}: {row.status}: {row.reason}")
-    parts = [] if report.metric == "snr" else [f"{report.metric} drop <= {report.max_drop:g}"]
-    if report.min_snr is not None:
-        parts.append(f"worst-channel SNR >= {report.min_snr:g} dB")
-    gate = "gate: " + (", ".join(parts) or "none")
-    out.append(f"{gate}: {'PASSED' if report.passed else 'FAILED'}")
+    out.append(f"gate: {_gate_text(report)}: {'PASSED' if report.passed else 'FAILED'}")
+    out += [f"  {line}" for line in judged(report)]
     if report.output:
         out.append(f"wrote {report.output}")
     return "\n".join(out)
+
+
+def _gate_text(report: Report) -> str:
+    parts = [] if report.metric == "snr" else [f"{report.metric} drop <= {report.max_drop:g}"]
+    if report.metric == "cosine":
+        parts[0] += (f" (mean cosine >= {1 - report.max_drop:g}, every sample >= "
+                     f"{1 - WORST_SAMPLE_SLACK * report.max_drop:g})")
+    if report.min_snr is not None:
+        parts.append(f"worst-channel SNR >= {report.min_snr:g} dB")
+    return ", ".join(parts) or "none"
+
+
+def judged(report: Report) -> list[str]:
+    """One line per output: what graphopt took it for, why, and the rule the gate judged it by."""
+    m = (report.passes[0].metrics if report.passes else None) or {}
+    cosine_outputs = set(m.get("cosine_outputs", []))
+    lines = []
+    for data in m.get("roles", []):
+        role = OutputRole(**data)
+        rule = rule_of(role, report.metric, m.get("score_output"), cosine_outputs, report.min_snr)
+        lines.append(f"{role.name}: {role.role} ({role.why}) -> {rule}")
+    return lines
 
 
 def to_markdown(report: Report) -> str:
     out = [f"# graphopt report: {report.model}", "", f"- data: {report.data}"]
     if report.synthetic:
         out.append("- **synthetic inputs: the metrics say nothing about accuracy**")
-    parts = [] if report.metric == "snr" else [f"{report.metric} drop ≤ {report.max_drop:g}"]
-    if report.min_snr is not None:
-        parts.append(f"worst-channel SNR ≥ {report.min_snr:g} dB")
-    out.append(f"- gate: {', '.join(parts) or 'none'}: **{'passed' if report.passed else 'failed'}**")
+    gate = _gate_text(report).replace("<=", "≤").replace(">=", "≥")
+    out.append(f"- gate: {gate}: **{'passed' if report.passed else 'failed'}**")
+    out += [f"  - {line.replace('->', '→')}" for line in judged(report)]
     if report.output:
         out.append(f"- output: `{report.output}`")
     if report.machine:

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import costs, modelio, runtime
-from graphopt.metrics import Comparison, TaskMetric
+from graphopt.metrics import FEATURES, WORST_SAMPLE_SLACK, Comparison, TaskMetric
 
 # Above this many bytes of tensors a candidate goes through a temporary file. Above this many bytes of
 # weights at run time (a codebook model is small on disk, full size in onnxruntime), verification sessions
@@ -32,23 +32,40 @@ DEFAULT_MIN_SNR_WITHOUT_SCORES = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class Gate:
-    metric: str | None  # accuracy | agreement | snr | task; None: chosen by resolved()
+    metric: str | None  # accuracy | agreement | cosine | snr | task; None: chosen by resolved()
     max_drop: float
     min_snr: float | None
     task: TaskMetric | None = None  # the user's function, when the metric is task
 
     def resolved(self, reference: Comparison) -> tuple[Gate, str | None]:
         """The one place the gate metric is chosen, from the original model's own comparison: the user's metric
-        function when there is one, else the metric asked for, else accuracy when the data has labels, else
-        agreement; worst-channel SNR when the model has no class-score output to judge either by. Returns the
-        gate and a note when it is not the one asked for."""
+        function when there is one, else the metric asked for, else by what the outputs are (reference.roles,
+        graphopt.metrics.roles): accuracy on class scores when the data has labels, else agreement; cosine on
+        embeddings and hidden states; worst-channel SNR when neither is there. Returns the gate and a note when
+        it is not the one asked for."""
         if self.task is not None:
             return dataclasses.replace(self, metric="task"), None
-        metric = self.metric or ("accuracy" if reference.reference_accuracy is not None else "agreement")
-        if metric != "snr" and reference.value(metric) is None:
-            floor = self.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES
-            return Gate("snr", self.max_drop, floor), f"no class-score output: the gate is worst-channel SNR >= {floor:g} dB"
-        return Gate(metric, self.max_drop, self.min_snr), None
+        if self.metric is not None and (self.metric == "snr" or reference.value(self.metric) is not None):
+            return Gate(self.metric, self.max_drop, self.min_snr), None
+        if reference.score_output is not None:
+            gate = Gate("accuracy" if reference.reference_accuracy is not None else "agreement", self.max_drop,
+                        self.min_snr)
+        elif any(r.role == FEATURES and r.name in reference.cosine_outputs for r in reference.roles):
+            gate = Gate("cosine", self.max_drop, self.min_snr)
+        else:
+            gate = Gate("snr", self.max_drop, self.min_snr or DEFAULT_MIN_SNR_WITHOUT_SCORES)
+        if self.metric is None:
+            return gate, None
+        return gate, f"no {self.metric} on these outputs: the gate is {gate.describe()}"
+
+    def describe(self) -> str:
+        """The gate in a few words: what it holds to."""
+        if self.metric == "cosine":
+            return (f"cosine: mean >= {1 - self.max_drop:g}, every sample >= "
+                    f"{1 - WORST_SAMPLE_SLACK * self.max_drop:g}")
+        if self.metric == "snr":
+            return f"worst-channel SNR >= {self.min_snr:g} dB"
+        return f"{self.metric} drop <= {self.max_drop:g}"
 
     def proxy(self, reference: Comparison) -> Gate:
         """The gate passes measure layers with: this one, or for the task metric the one graphopt would choose
@@ -60,6 +77,9 @@ class Gate:
     def failure(self, comparison: Comparison, budget: float) -> str | None:
         """Why ``comparison`` breaks the gate with ``budget``, or None if it holds."""
         drop = comparison.drop(self.metric) if self.metric != "snr" else None
+        if drop is not None and drop > budget + 1e-9 and self.metric == "cosine":
+            return (f"cosine {comparison.cosine:.4f} (worst sample {comparison.worst_sample_cosine:.4f}) is below "
+                    f"the budget's {1 - budget:g} (worst sample {1 - WORST_SAMPLE_SLACK * budget:g})")
         if drop is not None and drop > budget + 1e-9:
             return f"{self.metric} drop {drop:.4f} exceeds the budget {budget:g}"
         if self.min_snr is not None and comparison.worst_snr_db < self.min_snr:

@@ -322,3 +322,213 @@ def test_large_int64_ids_compare_exactly():
     ref = np.array([[2**62, 2**62 + 1]], np.int64)
     m = one(ref, ref + np.array([[0, 1]]))  # equal after a float64 cast, yet different ids
     assert m.exact_match == 0.5
+
+
+# ---- what each output is, and the cosine gate on embeddings and hidden states ------------------------------
+
+
+from graphopt.data import Dataset  # noqa: E402
+from graphopt.metrics import FEATURES, SCORES, VALUES, WORST_SAMPLE_SLACK, TaskMetric  # noqa: E402
+from graphopt.report import BASELINE, PassRow, Report, format_table, to_markdown  # noqa: E402
+from graphopt.verify import Gate  # noqa: E402
+from tests.encoder_graphs import EncoderConfig, bert_encoder, encoder_feeds  # noqa: E402
+from tests.helpers import make_proto, run_model  # noqa: E402
+
+ENCODER = EncoderConfig()
+HEADS = ("pooler", "logits", "probs", "token_logits", "mean_pooled", "normalized")
+
+
+def _encoder_data(count: int = 3) -> Dataset:
+    return Dataset(feeds=encoder_feeds(ENCODER, batch=2, sequence=10, count=count))
+
+
+def test_roles_are_read_from_the_graph_not_the_names():
+    ev = Evaluator(bert_encoder(ENCODER, HEADS), _encoder_data(1))
+    roles = {r.name: r.role for r in ev.roles}
+    assert roles == {"last_hidden_state": FEATURES, "pooler_output": FEATURES, "logits": SCORES, "probs": SCORES,
+                     "token_logits": SCORES, "mean_pooled": FEATURES, "normalized": FEATURES}
+    why = {r.name: r.why for r in ev.roles}
+    assert "LayerNormalization" in why["last_hidden_state"] and "LayerNormalization" in why["mean_pooled"]
+    assert "softmax" in why["probs"] and "linear head" in why["logits"] and "norm" in why["normalized"]
+    assert ev.score_output == "logits" and not any(r.guessed for r in ev.roles)
+    # the same graph with every output renamed to what a classifier would call its scores: same roles
+    proto = bert_encoder(ENCODER, ("pooler",))
+    for i, out in enumerate(proto.graph.output):
+        for node in proto.graph.node:
+            node.output[:] = [f"logits{i}" if o == out.name else o for o in node.output]
+        out.name = f"logits{i}"
+    renamed = Evaluator(proto, _encoder_data(1))
+    assert [r.role for r in renamed.roles] == [FEATURES, FEATURES] and renamed.score_output == ""
+
+
+def test_encoder_gate_is_cosine_and_the_hidden_states_are_no_class_scores():
+    data = _encoder_data()
+    reference = bert_encoder(ENCODER)
+    ev = Evaluator(reference, data)
+    same = ev.evaluate(reference)
+    assert same.score_output is None and same.agreement is None  # no arg-max over 32 hidden features
+    assert same.cosine == pytest.approx(1.0) and same.worst_sample_cosine == pytest.approx(1.0)
+    gate, note = Gate(None, 0.01, None).resolved(same)
+    assert gate.metric == "cosine" and gate.min_snr is None and note is None
+    # the user's metric function and an explicit metric override the reading of the outputs
+    task = TaskMetric(lambda session: 1.0, "mine")
+    assert Gate(None, 0.01, None, task).resolved(same)[0].metric == "task"
+    assert Gate("snr", 0.01, 20.0).resolved(same) == (Gate("snr", 0.01, 20.0), None)
+    fallback, note = Gate("agreement", 0.01, None).resolved(same)
+    assert fallback.metric == "cosine" and "no agreement" in note and "mean >= 0.99" in note
+    # --score-output still makes an output class scores, whatever it is
+    named = Evaluator(reference, data, score_output="last_hidden_state")
+    assert named.roles[0].role == SCORES and named.evaluate(reference).agreement == 1.0
+
+
+def _perturbed(proto: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for init in out.graph.initializer:
+        if init.name == "encoder.layer.1.intermediate.dense.weight":
+            w = numpy_helper.to_array(init)
+            noise = np.random.default_rng(7).standard_normal(w.shape).astype(np.float32) * scale * np.abs(w).mean()
+            init.CopyFrom(numpy_helper.from_array(w + noise, init.name))
+    return out
+
+
+def test_cosine_metric_against_numpy_on_onnxruntime_outputs():
+    data = _encoder_data()
+    reference = bert_encoder(ENCODER)
+    candidate = _perturbed(reference, 2.0)
+    got = Evaluator(reference, data).evaluate(candidate)
+    # per token: cosine over the 32 hidden features; per sample: the mean over its tokens
+    per_sample = []
+    for feed in data.feeds:
+        r = run_model(reference, feed)["last_hidden_state"].astype(np.float64)
+        c = run_model(candidate, feed)["last_hidden_state"].astype(np.float64)
+        per_sample.append((r * c).sum(-1) / np.linalg.norm(r, axis=-1) / np.linalg.norm(c, axis=-1))
+    tokens = np.concatenate([p.reshape(-1) for p in per_sample])
+    worst = min(p.mean(axis=1).min() for p in per_sample)
+    assert got.cosine == pytest.approx(tokens.mean(), abs=1e-6) and 0.5 < got.cosine < 0.999
+    assert got.worst_sample_cosine == pytest.approx(worst, abs=1e-6) and worst < got.cosine
+    drop = max(1 - tokens.mean(), (1 - worst) / WORST_SAMPLE_SLACK)
+    assert got.drop("cosine") == pytest.approx(drop, abs=1e-6) == got.drop("cosine", stressed=True)
+    assert got.value("cosine") == got.cosine
+    gate = Gate("cosine", 0.01, None)
+    assert gate.failure(got, drop + 1e-4) is None
+    assert "cosine" in gate.failure(got, drop - 1e-4) and "worst sample" in gate.failure(got, drop - 1e-4)
+
+
+def test_cosine_per_vector_by_hand():
+    # two samples of two 2-vectors: cosines 1 and 24/25 (sample 0), 0 (a zero candidate) and 1 (both zero)
+    ref = np.array([[[1.0, 0.0], [3.0, 4.0]], [[1.0, 1.0], [0.0, 0.0]]])
+    cand = np.array([[[2.0, 0.0], [4.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    c = compare(["h"], [[ref]], [[cand]], score_output="")
+    assert c.cosine == pytest.approx((1.0 + 0.96 + 0.0 + 1.0) / 4)
+    assert c.worst_sample_cosine == pytest.approx(0.5)
+    assert c.outputs[0].vector_cosine == c.cosine
+    nan = cand.copy()
+    nan[0, 0, 0] = np.nan  # a broken vector counts as cosine 0
+    assert compare(["h"], [[ref]], [[nan]], score_output="").cosine == pytest.approx((0.0 + 0.96 + 0.0 + 1.0) / 4)
+    assert c.cosine_outputs == ["h"]
+    # without a graph the old shape rule stands: [N, T, C] is taken for scores; with no other output, the cosine
+    # is taken over the scores (what an explicit --metric cosine on a classifier judges)
+    scores = compare(["h"], [[ref]], [[cand]])
+    assert scores.score_output == "h" and scores.cosine == c.cosine and scores.cosine_outputs == ["h"]
+
+
+def test_explicit_cosine_on_a_classifier_judges_its_scores():
+    rng = np.random.default_rng(4)
+    weight = rng.normal(size=(6, 3)).astype(np.float32)
+    reference = _one_output([helper.make_node("MatMul", ["x", "w"], ["y"])], 3, {"w": weight})
+    data = Dataset(feeds=[{"x": rng.normal(size=(8, 6)).astype(np.float32)}])
+    candidate = _one_output([helper.make_node("MatMul", ["x", "w"], ["y"])], 3, {"w": weight + 0.3})
+    comparison = Evaluator(reference, data).evaluate(candidate)
+    assert comparison.score_output == "y" and comparison.cosine_outputs == ["y"]
+    ref, cand = data.feeds[0]["x"] @ weight, data.feeds[0]["x"] @ (weight + 0.3)
+    rows = (ref * cand).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(cand, axis=1)
+    assert comparison.cosine == pytest.approx(rows.mean(), abs=1e-5)
+    assert Gate("cosine", 0.01, None).resolved(comparison) == (Gate("cosine", 0.01, None), None)
+    assert Gate(None, 0.01, None).resolved(comparison)[0].metric == "agreement"
+
+
+def _one_output(nodes, out_dims, inits) -> onnx.ModelProto:
+    return make_proto(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dims])], inits)
+
+
+def test_residual_add_is_features_and_an_unexplained_add_stays_class_scores():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 6)).astype(np.float32)
+    data = Dataset(feeds=[{"x": rng.standard_normal((8, 6)).astype(np.float32)}])
+    residual = _one_output([helper.make_node("MatMul", ["x", "w"], ["f"]), helper.make_node("Add", ["x", "f"], ["y"])],
+                           6, {"w": w})
+    (role,) = Evaluator(residual, data).roles
+    assert (role.role, role.why) == (FEATURES, "a residual Add: hidden states")
+    # two branches added, neither an ancestor of the other: nothing says what it is, so class scores as before
+    branches = _one_output([helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("MatMul", ["x", "v"], ["b"]),
+                            helper.make_node("Add", ["a", "b"], ["y"])], 6, {"w": w, "v": w * 0.5})
+    ev = Evaluator(branches, data)
+    assert ev.roles[0].role == SCORES and ev.roles[0].guessed and ev.score_output == "y"
+    assert Gate(None, 0.01, None).resolved(ev.evaluate(branches))[0].metric == "agreement"
+
+
+def test_suffix_accumulators_follow_the_evaluators_reading():
+    # graphopt.sensitivity.suffix builds its Accumulator from the evaluator's names and score output
+    reference = bert_encoder(ENCODER)
+    ev = Evaluator(reference, _encoder_data(1))
+    acc = Accumulator(ev.output_names, ev.score_output, ev.map_threshold)
+    acc.add(ev.reference_outputs[0], ev.reference_outputs[0])
+    result = acc.result()
+    assert result.agreement is None and result.cosine == pytest.approx(1.0)
+
+
+def test_report_says_which_rule_judged_each_output_and_why():
+    reference = bert_encoder(ENCODER, ("logits",))
+    ev = Evaluator(reference, _encoder_data(1))
+    comparison = ev.evaluate(reference)
+    gate = Gate(None, 0.01, None).resolved(comparison)[0]
+    assert gate.metric == "agreement"  # class scores exist: they are what is judged
+    report = Report(model="m", output=None, data="d", synthetic=False, metric=gate.metric, max_drop=0.01,
+                    min_snr=None, passes=[PassRow("input", BASELINE, metrics=comparison.to_dict())], passed=True)
+    text = format_table(report)
+    assert "logits: class scores (a linear head (Gemm with a constant weight)) -> agreement" in text
+    assert "last_hidden_state: features (a LayerNormalization output: hidden states or embeddings) -> not gated" \
+        in text
+    report.metric = "cosine"
+    assert "last_hidden_state: features (a LayerNormalization output: hidden states or embeddings) → cosine" \
+        in to_markdown(report)
+    assert "mean cosine ≥ 0.99, every sample ≥ 0.95" in to_markdown(report)
+
+
+def test_a_score_map_stays_on_snr_unless_named():
+    # A detector's probability map [N, 1, H, W] (PP-OCR det's): worst-channel SNR as before, agreement per pixel
+    # when --score-output names it.
+    rng = np.random.default_rng(5)
+    proto = make_proto([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["map"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                       [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                       {"w": rng.standard_normal((1, 2, 1, 1)).astype(np.float32)})
+    data = Dataset(feeds=[{"x": rng.standard_normal((3, 2, 4, 4)).astype(np.float32)}])
+    ev = Evaluator(proto, data)
+    assert ev.roles[0].role == VALUES and "--score-output" in ev.roles[0].why
+    assert Gate(None, 0.01, None).resolved(ev.evaluate(proto))[0] == Gate("snr", 0.01, 30.0)
+    named = Evaluator(proto, data, score_output="map")
+    assert Gate(None, 0.01, None).resolved(named.evaluate(proto))[0].metric == "agreement"
+
+
+def test_optimize_on_an_encoder_gates_on_cosine_end_to_end(tmp_path, capsys):
+    from graphopt import cli
+
+    model, data = tmp_path / "encoder.onnx", tmp_path / "data.npz"
+    onnx.save(bert_encoder(ENCODER, ("pooler",)), str(model))
+    feeds = encoder_feeds(ENCODER, batch=8, sequence=10, count=1)[0]
+    np.savez(data, **feeds)
+    argv = ["optimize", str(model), "-o", str(tmp_path / "out.onnx"), "--passes", "canonicalize", "--data", str(data),
+            "--no-latency", "--quiet", "--report", str(tmp_path / "report.json")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gate: cosine drop <= 0.01 (mean cosine >= 0.99, every sample >= 0.95): PASSED" in out
+    assert "pooler_output: features (a Tanh output: a pooler's features) -> cosine" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["metric"] == "cosine" and report["final"]["cosine"] == pytest.approx(1.0)
+    assert [r["role"] for r in report["passes"][0]["metrics"]["roles"]] == [FEATURES, FEATURES]
+    assert cli.main(argv + ["--metric", "snr", "--min-snr", "40"]) == 0  # an explicit metric wins
+    out = capsys.readouterr().out
+    assert "gate: worst-channel SNR >= 40 dB: PASSED" in out and "-> worst-channel SNR >= 40 dB" in out

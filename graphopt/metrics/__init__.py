@@ -1,16 +1,22 @@
 """Comparing a candidate model's outputs with the original's: per-channel SNR, cosine, agreement, accuracy.
 
-Modules, bottom to top: channels (the streaming per-channel accumulator and its statistics), compare (the
-Comparison of two models on a Dataset, and the Evaluator that caches the original's outputs), task (the user's
-own metric function).
+Modules, bottom to top: channels (the streaming per-channel accumulator and its statistics), vectors (cosine per
+vector: embeddings, hidden states), task (the user's own metric function), roles (what each output is: class
+scores, features or values, read from the graph), compare (the Comparison of two models' outputs), evaluator (the
+Evaluator that caches the original's outputs and compares candidates with them).
 """
 
 from __future__ import annotations
 
 from graphopt.metrics.channels import SNR_CAP, OutputMetrics, cosine, snr_db
-from graphopt.metrics.compare import (MAP_THRESHOLD, METRICS, STRESS, Accumulator, Comparison, Evaluator, compare,
-                                      split_labels)
+from graphopt.metrics.vectors import VectorCosines
 from graphopt.metrics.task import TaskMetric, load_metric_fn, metric_for_gate, task_metric
+from graphopt.metrics.roles import FEATURES, SCORES, VALUES, OutputRole, graph_evidence, output_roles, rule_of
+from graphopt.metrics.compare import (MAP_THRESHOLD, METRICS, NO_SCORES, STRESS, WORST_SAMPLE_SLACK, Accumulator,
+                                      Comparison, compare, split_labels)
+from graphopt.metrics.evaluator import Evaluator
 
-__all__ = ["MAP_THRESHOLD", "METRICS", "SNR_CAP", "STRESS", "Accumulator", "Comparison", "Evaluator", "OutputMetrics",
-           "TaskMetric", "compare", "cosine", "load_metric_fn", "metric_for_gate", "snr_db", "split_labels", "task_metric"]
+__all__ = ["FEATURES", "MAP_THRESHOLD", "METRICS", "NO_SCORES", "SCORES", "SNR_CAP", "STRESS", "VALUES",
+           "WORST_SAMPLE_SLACK", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "OutputRole", "TaskMetric",
+           "VectorCosines", "compare", "cosine", "graph_evidence", "load_metric_fn", "metric_for_gate",
+           "output_roles", "rule_of", "snr_db", "split_labels", "task_metric"]

@@ -30,6 +30,8 @@ class OutputMetrics:
     worst_channel_cosine: float  # lowest cosine over channels (may be another channel than worst_channel)
     channels: int  # largest axis-1 size seen; 0 for rank 0/1 outputs
     exact_match: float | None = None  # non-float outputs only: fraction of equal elements
+    vector_cosine: float | None = None  # mean cosine per vector (graphopt.metrics.vectors), float rank >= 2 outputs
+    worst_sample_cosine: float | None = None  # the lowest sample's mean cosine
 
 
 def snr_db(ref_energy: float, err_energy: float) -> float:

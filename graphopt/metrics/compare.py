@@ -17,36 +17,45 @@ Conventions (SNR and cosine are always finite, never NaN; to_dict() is JSON-safe
   Other outputs (strings, scikit-learn ZipMap dicts) too, with an element's abs error counted as 0 or 1.
 - State is a fixed set of per-channel sums per output, so memory is flat in the number of feeds and feeds
   may differ in shape (channel counts may differ between feeds; a channel seen in some feeds only is fine).
+- Cosine per vector (graphopt.metrics.vectors) on every float output of rank >= 2 but outputs of one value a
+  row: `cosine` is the lowest mean over them (`cosine_outputs`: those but the score output, when there are any;
+  else the score output, for --metric cosine on a classifier), `worst_sample_cosine` the lowest sample's.
+  The cosine metric's drop is the larger of 1 - cosine and (1 - worst_sample_cosine) / WORST_SAMPLE_SLACK.
+- score_output: None chooses the first float [N, C] or [N, T, C] output (C > 1); NO_SCORES ("", a name no ONNX
+  output has) says there is none. The Evaluator decides it from the graph (graphopt.metrics.roles).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from graphopt.metrics.channels import SNR_CAP, OutputAccumulator, OutputMetrics, cosine, snr_db
-from graphopt.errors import DataError, GraphoptError, first_line
+from graphopt.errors import DataError, GraphoptError
 from graphopt.formatting import json_safe
-from graphopt.metrics.task import TaskMetric
-from graphopt.runtime import make_session
+from graphopt.metrics.roles import OutputRole
+from graphopt.metrics.vectors import VectorCosines
 
 __all__ = [
     "METRICS",
+    "NO_SCORES",
     "SNR_CAP",
     "STRESS",
+    "WORST_SAMPLE_SLACK",
     "Accumulator",
     "Comparison",
-    "Evaluator",
     "OutputMetrics",
+    "check_score_output",
     "compare",
     "cosine",
     "snr_db",
     "split_labels",
 ]
 
-METRICS = ("accuracy", "agreement", "snr", "task")  # task: the user's own function (graphopt.metrics.task)
+# task: the user's own function (graphopt.metrics.task); cosine: embeddings and hidden states
+METRICS = ("accuracy", "agreement", "cosine", "snr", "task")
 # Budget searches judge candidates with their output error made this much larger (the part of it a per-row
 # rescaling and shift of the scores does not explain, which cannot change an arg-max): a search that stops at
 # the first flipped sample stops where unseen samples flip, and the safety factor keeps it off that edge.
@@ -54,6 +63,12 @@ METRICS = ("accuracy", "agreement", "snr", "task")  # task: the user's own funct
 # on the 360 test samples, with a factor of 1.5 1.67, with 2 0.28 (13.8x smaller after lzma).
 STRESS = 2.0
 MAP_THRESHOLD = 0.5  # agreement on a one-channel [N, 1, H, W] score map: the same side of this value
+NO_SCORES = ""  # score_output when the model has no class-score output (no output has an empty name)
+# The cosine budget: max_drop bounds 1 - mean cosine, and this many times max_drop 1 - the worst sample's cosine
+# (max_drop 0.01: mean >= 0.99, every sample >= 0.95). The mean is what a retrieval or a classifier on top sees
+# on average; one sample may stray further, not arbitrarily far. A mean cosine is a smooth average, without the
+# edge a count of flipped arg-maxes has: its stressed drop is its drop.
+WORST_SAMPLE_SLACK = 5.0
 
 
 @dataclass
@@ -69,6 +84,10 @@ class Comparison:
     stressed_accuracy: float | None = None  # accuracy likewise
     task: float | None = None  # the user's metric function on the candidate (higher is better)
     reference_task: float | None = None  # ... on the reference
+    cosine: float | None = None  # mean cosine per vector, the lowest over cosine_outputs
+    worst_sample_cosine: float | None = None  # the lowest sample's mean cosine over those outputs
+    cosine_outputs: list[str] = field(default_factory=list)
+    roles: list[OutputRole] = field(default_factory=list)  # what each output is (the Evaluator's reading)
 
     @property
     def worst_snr_db(self) -> float:
@@ -87,13 +106,20 @@ class Comparison:
             return self.agreement
         if metric == "task":
             return self.task
+        if metric == "cosine":
+            return self.cosine
         return self.worst_snr_db
 
     def drop(self, metric: str, stressed: bool = False) -> float | None:
         """How much worse than the reference: accuracy points lost, or 1 - agreement; None for snr.
         ``stressed``: the larger of that and the drop with the output error STRESS times larger (not for the
-        task metric: the user's function sees only the candidate). task: the reference's score less the candidate's."""
+        task metric: the user's function sees only the candidate). task: the reference's score less the candidate's.
+        cosine: the larger of 1 - mean cosine and (1 - worst sample's) / WORST_SAMPLE_SLACK."""
         _check_metric(metric)
+        if metric == "cosine":
+            if self.cosine is None or self.worst_sample_cosine is None:
+                return None
+            return max(1.0 - self.cosine, (1.0 - self.worst_sample_cosine) / WORST_SAMPLE_SLACK)
         if metric == "task":
             return None if self.task is None or self.reference_task is None else self.reference_task - self.task
         if metric == "accuracy":
@@ -126,6 +152,8 @@ class Comparison:
         if self.task is not None:
             parts.append(f"task {self.task:.4g}" + (f" (ref {self.reference_task:.4g})"
                                                     if self.reference_task is not None else ""))
+        if self.cosine is not None:
+            parts.append(f"cos {self.cosine:.4f} (worst sample {self.worst_sample_cosine:.4f})")
         worst = self.worst_output
         if worst is not None:
             where = f" [{worst.name}" + (f" ch {worst.worst_channel}]" if worst.worst_channel is not None else "]")
@@ -138,8 +166,8 @@ def _check_metric(metric: str) -> None:
         raise GraphoptError(f"unknown metric {metric!r} (use one of {', '.join(METRICS)})")
 
 
-def _check_score_output(score_output: str | None, output_names: list[str]) -> None:
-    if score_output is not None and score_output not in output_names:
+def check_score_output(score_output: str | None, output_names: list[str]) -> None:
+    if score_output not in (None, NO_SCORES) and score_output not in output_names:
         raise GraphoptError(
             f"score output {score_output!r} is not a model output (outputs: {', '.join(output_names)})"
         )
@@ -195,10 +223,11 @@ class Accumulator:
                  map_threshold: float = MAP_THRESHOLD) -> None:
         self.output_names = list(output_names)
         self.map_threshold = map_threshold
-        _check_score_output(score_output, self.output_names)
+        check_score_output(score_output, self.output_names)
         self._score_name = score_output
-        self._score_index: int | None = None if score_output is None else self.output_names.index(score_output)
+        self._score_index: int | None = None if not score_output else self.output_names.index(score_output)
         self._outputs = [OutputAccumulator(name) for name in self.output_names]
+        self._cosines: dict[int, VectorCosines] | None = None  # by output index, chosen at the first feed
         self._feeds = 0
         self._samples = 0
         self._agree = self._positions = self._stress_agree = 0
@@ -209,6 +238,9 @@ class Accumulator:
             self._score_index = _auto_score_index(refs)
             if self._score_index is not None:
                 self._score_name = self.output_names[self._score_index]
+        if self._cosines is None:  # every float output of rank >= 2 but one-value-a-row outputs
+            self._cosines = {i: VectorCosines() for i, ref in enumerate(refs) if ref.dtype.kind == "f"
+                             and ref.ndim >= 2 and not (ref.ndim <= 3 and ref.shape[-1] <= 1)}
 
     def add(
         self,
@@ -233,6 +265,8 @@ class Accumulator:
         self._choose_score(refs)
         for acc, ref, cand in zip(self._outputs, refs, cands):
             acc.add(ref, cand)
+        for i, cosines in self._cosines.items():
+            cosines.add(refs[i], cands[i])
         self._samples += _rows(refs, self._score_index)
         if self._score_index is not None:
             self._add_scores(refs[self._score_index], cands[self._score_index], labels, feed)
@@ -271,16 +305,25 @@ class Accumulator:
 
     def result(self) -> Comparison:
         labelled = self._labelled
+        outputs = [acc.result() for acc in self._outputs]
+        for i, cosines in (self._cosines or {}).items():
+            outputs[i].vector_cosine, outputs[i].worst_sample_cosine = cosines.result() or (None, None)
+        vectors = [o for o in outputs if o.vector_cosine is not None]
+        others = [o for o in vectors if o.name != self._score_name]
+        vectors = others or vectors
         return Comparison(
-            outputs=[acc.result() for acc in self._outputs],
+            outputs=outputs,
             samples=self._samples,
-            score_output=self._score_name,
+            score_output=self._score_name or None,
             agreement=self._agree / self._positions if self._positions else None,
             accuracy=self._correct / labelled if labelled else None,
             reference_accuracy=self._ref_correct / labelled if labelled else None,
             feeds=self._feeds,
             stressed_agreement=self._stress_agree / self._positions if self._positions else None,
             stressed_accuracy=self._stress_correct / labelled if labelled else None,
+            cosine=min((o.vector_cosine for o in vectors), default=None),
+            worst_sample_cosine=min((o.worst_sample_cosine for o in vectors), default=None),
+            cosine_outputs=[o.name for o in vectors],
         )
 
 
@@ -312,7 +355,7 @@ def split_labels(
 
     Labels only count for an [N, C] score output; otherwise (none, or [N, T, C]) they are not used."""
     index = None
-    if labels is not None and ref_batches:
+    if labels is not None and ref_batches and score_output != NO_SCORES:
         index = list(output_names).index(score_output) if score_output else _auto_score_index(ref_batches[0])
     if index is None or np.ndim(ref_batches[0][index]) != 2:
         return [None] * len(ref_batches)
@@ -323,71 +366,3 @@ def split_labels(
     if sum(counts) != flat.size:
         raise DataError(f"{flat.size} labels for {sum(counts)} evaluation samples")
     return list(np.split(flat, np.cumsum(counts)[:-1]))
-
-
-class Evaluator:
-    """Runs the reference once on the evaluation Dataset, caches its outputs, and compares candidates."""
-
-    def __init__(
-        self,
-        reference: Any,
-        dataset: Any,
-        threads: int = 1,
-        score_output: str | None = None,
-        progress: bool = False,
-        map_threshold: float = MAP_THRESHOLD,
-        task: TaskMetric | None = None,
-    ) -> None:
-        self.threads = threads
-        self.task = task
-        self.map_threshold = map_threshold
-        self.progress = progress
-        self.feeds: list[dict[str, np.ndarray]] = list(dataset.feeds)
-        if not self.feeds:
-            raise DataError("evaluation data has no samples")
-        session = _session(reference, threads, "reference")
-        self.output_names = [o.name for o in session.get_outputs()]
-        _check_score_output(score_output, self.output_names)
-        self.reference_outputs = [
-            _run(session, self.output_names, feed, i, "reference") for i, feed in enumerate(self._bar(self.feeds))
-        ]
-        self.score_output = score_output
-        labels = getattr(dataset, "labels", None)
-        self.labels = split_labels(labels, self.reference_outputs, self.output_names, score_output)
-        self.reference_task = task.score(session) if task is not None else None
-
-    def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
-        from tqdm.auto import tqdm
-
-        show = self.progress if progress is None else progress
-        return tqdm(items, desc=desc, unit="feed", disable=not show, leave=False)
-
-    def evaluate(self, candidate: Any, progress: bool | None = None) -> Comparison:
-        """Compare a candidate (ir.Model, ModelProto, path or onnxruntime session) with the cached reference."""
-        session = _session(candidate, self.threads, "candidate")
-        acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
-        for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
-            outputs = _run(session, self.output_names, feed, i, "candidate")
-            acc.add(self.reference_outputs[i], outputs, self.labels[i])
-        result = acc.result()
-        if self.task is not None:
-            result.task, result.reference_task = self.task.score(session), self.reference_task
-        return result
-
-
-def _session(model: Any, threads: int, role: str):
-    if hasattr(model, "run") and hasattr(model, "get_outputs"):
-        return model  # already an onnxruntime session
-    try:
-        return make_session(model, threads=threads)
-    except GraphoptError:
-        raise
-    except Exception as err:  # onnxruntime raises several unrelated types for a bad model
-        raise GraphoptError(f"{role} model does not load in onnxruntime: {first_line(err, limit=None, with_type=False)}") from None
-
-
-def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int, role: str) -> list[np.ndarray]:
-    try:
-        return session.run(names, dict(feed))
-    except Exception as err:
-        raise GraphoptError(f"{role} model failed on evaluation feed {index}: {first_line(err, limit=None, with_type=False)}") from None

@@ -115,8 +115,8 @@ def metric_for_gate(metric: str | None, metric_fn: Any) -> TaskMetric | None:
     """The user's metric function for a run whose ``--metric`` is ``metric`` (None without one), after the same
     refusals for the API as for the CLI."""
     task = task_metric(metric_fn)
-    if metric is not None and metric not in ("accuracy", "agreement", "snr", "task"):
-        raise GraphoptError(f"--metric {metric}: expected accuracy, agreement or snr (or --metric-fn)")
+    if metric is not None and metric not in ("accuracy", "agreement", "cosine", "snr", "task"):
+        raise GraphoptError(f"--metric {metric}: expected accuracy, agreement, cosine or snr (or --metric-fn)")
     if metric == "task" and task is None:
         raise GraphoptError("--metric task needs --metric-fn module:function (the function that scores a model)")
     if task is not None and metric not in (None, "task"):

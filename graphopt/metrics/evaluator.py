@@ -1,0 +1,90 @@
+"""The Evaluator: runs the reference model once on the evaluation samples, caches its outputs, reads what each
+output is (graphopt.metrics.roles), and compares candidates with it (graphopt.metrics.compare)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import DataError, GraphoptError, first_line
+from graphopt.metrics.compare import (MAP_THRESHOLD, NO_SCORES, Accumulator, Comparison, check_score_output,
+                                      split_labels)
+from graphopt.metrics.roles import graph_evidence, output_roles, score_output_of
+from graphopt.metrics.task import TaskMetric
+from graphopt.runtime import make_session
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    """Runs the reference once on the evaluation Dataset, caches its outputs, and compares candidates."""
+
+    def __init__(
+        self,
+        reference: Any,
+        dataset: Any,
+        threads: int = 1,
+        score_output: str | None = None,
+        progress: bool = False,
+        map_threshold: float = MAP_THRESHOLD,
+        task: TaskMetric | None = None,
+    ) -> None:
+        self.threads = threads
+        self.task = task
+        self.map_threshold = map_threshold
+        self.progress = progress
+        self.feeds: list[dict[str, np.ndarray]] = list(dataset.feeds)
+        if not self.feeds:
+            raise DataError("evaluation data has no samples")
+        evidence = graph_evidence(reference)  # before the session: a large file's proto is freed by then
+        session = _session(reference, threads, "reference")
+        self.output_names = [o.name for o in session.get_outputs()]
+        check_score_output(score_output, self.output_names)
+        self.reference_outputs = [
+            _run(session, self.output_names, feed, i, "reference") for i, feed in enumerate(self._bar(self.feeds))
+        ]
+        # What each output is, and so the output agreement is measured on (NO_SCORES: none); every Accumulator
+        # on this evaluator's outputs (graphopt.sensitivity.suffix too) takes score_output from here.
+        self.roles = output_roles(self.output_names, self.reference_outputs[0], evidence, score_output)
+        self.score_output = score_output or score_output_of(self.roles) or NO_SCORES
+        labels = getattr(dataset, "labels", None)
+        self.labels = split_labels(labels, self.reference_outputs, self.output_names, self.score_output)
+        self.reference_task = task.score(session) if task is not None else None
+
+    def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
+        from tqdm.auto import tqdm
+
+        show = self.progress if progress is None else progress
+        return tqdm(items, desc=desc, unit="feed", disable=not show, leave=False)
+
+    def evaluate(self, candidate: Any, progress: bool | None = None) -> Comparison:
+        """Compare a candidate (ir.Model, ModelProto, path or onnxruntime session) with the cached reference."""
+        session = _session(candidate, self.threads, "candidate")
+        acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
+        for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
+            outputs = _run(session, self.output_names, feed, i, "candidate")
+            acc.add(self.reference_outputs[i], outputs, self.labels[i])
+        result = acc.result()
+        result.roles = list(self.roles)
+        if self.task is not None:
+            result.task, result.reference_task = self.task.score(session), self.reference_task
+        return result
+
+
+def _session(model: Any, threads: int, role: str):
+    if hasattr(model, "run") and hasattr(model, "get_outputs"):
+        return model  # already an onnxruntime session
+    try:
+        return make_session(model, threads=threads)
+    except GraphoptError:
+        raise
+    except Exception as err:  # onnxruntime raises several unrelated types for a bad model
+        raise GraphoptError(f"{role} model does not load in onnxruntime: {first_line(err, limit=None, with_type=False)}") from None
+
+
+def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int, role: str) -> list[np.ndarray]:
+    try:
+        return session.run(names, dict(feed))
+    except Exception as err:
+        raise GraphoptError(f"{role} model failed on evaluation feed {index}: {first_line(err, limit=None, with_type=False)}") from None
