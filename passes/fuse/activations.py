@@ -1,4 +1,5 @@
-"""Matchers for spelled-out activations: HardSwish, HardSigmoid, SiLU, GELU, Mish, found by def-use walks on onnx_ir.
+"""Matchers for spelled-out activations: HardSwish, HardSigmoid, SiLU, Mish, found by def-use walks on onnx_ir
+(GELU: :mod:`~graphopt.passes.fuse.gelu`).
 
 Each matcher looks at one candidate root node (the last node of the spelled-out form) and returns a
 :class:`~graphopt.passes.fuse.match.Match` or a :class:`~graphopt.passes.fuse.match.Miss` with the reason.
@@ -227,64 +228,6 @@ def match_silu(node: ir.Node) -> Match | Miss:
                 misses.append(near(f"Sigmoid(a·x) with a {operand(a)}, not a scalar constant", sig))
         misses.append(fail("x * Sigmoid(y) with y neither x nor a·x"))
     return nearest(misses, "no Sigmoid operand")
-
-
-def _erf_term(value: ir.Value | None) -> Part | Miss:
-    """value = 1 + Erf(x / sqrt 2) (Div sqrt2 or Mul 1/sqrt2) → Part(x, nodes), the Erf its anchor."""
-    shifted = _add_const(value, 1.0)
-    if isinstance(shifted, Miss):
-        return shifted
-    erf = producer(shifted.x, "Erf")
-    if erf is None:
-        return fail(f"1 + {source(shifted.x)}, not 1 + Erf")
-    scaled = _div_or_mul_recip(erf.inputs[0], math.sqrt(2.0))
-    if isinstance(scaled, Miss):
-        return near(scaled, erf)
-    return Part(scaled.x, [*scaled.nodes, erf, *shifted.nodes], first_wrong(shifted, scaled), erf)
-
-
-def _gelu_miss(term: Part | Miss, x: ir.Value, half: ir.Value | None) -> Miss:
-    """Why ``term`` times ``half`` (with ``x``) is no GELU: not the same x (not this pattern), else the first
-    constant that is off (term's, then the 0.5)."""
-    if isinstance(term, Miss):
-        return term
-    if term.x is not x:
-        return fail("y * (1 + Erf(x / sqrt 2)) with y not x")
-    if term.wrong is not None:
-        return near(term.wrong, term.anchor)
-    return near(f"Mul by {operand(half)}, not 0.5", term.anchor)
-
-
-def _ok(part: Part | Miss) -> bool:
-    return isinstance(part, Part) and part.wrong is None
-
-
-def match_gelu(node: ir.Node) -> Match | Miss:
-    """x * 0.5 * (1 + Erf(x / sqrt 2)) in its three Mul orders → Gelu(x)."""
-    if node.op_type != "Mul" or not is_default_domain(node):
-        return fail(f"{node.op_type} is no GELU root")
-    misses: list[Miss] = []
-    for p, q in pairs(node):
-        inner = producer(p, "Mul")
-        term = _erf_term(q)
-        if inner is not None and isinstance(term, Part):  # (x * 0.5) * term
-            halves = [b for a, b in pairs(inner) if a is term.x]
-            if _ok(term) and any(is_scalar(b, 0.5) for b in halves):
-                return Match("gelu", [*term.nodes, inner, node], "Gelu", [term.x], anchor=term.anchor)
-            misses.append(_gelu_miss(term, term.x if halves else p, halves[0] if halves else None))
-        if inner is not None and scalar_of(q) is not None:  # (x * term) * 0.5
-            for x, t in pairs(inner):
-                term = _erf_term(t)
-                if _ok(term) and term.x is x and is_scalar(q, 0.5):
-                    return Match("gelu", [*term.nodes, inner, node], "Gelu", [x], anchor=term.anchor)
-                misses.append(_gelu_miss(term, x, q))
-        half = producer(q, "Mul")  # x * (term * 0.5)
-        for t, h in pairs(half) if half is not None else []:
-            term = _erf_term(t)
-            if _ok(term) and term.x is p and is_scalar(h, 0.5):
-                return Match("gelu", [*term.nodes, half, node], "Gelu", [p], anchor=term.anchor)
-            misses.append(_gelu_miss(term, p, h))
-    return nearest(misses, "no Erf term")
 
 
 def match_mish(node: ir.Node) -> Match | Miss:

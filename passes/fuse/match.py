@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -38,6 +38,15 @@ class Match:
     # Initializers to create for the new node: (input slot, name hint, array); filled in at rewrite time.
     new_constants: list[tuple[int, str, np.ndarray]] = dataclasses.field(default_factory=list)
     anchor: ir.Node | None = None  # the pattern's anchor node: where a rejection of this match is counted
+    # Patterns that write more than one node or output (attention, skip+LayerNorm): the values seen outside the
+    # match, root output first, and ``build(graph, name) -> (new nodes, their replacements of those values)``.
+    outputs: list[ir.Value] = dataclasses.field(default_factory=list)
+    build: Callable[[ir.Graph, str], tuple[list[ir.Node], list[ir.Value]]] | None = None
+
+    @property
+    def exposed(self) -> list[ir.Value]:
+        """The values of the match that nodes outside it (or the graph's outputs) may read."""
+        return self.outputs or [self.root.outputs[0]]
 
     @property
     def site(self) -> ir.Node:
@@ -139,6 +148,71 @@ def scalar_of(value: ir.Value | None) -> float | None:
     if array is None or array.size != 1 or array.ndim > 1 or not np.issubdtype(array.dtype, np.floating):
         return None
     return float(array.reshape(()))
+
+
+# Ops a constant subexpression may be made of (torch leaves Sqrt(2) and its attention scale unfolded).
+_FOLDABLE = {"Sqrt", "Reciprocal", "Neg", "Cast", "Div", "Mul", "Add", "Sub", "Pow", "Shape", "Slice", "Gather"}
+
+
+def folded(value: ir.Value | None, depth: int = 8) -> np.ndarray | None:
+    """The value of a small constant subexpression: constants, arithmetic on them, and the Shape of a value whose
+    inferred shape is static (the export's head-size scale). Computed in float64 for float inputs; else None."""
+    array = const(value)
+    if array is not None:
+        return array.astype(np.float64) if np.issubdtype(array.dtype, np.floating) else array
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0 or not is_default_domain(node) or node.op_type not in _FOLDABLE:
+        return None
+    if node.op_type == "Shape":
+        dims = list(node.inputs[0].shape) if node.inputs[0].shape is not None else [None]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        start, end = int(attr(node, "start", 0)), attr(node, "end", None)
+        return np.array(dims[start:None if end is None else int(end)], np.int64)
+    args = [folded(v, depth - 1) if v is not None else None for v in node.inputs]
+    if any(a is None for a in args[:2 if node.op_type in ("Div", "Mul", "Add", "Sub", "Pow", "Gather") else 1]):
+        return None
+    try:
+        return _evaluate(node, args)
+    except (ValueError, IndexError, TypeError):  # shapes that do not broadcast, indices out of range: not ours
+        return None
+
+
+def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None:
+    op, a = node.op_type, args[0]
+    with np.errstate(all="ignore"):
+        if op in ("Sqrt", "Reciprocal", "Neg"):
+            return {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}[op](a.astype(np.float64))
+        if op == "Cast":
+            return a.astype(np.float64) if ir.DataType(attr(node, "to", 1)).is_floating_point() else None
+        if op in ("Div", "Mul", "Add", "Sub", "Pow"):
+            b = args[1]
+            return {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract,
+                    "Pow": np.power}[op](a.astype(np.float64), b.astype(np.float64))
+        if op == "Gather" and a.ndim == 1:
+            return np.take(a, args[1].astype(np.int64))
+        if op == "Slice" and a.ndim == 1 and len(args) == 3 and args[1].size == args[2].size == 1:
+            return a[int(args[1].ravel()[0]):int(min(args[2].ravel()[0], a.size))]
+    return None
+
+
+def folded_scalar(value: ir.Value | None) -> float | None:
+    """A one-element float constant subexpression's value (see :func:`folded`), else None."""
+    array = folded(value)
+    if array is None or array.size != 1 or not np.issubdtype(array.dtype, np.floating):
+        return None
+    return float(array.reshape(()))
+
+
+def close(found: float | None, target: float, tol: float = TOL) -> bool:
+    """``found`` equals ``target`` within ``tol`` relative to ``target`` (a polynomial's coefficient, a scale)."""
+    return found is not None and abs(found - target) <= tol * abs(target)
+
+
+def not_float32(value: ir.Value | None) -> str | None:
+    """Why onnxruntime's CPU contrib kernels (float only) cannot take ``value``, or None."""
+    dtype = value.type.dtype if value is not None and value.type is not None else None
+    return None if dtype in (None, ir.DataType.FLOAT) else f"the input is {dtype.name}, the CPU kernel takes FLOAT"
 
 
 def number(x: float) -> str:
