@@ -4,7 +4,9 @@ Modules, bottom to top (each imports only those above it in this list):
 - :mod:`types` — the data model: channel states (``Chan``/``Seg``), atoms, slots, links, groups;
 - :mod:`state` — ``Analysis``, the record the walk fills in (union-find of atoms, slots, fixups, constraints);
 - :mod:`units` — removal units under grouped-conv / channel-shuffle constraints;
+- :mod:`targets` — Reshape targets: where each entry comes from (constant or shape read), rewriting them;
 - :mod:`ops` — per-op channel rules (Conv/Gemm/MatMul, elementwise joins, Concat, Split, Slice, Reshape, …);
+- :mod:`heads` — attention rules: head split/merge Reshapes, Transpose, score MatMuls, Softmax, Shape;
 - :mod:`deps` — the dependency analysis: walks the graph through the op rules and builds the groups;
 - :mod:`importance` — one class per criterion (l1, l2, bn, activation, reconstruction) scoring a group;
 - :mod:`select` — widths in channels and the units that reach them (knapsack);

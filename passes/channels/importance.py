@@ -13,7 +13,8 @@ the member vectors of a group, ``score`` combines them (a criterion with nothing
 l1); :func:`criterion` picks the class by the option value. Criteria:
 - ``l1`` / ``l2``: norms of the producers' output filters (weight slices; biases excluded);
 - ``bn``: |γ| of the group's BatchNorms and per-channel Mul scales (network slimming); l1 when there are none;
-- ``activation``: mean |x| of the channel where consumer layers read it (calibration data);
+- ``activation``: mean |x| of the channel where consumer layers read it (calibration data; a MatMul reads
+  its input's last axis, a Conv axis 1);
 - ``reconstruction``: E[x²]·‖W_next[:, c]‖² summed over consumers — the first-order error of a consumer's
   output when channel c is removed.
 
@@ -27,8 +28,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+import onnx_ir as ir
 
-from graphopt.capture import TensorStats
+from graphopt.capture import TensorStats, stream
+from graphopt.graphs import input_channel_axis
 from graphopt.passes.channels.types import Group, Link, const_array
 
 
@@ -76,10 +79,29 @@ def consumer_links(group: Group) -> list[Link]:
     return [k for k in group.links if k.slot.role == "consumer"]
 
 
-def needed_values(groups: list[Group]) -> list[str]:
-    """Values whose per-channel statistics data-driven importance needs (the consumers' inputs)."""
-    names = [k.slot.node.inputs[0].name for g in groups for k in consumer_links(g)]
-    return list(dict.fromkeys(names))
+def needed_values(groups: list[Group]) -> dict[str, int]:
+    """Values whose per-channel statistics data-driven importance needs (the consumers' inputs), each with the
+    axis its consumer reads as channels (a MatMul reads the last: [N, T, D] holds D channels)."""
+    axes: dict[str, int] = {}
+    for g in groups:
+        for k in consumer_links(g):
+            axes.setdefault(k.slot.node.inputs[0].name, input_channel_axis(k.slot.node))
+    return axes
+
+
+def consumer_stats(model: ir.Model, groups: list[Group], data, threads: int,
+                   max_samples: int) -> dict[str, TensorStats]:
+    """Running statistics of every consumer input, its channels moved to axis 1 (where TensorStats keeps
+    per-channel sums): one data pass."""
+    axes = needed_values(groups)
+    stats = {name: TensorStats() for name in axes}
+    for acts in stream(model, list(axes), data, threads, max_samples):
+        for name, s in stats.items():
+            x = np.asarray(acts[name])
+            if x.ndim > 2 and axes[name] % x.ndim != 1:
+                x = np.moveaxis(x, axes[name], 1)
+            s.update(x)
+    return stats
 
 
 class Importance:

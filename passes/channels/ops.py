@@ -22,11 +22,14 @@ UNARY = frozenset({
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
     "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal",
     "Identity", "Dropout", "Cast", "Floor", "Ceil", "Round", "ThresholdedRelu", "Sin", "Cos", "Sign",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "IsNaN", "IsInf",
+    "Not"})
 POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"})
 PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 NORMALIZATIONS = frozenset({"BatchNormalization", "InstanceNormalization"})
+# onnxruntime's fused activations (com.microsoft): element-wise, with an optional per-channel bias.
+CONTRIB_ELEMENTWISE = frozenset({"Gelu", "FastGelu", "BiasGelu", "QuickGelu"})
 
 
 def _axis(an: Analysis, value: ir.Value, axis: int) -> int | None:
@@ -78,9 +81,9 @@ def elementwise(an: Analysis, node: ir.Node, ins: list[Chan | None]) -> None:
             pos = -1 if shape[0] == 1 else 0  # PRelu slope [C]: per channel (as exporters write it)
         if pos < 0 or shape[pos] == 1:
             continue  # broadcast along the channel axis: unchanged by pruning
-        if const is None or shape[pos] != first.total * first.block:
-            an.block(first, f"{node.op_type} {label(node)!r}: input {value.name!r} is channel-wise but "
-                            "not a constant")
+        if const is None or shape[pos] != first.total * first.block or first.per > 1:
+            what = "per head" if first.per > 1 else "channel-wise but not a constant"
+            an.block(first, f"{node.op_type} {label(node)!r}: input {value.name!r} is {what}")
             return
         an.link(node, i, pos, first, "member")
     an.set_state(node.outputs[0], first)

@@ -16,12 +16,11 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import costs
-from graphopt.capture import tensor_stats
 from graphopt.data import Dataset, feed_shapes
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channels.deps import analyze
-from graphopt.passes.channels.importance import KINDS, criterion, needed_values
+from graphopt.passes.channels.importance import KINDS, consumer_stats, criterion
 from graphopt.passes.channels.plan import Plan, global_plan, layer_plan, sensitivity_plan
 from graphopt.passes.channels.repair import channel_means, compare, repair as repair_layers
 from graphopt.passes.channels.rewrite import remove_channels, removals
@@ -52,11 +51,13 @@ class Setup:
 
 
 class ChannelPrune(GraphoptPass):
-    """Structured pruning of Conv/ConvTranspose/Gemm/MatMul output channels with their dependency groups."""
+    """Structured pruning of Conv/ConvTranspose/Gemm/MatMul output channels with their dependency groups
+    (attention heads as units of Q/K/V columns, FFN neurons through GELU)."""
 
     name = "channel_prune"
     summary = ("structured pruning: remove whole channels with every coupled tensor (BN, residual Add/Sum, "
-               "Concat, depthwise, Flatten→Gemm); ridge repair of the next layers on calibration data")
+               "Concat, depthwise, Flatten→Gemm, attention heads, FFN neurons); ridge repair of the next layers "
+               "on calibration data")
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
@@ -143,7 +144,7 @@ class ChannelPrune(GraphoptPass):
         notes.extend(_explain(groups))
         stats = None
         if crit.needs_data:
-            stats = tensor_stats(model, needed_values(prunable), data, self.context.threads, opts.max_samples)
+            stats = consumer_stats(model, prunable, data, self.context.threads, opts.max_samples)
         scored = {g.id: crit.score(g, stats) for g in prunable}
         input_shapes = feed_shapes(model, data)
         costs_before = _costs(model, input_shapes)
@@ -225,8 +226,10 @@ def _summary(rows: list[dict], setup: Setup, costs_after: dict[str, int]) -> str
     total_b, total_a = sum(setup.costs_before.values()), sum(costs_after.values())
     removed = sum(r["channels_before"] - r["channels_after"] for r in rows)  # channels, not units
     at = " at the first calibration feed's shapes" if setup.input_shapes else ""
+    if not total_b:  # symbolic dims the cost model could not resolve: say so, not "100% fewer"
+        return f"{len(rows)} group(s) pruned, {removed} channel(s) removed; MACs unknown (shapes not inferred)"
     return (f"{len(rows)} group(s) pruned, {removed} channel(s) removed; MACs{at} {total_b:,} -> "
-            f"{total_a:,} ({1 - total_a / max(total_b, 1):.1%} fewer)")
+            f"{total_a:,} ({1 - total_a / total_b:.1%} fewer)")
 
 
 def _costs(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, int]:

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from graphopt.errors import GraphoptError
 from graphopt.graphs import attr, default_opset
 from graphopt.linear import as_linear
+from graphopt.passes.channels import targets
 from graphopt.passes.channels.types import Group, Slot, const_array, label
 from graphopt.weights import set_initializer, write_input
 
@@ -100,7 +101,8 @@ def _int64_input(node: ir.Node, index: int, values: list[int], hint: str) -> Non
 
 def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.ndarray], opset: int,
                  mark: Callable[[ir.Node], object]) -> None:
-    """Attributes and shape inputs that follow the channel counts: depthwise group, Split sizes, Reshape."""
+    """Attributes and shape inputs that follow the channel counts: depthwise group, Split sizes, Reshape
+    (flatten, channel shuffle, attention heads)."""
     for node, fix in fixups.items():
         removed = value_removed.get(fix["value"])
         if removed is None or not len(removed):
@@ -127,6 +129,14 @@ def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.n
                 array = np.array(const_array(node.inputs[index])).reshape(-1)
                 array[i] = bound - int(np.count_nonzero(removed < bound))
                 _write_input(node, index, array)
+        elif kind == "target":  # attention heads: the head count or the width in a Reshape target
+            if len(removed) % int(fix["unit"]):
+                raise GraphoptError(f"Reshape {label(node)!r}: {len(removed)} channels are not whole heads of "
+                                    f"{fix['unit']}")
+            lost = len(removed) // int(fix["unit"])
+            targets.write(node, [(entry, entry.value - lost) for entry in fix["edits"]])
+            for value in fix["between"]:
+                value.shape = None  # a folded transpose's inner values: inference redoes them
         elif kind == "reshape":
             shape = np.asarray(fix["shape"], dtype=np.int64).copy()
             if shape[1] > 0:

@@ -45,6 +45,12 @@ class Analysis:
         for seg in chan.segs if chan else []:
             self.atoms[seg.atom].reasons.append(reason)
 
+    def follow(self, chan: Chan, node: ir.Node) -> None:
+        """``node`` computes on ``chan`` without a weight to slice (its MACs shrink with the group)."""
+        for seg in chan.segs:
+            if node not in self.atoms[seg.atom].followers:
+                self.atoms[seg.atom].followers.append(node)
+
     # --- recording -------------------------------------------------------------------------------------
     def set_state(self, value: ir.Value, chan: Chan) -> None:
         self.state[value] = chan
@@ -73,7 +79,7 @@ class Analysis:
 
     # --- channels meeting (residual joins) --------------------------------------------------------------
     def merge(self, a: Chan, b: Chan) -> bool:
-        if a.axis != b.axis or a.block != b.block or a.total != b.total:
+        if a.layout != b.layout or a.total != b.total:
             return False
         pairs = list(zip(a.elements(), b.elements()))
         if len(a.segs) == len(b.segs) and all(sa.length == sb.length for sa, sb in zip(a.segs, b.segs)):
@@ -96,7 +102,7 @@ class Analysis:
     def tie(self, a: Chan, b: Chan) -> bool:
         """Channels that line up position by position but not atom by atom (a residual Add of a conv and a
         Concat): tie each pair; :mod:`units` removes tied channels together."""
-        if a.axis != b.axis or a.block != b.block or a.total != b.total:
+        if a.layout != b.layout or a.total != b.total:
             return False
         for (xa, ia), (xb, ib) in zip(a.elements(), b.elements()):
             if self.find(xa) != self.find(xb) or ia != ib:
@@ -113,5 +119,6 @@ class Analysis:
             group.producers += atom.producers
             group.links += atom.links
             group.values += atom.values
+            group.followers += [n for n in atom.followers if n not in group.followers]
             group.reasons += [r for r in atom.reasons if r not in group.reasons]
         return by_root

@@ -1,8 +1,10 @@
 """Data model of the channel analysis, shared by every module of the package.
 
 A value that carries channels has a :class:`Chan` state: segments (atom, start, length) laid out along its
-channel axis. Every tensor that must shrink is a :class:`Slot`; a :class:`Link` says where a range of a
-group's channels lands in a slot. A :class:`Group` is what the pass prunes: ``size`` removal units, each unit
+channel axis; attention heads lay ``per`` consecutive channels on each position of the axis (the head axis),
+their ``per`` features on an ``inner`` axis, or on none once a score MatMul contracted them. Every tensor
+that must shrink is a :class:`Slot`; a :class:`Link` says where a range of a group's channels lands in a
+slot. A :class:`Group` is what the pass prunes: ``size`` removal units, each unit
 one channel — or, under grouped-conv / channel-shuffle constraints, a fixed set of channels (``unit_sizes``).
 """
 
@@ -91,6 +93,13 @@ class Chan:
     segs: list[Seg]
     axis: int  # negative: counted from the end
     block: int = 1
+    per: int = 1  # channels per position of the axis (attention heads: the head size)
+    inner: int | None = None  # per > 1: the axis of a head's channels (from the end), None once contracted
+
+    @property
+    def layout(self) -> tuple:
+        """What two tensors must share for their channels to meet position by position."""
+        return self.axis, self.block, self.per, self.inner
 
     @property
     def total(self) -> int:
@@ -109,6 +118,7 @@ class Atom:
     links: list[Link] = field(default_factory=list)
     values: list[tuple[ir.Value, Link]] = field(default_factory=list)  # where channels appear (slot unused)
     reasons: list[str] = field(default_factory=list)
+    followers: list[ir.Node] = field(default_factory=list)  # weightless nodes whose MACs scale with the atom
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Group:
     values: list[tuple[ir.Value, Link]]
     reasons: list[str]
     unit_sizes: list[int] | None = None  # channels per removal unit; None: one channel each
+    followers: list[ir.Node] = field(default_factory=list)  # attention score MatMuls: MACs follow the group
 
     @property
     def prunable(self) -> bool:
@@ -134,7 +145,7 @@ class Group:
     def members(self) -> list[str]:
         names = [label(n) for n in self.producers]
         names += [label(k.slot.node) for k in self.links if label(k.slot.node) not in names]
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(names + [label(n) for n in self.followers]))
 
 
 def to_segs(elements: list[tuple[int, int]]) -> list[Seg]:

@@ -218,8 +218,9 @@ def _unit_group(groups: list[Group], units: list[list[Element]]) -> Group:
     links = [Link(t, off, u, n) for t, pairs in slot_entries.values() for u, off, n in _runs(pairs)]
     values = [(t, Link(None, off, u, n)) for t, pairs in value_entries.values()  # type: ignore[arg-type]
               for u, off, n in _runs(pairs)]
+    followers = list(dict.fromkeys(n for g in groups for n in g.followers))
     return Group(min(g.id for g in groups), len(units), [p for g in groups for p in g.producers], links, values,
-                 [], [len(u) for u in units])
+                 [], [len(u) for u in units], followers)
 
 
 def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
