@@ -5,12 +5,14 @@ from __future__ import annotations
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.channels import ChannelPrune
 from graphopt.passes.cleanup import Cleanup
+from graphopt.passes.compact import Compact
 from graphopt.passes.fold_batchnorm import FoldBatchNorm
 from graphopt.passes.distill import Distill
 from graphopt.passes.fuse import Fuse
 from graphopt.passes.gap import Gap
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.lowrank import LowRank
+from graphopt.passes.nbits import NBits
 from graphopt.passes.prune import Prune
 from graphopt.passes.quantize import BiasCorrect, Quantize, QuantizeDynamic
 
@@ -29,7 +31,9 @@ REGISTRY = {
         Distill,
         Quantize,
         QuantizeDynamic,
+        NBits,
         BiasCorrect,
+        Compact,
         Cleanup,
     )
 }

@@ -12,6 +12,7 @@ import pytest
 from graphopt import bench, cli
 from graphopt.auto import Candidate, auto, candidate, pareto, search, space, summary
 from graphopt.errors import GraphoptError
+from graphopt.runtime import make_session
 from tests.helpers import DIGITS
 
 MODEL, CALIB = DIGITS / "digits.onnx", DIGITS / "calib.npz"
@@ -27,7 +28,7 @@ def test_search_end_to_end(tmp_path, capsys, monkeypatch):
     cands = report["candidates"]
     assert [c["number"] for c in cands] == list(range(len(cands)))
     assert sum(c["same_as"] is None for c in cands) == 3  # --trials counts candidates built, not repeats
-    assert cands[0]["recipe"] == "fold_batchnorm; fuse"  # the original, as the exact passes leave it
+    assert cands[0]["recipe"] == "fold_batchnorm; fuse; compact"  # the original, as the exact passes leave it
     chosen = report["chosen"]
     assert chosen["lzma_bytes"] == min(c["lzma_bytes"] for c in cands if not c["error"])
     assert chosen["lzma_bytes"] == bench.file_sizes(out)[1] <= cands[0]["lzma_bytes"]
@@ -59,16 +60,17 @@ def test_a_study_resumes(tmp_path):
 
 
 def test_recipes_of_the_space():
-    assert space.recipe(space.original("size"), "size", 0.01) == "fold_batchnorm; fuse"
+    assert space.recipe(space.original("size"), "size", 0.01) == "fold_batchnorm; fuse; compact"
     assert space.recipe(space.original("latency"), "latency", 0.01) == "fold_batchnorm; fuse"
     choices = {"prune": "0.5", "kmeans_bits": "4", "kmeans_data_aware": True, "quantize": True}
     assert space.recipe(choices, "size", 0.02) == (
         "fold_batchnorm; fuse; prune:sparsity=0.5,scope=global,max_drop=0.02; "
-        "kmeans:bits=4,data_aware=true,max_drop=0.02; quantize:target=size,max_drop=0.02")
+        "kmeans:bits=4,data_aware=true,half_codebook=true,max_drop=0.02; quantize:target=size,max_drop=0.02; "
+        "compact")
     choices = {"lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": 16384, "kmeans_bits": "auto"}
     assert space.recipe(choices, "size", 0.01) == (
         "fold_batchnorm; fuse; lowrank:ratio=auto,ratio_of=params,data_aware=true,min_size=16384,max_samples=512,"
-        "max_drop=0.0025; kmeans:bits=auto,max_samples=512,max_drop=0.01")
+        "max_drop=0.0025; kmeans:bits=auto,max_samples=512,half_codebook=true,max_drop=0.01; compact")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
@@ -103,7 +105,7 @@ def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(candidate, "run", lambda job: runs.append(job.recipe) or real(job))
     monkeypatch.setattr(space, "suggest", lambda trial, objective: {"kmeans_bits": "8"})
     result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=3, progress=False)
-    assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,max_drop=0.01")
+    assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,half_codebook=true,max_drop=0.01; compact")
     first, again = result.candidates[1], result.candidates[2]
     assert again.same_as == 1 and again.recipe == first.recipe and again.lzma_bytes == first.lzma_bytes
     # a repeat does not count as a trial; a space with nothing new left ends the search after MAX_REPEATS
@@ -153,5 +155,31 @@ def test_a_killed_search_resumes_from_its_study(tmp_path):
     assert [c["number"] for c in report["candidates"]][:done] == list(range(done))
     built = [c for c in report["candidates"] if c["same_as"] is None]
     assert len(built) == sum(c["same_as"] is None for c in report["candidates"][:done]) + 1
-    assert report["candidates"][0]["recipe"] == "fold_batchnorm; fuse"
+    assert report["candidates"][0]["recipe"] == "fold_batchnorm; fuse; compact"
     assert report["chosen"]["lzma_bytes"] == bench.file_sizes(out)[1]
+
+
+def test_size_recipes_write_half_codebooks_and_compact_names(tmp_path):
+    # a size recipe against the same steps with float32 codebooks and no compact: smaller after lzma, the same
+    # compressed forms (codebooks now float16), and outputs as close as centroids rounded to 11 bits allow
+    import onnx
+
+    from graphopt.pipeline import RunOptions, optimize
+
+    run = RunOptions(latency=False, progress=False)
+    sized, plain = tmp_path / "size.onnx", tmp_path / "plain.onnx"
+    optimize(str(MODEL), sized, passes=space.recipe({"kmeans_bits": "4"}, "size", 0.01), calib=str(CALIB), run=run)
+    optimize(str(MODEL), plain, passes="fold_batchnorm; fuse; kmeans:bits=4,max_drop=0.01", calib=str(CALIB),
+             run=run)
+    proto = onnx.load(str(sized))
+    books = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    layers = sum(n.op_type in ("Conv", "Gemm") for n in proto.graph.node)
+    assert len(books) == sum(n.op_type == "Gather" for n in proto.graph.node) == layers  # one per weight
+    assert max(len(n.name) for n in proto.graph.node) <= 2 and not proto.graph.value_info
+    assert bench.file_sizes(sized)[1] < bench.file_sizes(plain)[1]
+    test = np.load(DIGITS / "test.npz")["input"]
+    a = make_session(str(plain)).run(None, {"input": test})[0]
+    b = make_session(str(sized)).run(None, {"input": test})[0]
+    # float16 centroids: each weight off by at most 2^-11 of itself; the logits by far less than 1% of their range
+    assert np.abs(a - b).max() < 0.01 * np.abs(a).max()
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99

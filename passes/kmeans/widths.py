@@ -24,6 +24,7 @@ class Books:
     def __init__(self, options, energy: dict[str, np.ndarray]) -> None:
         self.options, self.energy = options, energy
         self._books: dict[tuple[str, int], Codebook] = {}
+        self._half: set[tuple[str, int]] = set()  # (layer, bits) whose codebook is written as float16
 
     def importance(self, t: Target) -> np.ndarray | None:
         return importance_of(t, self.energy[t.layer]) if t.layer in self.energy else None
@@ -32,9 +33,21 @@ class Books:
         key = (t.layer, bits)
         if key not in self._books:
             o = self.options
-            self._books[key] = quantize(t.array, bits, o.init, self.importance(t), o.per_channel or bits == 1,
-                                        t.out_axis, o.seed)
+            book = quantize(t.array, bits, o.init, self.importance(t), o.per_channel or bits == 1, t.out_axis,
+                            o.seed)
+            if o.half_codebook and book.codebook.dtype == np.float32 and fits_float16(book.codebook):
+                # rounded here, so sensitivity, the reported errors and the file all see the stored centroids
+                book.codebook = book.codebook.astype(np.float16).astype(np.float32)
+                self._half.add(key)
+            self._books[key] = book
         return self._books[key]
+
+    def is_half(self, t: Target, bits: int) -> bool:
+        return (t.layer, bits) in self._half
+
+
+def fits_float16(values: np.ndarray) -> bool:
+    return bool(np.all(np.abs(values) <= np.finfo(np.float16).max))
 
 
 def widths(context: PassContext, model, targets: list[Target], books: Books,
