@@ -85,8 +85,8 @@ def main() -> int:
         f"`python bench/auto_bench.py --trials {args.trials}` — {machine_line()}. `graphopt auto digits.onnx --data "
         "calib.npz --objective size --max-drop 0.01` (200 samples: 140 searched, 60 held out); the pick is then "
         f"scored on `test.npz` (360 samples the search never saw; float test accuracy {float_acc:.4f}). Both runs "
-        "use the same Optuna seed; with 2 workers trials are asked two at a time, so the two runs may try (and "
-        "deduplicate) different recipes. Candidates/min counts candidates built (a repeated recipe is not rebuilt); "
+        "use the same Optuna seed; with 2 workers a trial is asked whenever a worker is free (the running one a "
+        "constant liar to TPE), so the two runs may try (and deduplicate) different recipes. Candidates/min counts candidates built (a repeated recipe is not rebuilt); "
         "the 2-worker time includes starting the Dask LocalCluster.",
         "",
         "| where | wall s | candidates built | candidates/min | smaller after lzma | test accuracy | held-out | recipe |",

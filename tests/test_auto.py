@@ -99,6 +99,17 @@ def test_pareto_fronts():
     assert pareto.loss(cands[4], "accuracy") is None
 
 
+def test_cosine_loss_is_the_gates_drop():
+    """On the cosine gate the front is ordered by the gate's own drop: the worst sample's shortfall counts a fifth."""
+    def cos(number, size, mean, worst):
+        return Candidate(number, f"r{number}", size, 1.0, {"cosine": mean, "worst_sample_cosine": worst})
+    cands = [cos(0, 100, 1.0, 1.0), cos(1, 50, 0.999, 0.90), cos(2, 60, 0.995, 0.99)]
+    assert pareto.loss(cands[1], "cosine") == pytest.approx(0.02)
+    assert pareto.loss(cands[2], "cosine") == pytest.approx(0.005)
+    assert [c.number for c in pareto.front(cands, "cosine", "lzma_bytes")] == [1, 2, 0]
+    assert pareto.loss(cands[0], "snr") is None  # no SNR recorded: no loss on that metric
+
+
 def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     runs = []
     real = candidate.run
@@ -113,11 +124,16 @@ def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     assert summary(result)[0].startswith(f"2 candidates ({search.MAX_REPEATS} more repeated a recipe)")
 
 
-def test_a_search_on_a_local_dask_cluster(tmp_path):
+def test_a_search_on_a_local_dask_cluster(tmp_path, monkeypatch):
+    # Two workers, every trial after the original suggesting the same recipe: while it runs, the trials asked for
+    # the free worker wait for its result instead of running it again, then take it as repeats.
+    monkeypatch.setattr(space, "suggest", lambda trial, objective: {"kmeans_bits": "8"})
     result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=3, workers=2, progress=False)
     assert result.where == "2 Dask worker(s)"
-    assert [c.number for c in result.candidates] == [0, 1, 2]
-    assert all(c.seconds > 0 or c.same_as is not None for c in result.candidates)
+    built = [c for c in result.candidates if c.same_as is None]
+    assert [c.number for c in built] == [0, 1] and all(c.seconds > 0 for c in built)
+    assert len(result.candidates) == 2 + search.MAX_REPEATS
+    assert all(c.same_as == 1 and c.lzma_bytes == built[1].lzma_bytes for c in result.candidates[2:])
     assert (tmp_path / "o.onnx").exists() and result.chosen.lzma_bytes <= result.candidates[0].lzma_bytes
 
 

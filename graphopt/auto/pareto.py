@@ -1,8 +1,8 @@
 """The trade-offs `graphopt auto` found: Pareto fronts of loss vs size and loss vs latency, as JSON, Markdown
 and PNG (the original and the chosen model marked).
 
-Loss is measured on the search samples against the original: the accuracy, agreement or user's score drop, or
-for the snr gate the negated worst-channel SNR (lower is better on every axis).
+Loss is measured on the search samples against the original: the accuracy, agreement or user's score drop, the
+cosine gate's drop (as :meth:`graphopt.metrics.Comparison.drop` takes it), or for the snr gate the negated worst-channel SNR (lower is better on every axis).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from graphopt.auto.candidate import Candidate
 from graphopt.formatting import human
+from graphopt.metrics import WORST_SAMPLE_SLACK
 
 
 def loss(cand: Candidate, metric: str) -> float | None:
@@ -25,6 +26,8 @@ def loss(cand: Candidate, metric: str) -> float | None:
         return 1.0 - float(s["agreement"])
     if metric == "task" and s.get("task") is not None and s.get("reference_task") is not None:
         return float(s["reference_task"]) - float(s["task"])
+    if metric == "cosine" and s.get("cosine") is not None and s.get("worst_sample_cosine") is not None:
+        return max(1.0 - float(s["cosine"]), (1.0 - float(s["worst_sample_cosine"])) / WORST_SAMPLE_SLACK)
     snr = s.get("worst_snr_db")
     return -float(snr) if snr is not None else None
 

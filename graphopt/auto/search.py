@@ -7,7 +7,8 @@ original model (exact passes only) is always the first candidate, so the pick is
 the objective. The pick is judged once on the held-out samples; that number is reported and sets the exit code.
 With ``study`` (an Optuna storage file, SQLite) the search state and the candidates' files survive a kill and
 a rerun goes on where it stopped; Ctrl-C or the time budget ends the search and still writes the best so far.
-Trials are asked from Optuna as many at a time as the workers run (:mod:`graphopt.auto.workers`).
+A trial is asked from Optuna whenever a worker is free (:mod:`graphopt.auto.workers`); Optuna's TPE sampler then
+sees the running trials as constant liars.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _study(objective: str, storage: str | None, model: Path) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = f"graphopt-auto-{model.stem}-{objective}"
     return optuna.create_study(direction="minimize", storage=storage, study_name=name, load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=0))
+                               sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True))
 
 
 def _recipe_yaml(rec: str) -> str:
@@ -157,45 +158,63 @@ def _check_arguments(objective: str, max_drop: float, trials: int) -> None:
 
 def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candidate.Job], objective: str,
             max_drop: float, trials: int, time_budget: float | None, progress: bool) -> bool:
-    """Ask Optuna for as many trials as the pool runs at once, run them, tell the results; until ``trials``
-    candidates were built, the time budget is spent (a batch in flight finishes) or Ctrl-C. A recipe tried
-    before is not run again: the trial gets the earlier result and does not count (measured on digits: 21 of 60
-    trials repeated a recipe), unless MAX_REPEATS trials in a row did (the space is spent). Returns whether the
-    search was interrupted."""
+    """Keep every slot of the pool busy: ask Optuna for a trial whenever a slot is free, start it, tell its result
+    when it finishes; until ``trials`` candidates were built or the time budget is spent (what is running then
+    finishes), or Ctrl-C. A recipe tried before is not run again: the trial gets the earlier result and does not
+    count (measured on digits: 21 of 60 trials repeated a recipe), unless MAX_REPEATS trials in a row did (the
+    space is spent). Returns whether the search was interrupted."""
     if not opt_study.trials:
         opt_study.enqueue_trial(space.original(objective))
     seen = {t.user_attrs["candidate"]["recipe"]: Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials
             if "candidate" in t.user_attrs and t.user_attrs["candidate"].get("same_as") is None}
     best = min(seen.values(), key=lambda c: c.value(objective), default=None)
     bar = tqdm(total=trials, desc="auto", unit="candidate", disable=not progress, leave=False)
-    start, launched, repeats, asked = time.perf_counter(), 0, 0, []
+    start, launched, repeats = time.perf_counter(), 0, 0
+    running: list[tuple[Any, optuna.trial.Trial, str]] = []  # (the pool's handle, its trial, its recipe)
+    waiting: list[tuple[optuna.trial.Trial, str]] = []  # trials repeating a recipe still running
+
+    def tell(trial: optuna.trial.Trial, cand: Candidate) -> None:
+        nonlocal best
+        trial.set_user_attr("candidate", dataclasses.asdict(cand))
+        opt_study.tell(trial, cand.value(objective))
+        if cand.valid and (best is None or cand.value(objective) < best.value(objective)):
+            best = cand
+            bar.set_postfix_str(f"best #{best.number}: " + _value_text(best, objective))
+
+    def repeat(trial: optuna.trial.Trial, earlier: Candidate) -> None:
+        tell(trial, dataclasses.replace(earlier, number=trial.number, seconds=0.0, same_as=earlier.file_number))
+
     try:
-        while launched < trials and repeats < MAX_REPEATS and \
-                (time_budget is None or time.perf_counter() - start < time_budget):
-            asked = [opt_study.ask() for _ in range(min(pool.slots, trials - launched))]
-            recipes = {t.number: space.recipe(space.suggest(t, objective) if t.number else space.original(objective),
-                                              objective, max_drop) for t in asked}
-            fresh = [t for t in asked if recipes[t.number] not in seen]
-            fresh = [t for i, t in enumerate(fresh) if recipes[t.number] not in {recipes[u.number] for u in fresh[:i]}]
-            launched += len(fresh)
-            repeats = 0 if fresh else repeats + len(asked)
-            ran = {c.number: c for c in pool.run([job(t.number, recipes[t.number]) for t in fresh])}
-            for t in asked:
-                earlier = seen.get(recipes[t.number])
-                cand = ran.get(t.number) or dataclasses.replace(earlier, number=t.number, seconds=0.0,
-                                                                same_as=earlier.file_number)
+        while True:
+            while len(running) < pool.slots and launched < trials and repeats < MAX_REPEATS and \
+                    (time_budget is None or time.perf_counter() - start < time_budget):
+                trial = opt_study.ask()
+                rec = space.recipe(space.suggest(trial, objective) if trial.number else space.original(objective),
+                                   objective, max_drop)
+                if rec in seen:
+                    repeat(trial, seen[rec])
+                    repeats += 1
+                elif any(rec == r for _, _, r in running):
+                    waiting.append((trial, rec))
+                    repeats += 1
+                else:
+                    running.append((pool.start(job(trial.number, rec)), trial, rec))
+                    launched, repeats = launched + 1, 0
+            if not running:
+                break
+            for handle, cand in pool.wait_any([h for h, _, _ in running]):
+                trial = next(t for h, t, _ in running if h is handle)
+                running = [r for r in running if r[0] is not handle]
                 seen.setdefault(cand.recipe, cand)
-                t.set_user_attr("candidate", dataclasses.asdict(cand))
-                opt_study.tell(t, cand.value(objective))
-                if cand.valid and (best is None or cand.value(objective) < best.value(objective)):
-                    best = cand
-            asked = []
-            bar.update(len(fresh))
-            if best is not None:
-                bar.set_postfix_str(f"best #{best.number}: " + _value_text(best, objective))
+                tell(trial, cand)
+                bar.update(1)
+                for other, rec in [w for w in waiting if w[1] == cand.recipe]:
+                    repeat(other, cand)
+                waiting = [w for w in waiting if w[1] != cand.recipe]
     except KeyboardInterrupt:
-        for t in asked:
-            opt_study.tell(t, state=optuna.trial.TrialState.FAIL)
+        pool.cancel([h for h, _, _ in running])
+        for trial in [t for _, t, _ in running] + [t for t, _ in waiting]:
+            opt_study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return True
     finally:
         bar.close()

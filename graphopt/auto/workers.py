@@ -2,7 +2,7 @@
 
 ``workers`` > 1 starts a Dask LocalCluster of that many worker processes (one thread each, nothing to start by
 hand); ``scheduler`` connects to an existing cluster (``dask scheduler`` plus ``dask worker ADDR``). Size
-searches run as many candidates at once as there are workers. A latency search times its candidates, and a
+searches keep every worker busy: a new candidate starts as soon as one finishes. A latency search times its candidates, and a
 latency measured while other work runs on the machine is wrong: its candidates run one at a time, each on a
 worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on the machine the model
 will run on; every local worker has one).
@@ -10,20 +10,26 @@ will run on; every local worker has one).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from graphopt.auto import candidate
 from graphopt.errors import GraphoptError
 
 
 class Inline:
-    """Candidates one after the other, in this process."""
+    """Candidates one after the other, in this process: a started job has already run."""
 
     slots = 1
     where = "this process"
 
-    def run(self, jobs: Sequence[candidate.Job]) -> list[candidate.Candidate]:
-        return [candidate.run(job) for job in jobs]
+    def start(self, job: candidate.Job) -> candidate.Candidate:
+        return candidate.run(job)
+
+    def wait_any(self, handles: Sequence[Any]) -> list[tuple[Any, candidate.Candidate]]:
+        return [(h, h) for h in handles]
+
+    def cancel(self, handles: Sequence[Any]) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -56,10 +62,20 @@ class DaskWorkers:
         self.slots = 1 if timed else len(info)
         self.where = f"{len(info)} Dask worker(s)" + (f", {timing} with a timing resource" if timed else "")
 
-    def run(self, jobs: Sequence[candidate.Job]) -> list[candidate.Candidate]:
-        resources = {"timing": 1} if self.timed else None
-        futures = self.client.map(candidate.run, list(jobs), pure=False, resources=resources)
-        return self.client.gather(futures)
+    def start(self, job: candidate.Job) -> Any:
+        """A Dask future of the candidate: the job runs on whichever worker is free (one with a timing resource
+        when the search times candidates)."""
+        return self.client.submit(candidate.run, job, pure=False, resources={"timing": 1} if self.timed else None)
+
+    def wait_any(self, handles: Sequence[Any]) -> list[tuple[Any, candidate.Candidate]]:
+        """The finished ones among ``handles`` (at least one; waits for it) with their candidates."""
+        from distributed import wait
+
+        done = wait(list(handles), return_when="FIRST_COMPLETED").done
+        return [(f, f.result()) for f in handles if f in done]
+
+    def cancel(self, handles: Sequence[Any]) -> None:
+        self.client.cancel(list(handles))
 
     def close(self) -> None:
         self.client.close()
