@@ -270,17 +270,24 @@ class TensorStats:
 
 def tensor_stats(model: ir.Model, names: list[str], dataset, threads: int = 1, max_samples: int | None = None,
                  bins: int = 2048, signed: bool = False, progress: bool = False,
-                 channels: bool = True) -> dict[str, TensorStats]:
+                 channels: bool = True, skip_nonfinite: bool = False) -> dict[str, TensorStats]:
     """Running statistics of each named value over the calibration feeds (``channels=False``: no per-channel
-    sums, for tensors whose axis 1 is not a fixed channel axis, e.g. time in sequence models)."""
+    sums, for tensors whose axis 1 is not a fixed channel axis, e.g. time in sequence models). A value holding NaN
+    or Inf raises DataError, or with ``skip_nonfinite`` is left out of the result (an attention mask's -inf is
+    meant: such a value has no range to quantize to)."""
     stats = {name: TensorStats(bins, signed, channels) for name in dict.fromkeys(names)}
+    nonfinite: set[str] = set()
     for acts in stream(model, list(stats), dataset, threads, max_samples, progress):
         for name, s in stats.items():
+            if name in nonfinite:
+                continue
             try:
                 s.update(acts[name])
             except DataError as err:
-                raise DataError(f"value {name!r}: {err}") from None
-    return stats
+                if not skip_nonfinite:
+                    raise DataError(f"value {name!r}: {err}") from None
+                nonfinite.add(name)
+    return {name: s for name, s in stats.items() if name not in nonfinite}
 
 
 # --- second moments of a linear layer --------------------------------------------------------------------

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from graphopt import data as gd
 from graphopt.errors import DataError
+from tests.helpers import make_proto, randn, tensor_info
 
 
 def make_model(inputs: list[tuple[str, int, list]], initializer_inputs: bool = False) -> ir.Model:
@@ -299,3 +300,21 @@ def test_literal_minus_one_dimension_is_dynamic():
     assert spec.shape == (None, 3)
     data = gd.load_data({"x": np.zeros((5, 3), np.float32)}, [spec])
     assert data.num_samples == 5
+
+
+def test_synthetic_indices_stay_inside_the_tables_they_index():
+    """BERT's token_type_ids index a 2-row table (through Cast and Unsqueeze here), the ids a 50-row one: synthetic
+    integers stay below the smallest table reached; an integer input that indexes nothing keeps [0, 10)."""
+    nodes = [helper.make_node("Cast", ["types"], ["t32"], to=6), helper.make_node("Unsqueeze", ["t32", "ax"], ["t3"]),
+             helper.make_node("Gather", ["small", "t3"], ["a"]), helper.make_node("Gather", ["big", "types"], ["b"]),
+             helper.make_node("Gather", ["big", "ids"], ["c"]), helper.make_node("Cast", ["count"], ["y"], to=1)]
+    inits = {"small": randn((2, 4), 0), "big": randn((50, 4), 1), "ax": np.array([0], np.int64)}
+    outs = [tensor_info(n, np.float32, None) for n in ("a", "b", "c", "y")]
+    model = ir.serde.deserialize_model(make_proto(nodes, [tensor_info(n, np.int64, [4, 8]) for n in
+                                                          ("types", "ids", "count")], outs, inits, opset=17))
+    specs = {s.name: s for s in gd.input_specs(model)}
+    assert (specs["types"].index_limit, specs["ids"].index_limit, specs["count"].index_limit) == (2, 50, None)
+    feeds = gd.synthetic(list(specs.values()), samples=64).feeds
+    types = np.concatenate([f["types"] for f in feeds])
+    ids = np.concatenate([f["ids"] for f in feeds])
+    assert set(np.unique(types)) == {0, 1} and ids.max() == 9 and ids.min() == 0

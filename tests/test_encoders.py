@@ -53,15 +53,9 @@ SLOW_PER_PASS = ("distilbert",)
 
 # (model, pass) -> why it fails today, with the fixture's rows as data.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("bert_torchscript", "quantize"):
-        "passes/quantize/calibrate.py collect() -> graphopt/capture.py tensor_stats(): the TorchScript export's "
-        "attention mask is Where(mask, 0, -inf); calibrating it raises DataError 'activation holds NaN or Inf' "
-        "out of graphopt.optimize instead of keeping that value float",
 }
 # model -> why its run without data fails today.
-SYNTHETIC_IDS = ("graphopt/data/sources.py synthetic(): integer inputs are drawn from [0, 10), but token_type_ids "
-                 "indexes a 2-row table: the reference model fails in Gather (idx=4 out of [-2, 1]), a GraphoptError")
-KNOWN_FAILURES_WITHOUT_DATA: dict[str, str] = {"bert": SYNTHETIC_IDS, "bert_torchscript": SYNTHETIC_IDS}
+KNOWN_FAILURES_WITHOUT_DATA: dict[str, str] = {}
 
 
 def _exact(name: str) -> bool:

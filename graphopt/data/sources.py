@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.data.dataset import Dataset, Feed, chunk_arrays, feed_batch
+from graphopt.data.indices import index_limit
 from graphopt.errors import DataError
 
 __all__ = [
@@ -40,6 +41,7 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...] | None  # str = symbolic dim, None = unnamed dynamic; None = rank unknown
+    index_limit: int | None = None  # an integer input indexing a constant table: its row count (synthetic data)
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -56,7 +58,8 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.shape is not None:
             # A literal -1 (some exporters write it) is a dynamic dimension, like a symbol.
             shape = tuple((d if d >= 0 else None) if isinstance(d, int) else d.value for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+        dtype = np.dtype(value.dtype.numpy())
+        specs.append(InputSpec(value.name, dtype, shape, index_limit(value) if dtype.kind in "iu" else None))
     return specs
 
 
@@ -297,7 +300,7 @@ def synthetic(specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | No
             if kind == "float":
                 feed[s.name] = rng.standard_normal(shape, dtype=np.float32).astype(s.dtype)
             elif kind == "integer":
-                feed[s.name] = rng.integers(0, 10, shape).astype(s.dtype)
+                feed[s.name] = rng.integers(0, min(10, s.index_limit or 10), shape).astype(s.dtype)
             elif kind == "bool":
                 feed[s.name] = rng.integers(0, 2, shape).astype(bool)
             else:

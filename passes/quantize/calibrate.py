@@ -37,12 +37,13 @@ def range_stats(bins: int = 4096) -> capture.TensorStats:
 
 def collect(model: ir.Model, names: Iterable[str], dataset, threads: int = 1, max_samples: int | None = None,
             bins: int = 4096, progress: bool = False) -> dict[str, capture.TensorStats]:
-    """Running statistics of the named main-graph values over the calibration feeds."""
+    """Running statistics of the named main-graph values over the calibration feeds; a value that holds NaN or
+    Inf on some feed has none (the plan keeps its nodes float)."""
     names = list(dict.fromkeys(names))
     if not names:
         return {}
     return capture.tensor_stats(model, names, dataset, threads, max_samples, bins, signed=True, progress=progress,
-                                channels=False)
+                                channels=False, skip_nonfinite=True)
 
 
 def abs_histogram(stats: capture.TensorStats) -> tuple[np.ndarray, np.ndarray]:

@@ -80,6 +80,14 @@ def _weight_reason(node: ir.Node) -> str | None:
     return None
 
 
+def _unranged(node: ir.Node, acts: list[ir.Value], quantize_outputs: bool, ranges: dict[str, Range]) -> str | None:
+    """The first activation the node's Q/DQ would need a range for that calibration could not give one."""
+    needed = [v for v in acts if not v.is_initializer()]
+    if node.op_type not in qdq.SHARED_SCALE_OPS:
+        needed += qdq.output_targets(node, quantize_outputs)
+    return next((v.name for v in needed if v.name not in ranges), None)
+
+
 def _range_ratio(ranges: dict[str, Range], values: list[ir.Value]) -> float:
     widths = []
     for v in values:
@@ -140,6 +148,8 @@ def _node_reason(node: ir.Node, excluded_nodes: set[str], excluded_ops: set[str]
     acts = [node.inputs[i] for i in qdq.activation_inputs(node)]
     if not all(_is_float(v) for v in acts) or not all(_is_float(v) for v in node.outputs):
         return "not float32 (or element type unknown)"
+    if ranges is not None and (unranged := _unranged(node, acts, options.quantize_outputs, ranges)):
+        return f"{unranged} holds Inf or NaN on the calibration data (a mask?): no range to quantize it to"
     if op in qdq.WEIGHT_OPS:
         reason = _weight_reason(node)
         if reason:

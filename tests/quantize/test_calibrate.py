@@ -8,8 +8,12 @@ import pytest
 from onnx import helper
 
 from graphopt import data as datamod
+from graphopt.cpu import resolve_target
+from graphopt.options import build_options
+from graphopt.passbase import PassContext
+from graphopt.passes.quantize import Quantize, QuantizeOptions
 from graphopt.passes.quantize import calibrate as C
-from tests.helpers import make_proto, tensor_info
+from tests.helpers import make_proto, randn, run_model, tensor_info
 
 
 def _stats(*arrays: np.ndarray) -> C.capture.TensorStats:
@@ -105,3 +109,31 @@ def test_calibrate_through_a_model_with_dynamic_widths():
     every = np.concatenate([f["x"].reshape(-1) for f in feeds])
     assert ranges["x"] == (float(every.min()), float(every.max()))
     assert ranges["r"] == (0.0, float(every.max()))
+
+
+def test_a_masked_score_stays_float_and_the_rest_is_int8():
+    """An attention mask as exported by TorchScript: Where(mask, 0, -inf) added to the scores. The -inf is meant,
+    so calibration gives those values no range (instead of refusing the model), the Add that carries them stays
+    float with the reason, and the MatMuls around it are int8."""
+    inits = {"w": randn((8, 8), 1) * 0.4, "v": randn((8, 8), 2) * 0.4, "zero": np.float32(0),
+             "ninf": np.float32(-np.inf)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"], name="mm"),
+             helper.make_node("Where", ["keep", "zero", "ninf"], ["bias"]),
+             helper.make_node("Add", ["scores", "bias"], ["masked"], name="add"),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["y"], name="out")]
+    proto = make_proto(nodes, [tensor_info("x", np.float32, ["N", 8]), tensor_info("keep", np.bool_, ["N", 8])],
+                       [tensor_info("y", np.float32, ["N", 8])], inits, opset=17)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": randn((4, 8), 10 + i), "keep": rng.random((4, 8)) > 0.3} for i in range(4)]
+    model = ir.serde.deserialize_model(proto)
+    data = datamod.load_data(feeds, datamod.input_specs(model))
+    opts = build_options(QuantizeOptions, {"target": "size", "bias_correction": False}, "quantize")
+    rows = Quantize(opts, PassContext(calib=data, target=resolve_target("portable")))(model).rows
+    action = {r["node"]: r for r in rows}
+    assert action["mm"]["action"] == "int8" and action["out"]["action"] == "int8"
+    assert action["add"]["action"] == "float" and "Inf or NaN" in action["add"]["reason"]
+    for feed in feeds:
+        ref, got = run_model(proto, feed)["y"], run_model(model, feed)["y"]
+        # int8 x, weights and probabilities over K=8 terms, twice: within 5% of the output's largest magnitude.
+        np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
