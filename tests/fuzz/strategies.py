@@ -113,7 +113,7 @@ def validate(generated: GeneratedModel) -> None:
 
 # --- passes with generated options ------------------------------------------------------------------------------
 
-EXACT_PASSES = ("canonicalize", "fold_batchnorm", "fuse", "gap", "cleanup")  # gap only without head=true
+EXACT_PASSES = ("canonicalize", "fold_batchnorm", "fuse", "gap", "compact", "cleanup")  # gap only without head=true
 
 
 def _fraction(low: float, high: float) -> st.SearchStrategy[float]:
@@ -156,11 +156,17 @@ OPTIONS: dict[str, st.SearchStrategy[dict]] = {
                   "bias_correction": st.booleans(), "dynamic": st.sampled_from(["auto", "on", "off"])}),
     "quantize_dynamic": st.fixed_dictionaries({"latency_budget_s": st.just(2.0)},
                                               optional={"target": st.just("size"), "per_channel": st.booleans()}),
+    "nbits": st.fixed_dictionaries(
+        {"bits": st.sampled_from([2, 4, 8]), "method": st.sampled_from(["rtn", "gptq"])},
+        optional={"layers": st.sampled_from(["all", "budget"]), "block_size": st.sampled_from([16, 32]),
+                  "symmetric": st.booleans(), "fallback_bits": st.sampled_from([0, 8])}),
     "distill": st.just({}),
+    "bias_correct": st.just({}),
     "gap": st.sampled_from([{}, {"head": True}, {"head": True, "refit": False}, {"head": True, "through": 1}]),
     "fuse": st.sampled_from([{}, {"only": ["gelu", "hardswish", "hardsigmoid", "silu", "layernorm", "conv_affine"]},
                              {"contrib_ops": True}, {"hardswish_below_14": "upgrade"}]),
     "fold_batchnorm": st.just({}),
+    "compact": st.sampled_from([{}, {"names": False}, {"model_notes": True}]),
     "cleanup": st.sampled_from([{}, {"onnxsim": False}]),
     "canonicalize": st.just({}),
 }
@@ -181,5 +187,7 @@ def pass_steps(draw: Any) -> list[tuple[str, dict]]:
     """The passes of one run (cheap options: each runs in well under a second on these models): the pass under
     test, sometimes after one of BEFORE (always after a lossy one for distill)."""
     name = draw(st.sampled_from(list(OPTIONS)))
+    if name == "bias_correct":  # it corrects a model quantized without correction
+        return [("quantize", {"bias_correction": False, "target": "size"}), (name, {})]
     before = draw(st.sampled_from(BEFORE[1:] if name == "distill" else BEFORE))
     return ([before] if before else []) + [(name, draw(OPTIONS[name]))]

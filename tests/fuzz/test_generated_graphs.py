@@ -78,3 +78,11 @@ def test_generated_graphs(worker: Worker, case: Case) -> None:
 @given(case=cases())
 def test_generated_graphs_long(worker: Worker, case: Case) -> None:
     check(worker, case)
+
+
+def test_every_registered_pass_is_generated():
+    """A new pass joins the generated runs: it needs an entry (its options) in strategies.OPTIONS."""
+    from graphopt.passes import REGISTRY
+    from tests.fuzz.strategies import OPTIONS
+
+    assert set(REGISTRY) <= set(OPTIONS), sorted(set(REGISTRY) - set(OPTIONS))
