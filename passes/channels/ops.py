@@ -95,6 +95,9 @@ def normalization(an: Analysis, node: ir.Node, ins: list[Chan | None], chan: Cha
     if ins[0] is None or any(c is not None for c in ins[1:]):
         an.block(chan, f"{op} {label(node)!r} normalizes a channel-mixed tensor")
         return
+    if _axis(an, node.inputs[0], 1) != chan.axis:  # e.g. a MatMul's channels (last axis) under a [N, C, K] BN
+        an.block(chan, f"{op} {label(node)!r} normalizes axis 1, not the channel axis")
+        return
     if any(const_array(v) is None for v in node.inputs[1:last]) or len(node.outputs) > 1 and any(
             o.uses() for o in node.outputs[1:] if o is not None):
         an.block(chan, f"{op} {label(node)!r} parameters are not constants")

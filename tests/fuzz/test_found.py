@@ -86,3 +86,24 @@ def test_a_passthrough_output_keeps_the_input_shape(tmp_path: Path) -> None:
     report = graphopt.optimize(tmp_path / "m.onnx", tmp_path / "out.onnx", data=tmp_path / "data.npz",
                                run=RunOptions(latency=False, progress=False))
     assert report.passed
+
+
+def test_channel_prune_leaves_a_batchnorm_across_a_matmul_s_rows_alone(tmp_path: Path) -> None:
+    """MatMul [N, 2, 1] x [1, 10] -> BatchNormalization over axis 1 (2 channels) -> MatMul: the MatMul's channels
+    are the last axis (10), the BatchNormalization's axis 1. The group is blocked with the reason, not the model
+    refused ('axis 0 has 2 entries, the analysis expected 10x1')."""
+    inits = {"w1": randn((1, 10), 1), "gamma": np.array([1.3, 0.5], np.float32),
+             "beta": np.array([-1.1, -0.1], np.float32), "mean": np.array([-0.3, -0.2], np.float32),
+             "var": np.array([1.8, 1.3], np.float32), "w2": randn((10, 1), 2)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["t1"]),
+             helper.make_node("BatchNormalization", ["t1", "gamma", "beta", "mean", "var"], ["t2"], name="bn"),
+             helper.make_node("MatMul", ["t2", "w2"], ["y"])]
+    proto = make_proto(nodes, [tensor_info("x", np.float32, ["N", 2, 1])], [tensor_info("y", np.float32, ["N", 2, 1])],
+                       inits, opset=11)
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "data.npz", x=randn((8, 2, 1), 3))
+    report = graphopt.optimize(tmp_path / "m.onnx", tmp_path / "out.onnx", data=tmp_path / "data.npz",
+                               passes="channel_prune:ratio=0.1", run=RunOptions(latency=False, progress=False))
+    assert report.passed
+    step = next(r for r in report.passes if r.step.startswith("channel_prune"))
+    assert step.status == "no change" and any("normalizes axis 1" in n for n in step.notes), step.notes
