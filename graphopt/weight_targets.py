@@ -1,8 +1,15 @@
-"""Which weights a weight-rewriting pass may touch: constant float weights of linear nodes, owned by one node.
+"""Which weights a weight-rewriting pass may touch: constant float weights of linear nodes and embedding tables,
+owned by one node.
 
 ``find_targets`` walks every graph (subgraphs too) and returns a :class:`Target` per Conv/ConvTranspose/Gemm/
-MatMul weight that the options allow; each weight it passes over for a reason the user should hear (already
-compressed, not float, shared with another node, too small) is said in ``notes``. prune and kmeans use it.
+MatMul weight and per embedding table that the options allow; each weight it passes over for a reason the user
+should hear (already compressed, not float, shared with another node, too small) is said in ``notes``. prune and
+kmeans use it.
+
+An embedding table is input 0 of a default-domain Gather: a constant float initializer of rank >= 2 whose rows are
+picked by indices computed at run time (token ids, positions). It is a MatMul weight met by a one-hot input:
+``in_axis`` is the gathered axis (a row per token), ``out_axis`` the hidden axis (the last other axis). A Gather
+whose indices are constants only is a weight slice (cleanup folds it), not a table.
 """
 
 from __future__ import annotations
@@ -14,8 +21,15 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import GraphoptError
-from graphopt.graphs import all_nodes
-from graphopt.weights import constant_array, encoding_of, owned_initializer, replace_initializer, weight_layout
+from graphopt.graphs import all_nodes, attr, is_default_domain
+from graphopt.weights import (
+    constant_array,
+    constant_tensor,
+    encoding_of,
+    owned_initializer,
+    replace_initializer,
+    weight_layout,
+)
 
 FLOATS = (np.float16, np.float32, np.float64)
 
@@ -35,17 +49,78 @@ class Target:
     def layer(self) -> str:
         return self.node.name or self.value.name or ""
 
+    @property
+    def table(self) -> bool:
+        """An embedding table (Gather data): its rows are read, never multiplied."""
+        return self.node.op_type == "Gather"
+
+
+def table_layout(node: ir.Node, runtime: dict[int, bool]) -> tuple[int, int, int] | None:
+    """(index 0, out_axis, in_axis) when ``node`` is a Gather of a rank >= 2 constant (or compressed) table by
+    indices computed at run time, else None. ``runtime`` memoizes :func:`_computed_at_run_time`."""
+    if node.op_type != "Gather" or not is_default_domain(node) or len(node.inputs) != 2:
+        return None
+    data, indices = node.inputs
+    if data is None or indices is None:
+        return None
+    shape = data.shape
+    tensor = constant_tensor(data, nodes=False)
+    if tensor is not None:
+        if not tensor.dtype.is_floating_point():  # integer lookups (shape arithmetic) are no embeddings
+            return None
+        shape = tensor.shape
+    elif encoding_of(data) is None or _computed_at_run_time(data, runtime):
+        return None  # not a table, or one that is already a compressed form (reported by find_targets)
+    if shape is None or len(shape) < 2 or not _computed_at_run_time(indices, runtime):
+        return None
+    rank = len(shape)
+    gathered = int(attr(node, "axis", 0)) % rank
+    return 0, max(a for a in range(rank) if a != gathered), gathered
+
+
+def _computed_at_run_time(value: ir.Value, memo: dict[int, bool]) -> bool:
+    """Whether ``value`` depends on a graph input (or an outer value that is not a constant): iterative walk up
+    the producers, memoized by value id."""
+    stack = [value]
+    while stack:
+        v = stack[-1]
+        if id(v) in memo:
+            stack.pop()
+            continue
+        producer = v.producer()
+        if producer is None:
+            memo[id(v)] = constant_tensor(v, nodes=False) is None
+            stack.pop()
+            continue
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in producer.attributes.values()):
+            memo[id(v)] = True  # If/Loop/Scan outputs: what the body computes is not walked
+            stack.pop()
+            continue
+        pending = [i for i in producer.inputs if i is not None and id(i) not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        memo[id(v)] = any(memo[id(i)] for i in producer.inputs if i is not None)
+        stack.pop()
+    return memo[id(value)]
+
 
 def find_targets(model: ir.Model, skip_nodes: list[str], skip_ops: list[str], min_size: int,
                  notes: list[str], what: str) -> list[Target]:
-    """Constant float weights of linear nodes that the options allow; reasons for the others go to ``notes``."""
+    """Constant float weights of linear nodes and embedding tables that the options allow; reasons for the others
+    go to ``notes``."""
     targets = []
     skipped_small = 0
+    runtime: dict[int, bool] = {}
     for node in all_nodes(model):
         layout = weight_layout(node, constant_a=True)  # MatMul: either side, a rank >= 2 constant
-        if layout is None or layout.out_axis is None or layout.in_axis is None:
-            continue
-        index, out_axis, in_axis = layout.index, layout.out_axis, layout.in_axis
+        if layout is not None and layout.out_axis is not None and layout.in_axis is not None:
+            index, out_axis, in_axis = layout.index, layout.out_axis, layout.in_axis
+        else:
+            table = table_layout(node, runtime)
+            if table is None:
+                continue
+            index, out_axis, in_axis = table
         value = node.inputs[index]
         name = node.name or ""
         if name in skip_nodes or (value is not None and value.name in skip_nodes) or node.op_type in skip_ops:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import helper
@@ -370,3 +371,95 @@ def test_digits_prune50_kmeans4_keeps_accuracy():
     acc = accuracy(model)
     # measured: float 99.72 %, prune 50 % + kmeans 4 bits 99.44 %
     assert acc >= base - 0.01, (base, acc)
+
+
+# --- half_codebook and subgraphs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_half_codebook_stores_float16_centroids_and_widens_after_the_gather(per_channel, tmp_path):
+    model = conv_gemm_model()
+    original = clone(model)
+    result = kmeans(model, bits=4, per_channel=per_channel, half_codebook=True)
+    assert result.rows and all(r["codebook_dtype"] == "float16" for r in result.rows)
+    for r in result.rows:
+        book = model.graph.initializers[f"{r['weight']}_codebook"].const_value.numpy()
+        assert book.dtype == np.float16
+        # the stored centroids are what bytes_after counts: 2 bytes each
+        index_bytes = (r["elements"] + 1) // 2
+        offsets = 4 * r["codebook"][0] if per_channel else 0
+        assert r["bytes_after"] == index_bytes + 2 * book.size + offsets
+    # each weight is Cast(Gather(codebook, ...)) to float32: the Gather form cleanup holds out, then the widening
+    for node in model.graph:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and node.name in {r["layer"] for r in result.rows}:
+            widen = node.inputs[1].producer()
+            assert widen.op_type == "Cast" and widen.attributes["to"].value == ir.DataType.FLOAT
+            assert widen.inputs[0].producer().op_type == "Gather"
+    # reported errors and sensitivity see the float16 centroids: the float model with the decoded weights
+    dec = {name: w.astype(np.float32) for name, w in decoded(model).items()}
+    assert_same_outputs(dense_with(original, dec), model, {"x": X}, rtol=1e-5, atol=1e-5)
+    for r in result.rows:
+        w = original.graph.initializers[r["weight"]].const_value.numpy()
+        rel = np.linalg.norm(dec[r["weight"]] - w) / np.linalg.norm(w)
+        assert abs(rel - r["rel_error"]) < 1e-4
+    from graphopt.passes.cleanup import Cleanup
+
+    Cleanup()(model)
+    assert all(f"{r['weight']}_codebook" in model.graph.initializers for r in result.rows)
+    path = tmp_path / "half.onnx"
+    modelio.save_model(model, path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    assert_same_outputs(dense_with(original, dec), str(path), {"x": X}, rtol=1e-5, atol=1e-5)
+
+
+def test_half_codebook_keeps_float32_when_centroids_overflow_float16():
+    w2 = randn((16, 288), 2) * 1e6  # beyond float16's 65504
+    model = conv_gemm_model(w2=w2)
+    result = kmeans(model, bits=4, half_codebook=True)
+    dtypes = {r["weight"]: r["codebook_dtype"] for r in result.rows}
+    assert dtypes == {"w": "float16", "w2": "float32", "w3": "float16"}
+    assert model.graph.initializers["w2_codebook"].const_value.numpy().dtype == np.float32
+
+
+def if_model():
+    """x → MatMul(w) → If(c): then MatMul(w_then), else MatMul(w_else) → y; each body holds its own weight."""
+    def branch(tag, seed):
+        mm = helper.make_node("MatMul", ["h", f"w_{tag}"], [f"y_{tag}"], name=f"mm_{tag}")
+        return helper.make_graph([mm], tag, [], [helper.make_tensor_value_info(f"y_{tag}", onnx.TensorProto.FLOAT,
+                                                                               None)],
+                                 [onnx.numpy_helper.from_array(randn((64, 64), seed), f"w_{tag}")])
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 2), else_branch=branch("else", 3),
+                              name="if")]
+    return make_model(nodes, [tensor_info("x", np.float32, [None, 64]), tensor_info("c", np.bool_, [])], ["y"],
+                      {"w": randn((64, 64), 1)})
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("half", [False, True])
+def test_weights_inside_if_bodies_get_names_unique_in_the_model(per_channel, half):
+    # unnamed, the new values of the body and of the main graph were all 'val_0', 'val_1', ... per graph, and
+    # onnxruntime refused the model (not SSA)
+    model = if_model()
+    original = clone(model)
+    result = kmeans(model, bits=4, per_channel=per_channel, half_codebook=half)
+    assert sorted(r["layer"] for r in result.rows) == ["mm", "mm_else", "mm_then"]
+    graphs = [model.graph, *model.graph.subgraphs()]
+    names = [v.name for g in graphs for node in g for v in node.outputs]
+    assert len(names) == len(set(names)) and all(names)
+    weights = {}
+    for g in graphs:  # decode each weight from the initializers of its own graph
+        inits = {n: v.const_value.numpy() for n, v in g.initializers.items()}
+        for base in ("w", "w_then", "w_else"):
+            if f"{base}_codebook" in inits:
+                idx = inits[f"{base}_indices"].astype(np.int64) + inits.get(f"{base}_row_offsets", 0)
+                weights[base] = inits[f"{base}_codebook"].astype(np.float32)[idx]
+    assert sorted(weights) == ["w", "w_else", "w_then"]
+    ref = clone(original)
+    for g in [ref.graph, *ref.graph.subgraphs()]:
+        for name, value in g.initializers.items():
+            value.const_value = ir.tensor(weights[name], name=name)
+    x = randn((3, 64), 9)
+    for c in (True, False):
+        assert_same_outputs(ref, model, {"x": x, "c": np.array(c)}, rtol=1e-5, atol=1e-5)

@@ -1,9 +1,12 @@
 """kmeans' codebooks: cluster one weight into at most 2^bits values, per layer or per output channel.
 
 A :class:`Codebook` is the codebook ([K], or [O, K] with rows along ``out_axis``) and uint8 codes shaped like the
-weight. Exact zeros keep a reserved zero code (code 0) and do not pull centroids; bits=1 is sign × a scale per
-output channel. Groups above ``HIST_MIN_SIZE`` elements go through the histogram k-means (no sort, no
-full-size float64 copies), the others through the exact sorted one.
+weight. Exact zeros (pruned weights) keep a reserved zero code (code 0) and do not pull centroids when they are
+at least a code's share of the weight (1/2^bits); rarer zeros are clustered like the other values: an embedding
+table's all-zero padding row (768 of BERT-base's 23.4M word-table values) would otherwise take one of 16 codes, and
+the relative error at 4 bits rose from 0.098 to 0.104. bits=1 is sign × a scale per output channel. Groups above
+``HIST_MIN_SIZE`` elements go through the histogram k-means (no sort, no full-size float64 copies), the others
+through the exact sorted one.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def quantize(w: np.ndarray, bits: int, init: str = "linear", importance: np.ndar
         scale = (rows * h).sum(1) / np.maximum(h.sum(1), 1e-30)
         book = np.stack([-scale, scale], axis=1).astype(w.dtype)
         return Codebook(book, (w >= 0).astype(np.uint8), axis, False)
-    zero_code = bool(np.any(w == 0))
+    zero_code = bool(np.count_nonzero(w == 0) * k >= w.size > 0)
     if not per_channel:
         cents, codes = cluster(w, importance, k, init, zero_code, seed)
         return Codebook(cents.astype(w.dtype), codes, axis, zero_code)

@@ -3,12 +3,19 @@
 Per layer (default) a float codebook of at most 2^bits centroids; per output channel a codebook [O, K] read
 with per-row offsets, Gather(codebook, Add(Cast(indices), row·K)). Indices are uint8, or packed UINT4 when
 bits ≤ 4 (the model's opset is raised to 21 for it). Exact zeros (from pruning) keep a reserved zero code and
-do not pull centroids. bits=1 is sign × a scale per output channel (no zero code). With ``data_aware`` each
-element's error is weighted by the mean square of its input channel on calibration data, so centroids serve
-the layer outputs. With ``half_codebook`` float32 codebooks are stored as float16 and a Cast after the Gather
-restores float32 (Gather(codebook, Cast(indices)) stays the form cleanup holds out): on the digits model after
-lowrank, 11 codebooks of 16 values, 0.25 kB less after lzma. onnxruntime constant-folds the Gather at load: run
-time equals the float model.
+do not pull centroids when they are at least 1/2^bits of the weight. bits=1 is sign × a scale per output channel
+(no zero code). With ``data_aware`` each element's error is weighted by the mean square of its input channel on
+calibration data, so centroids serve the layer outputs. With ``half_codebook`` float32 codebooks are stored as
+float16 and a Cast after the Gather restores float32 (Gather(codebook, Cast(indices)) stays the form cleanup
+holds out): on the digits model after lowrank, 11 codebooks of 16 values, 0.25 kB less after lzma. onnxruntime
+constant-folds the Gather at load: run time equals the float model.
+
+Embedding tables (Gather data, weight_targets) are layers too: the decoded table feeds the original Gather, whose
+rows are then exactly the codebook values of their codes. Their output channel is the hidden axis, so
+``per_channel`` gives one codebook per hidden feature (one per token row would cost 2^bits floats per token: a
+BERT-base-sized 30522 x 768 normal table at 4 bits, 6.9x smaller instead of 8.0x, relative error 0.090 instead of
+0.097, and 2.5 minutes of clustering); ``data_aware`` weighs each row by how often calibration data reads it (importance).
+onnxruntime folds the decode at load, so the session holds the float table: the file shrinks, not the memory.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ class KMeans(GraphoptPass):
         half_codebook: bool = option(
             False, "store float32 codebooks as float16, a Cast after the Gather (centroids rounded to 11 bits)")
         skip_nodes: list[str] = option([], "node or weight names left alone")
-        skip_ops: list[str] = option([], "op types left alone (Conv, ConvTranspose, Gemm, MatMul)")
+        skip_ops: list[str] = option(
+            [], "op types left alone (Conv, ConvTranspose, Gemm, MatMul; Gather: embedding tables)")
         min_size: int = option(0, "layers with fewer weight elements are left alone", low=0)
         max_samples: int = option(128, "calibration samples for data_aware and bits=auto", low=1)
         seed: int = option(0, "seed of kmeans++ initialization")
