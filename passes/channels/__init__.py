@@ -7,6 +7,8 @@ Modules, bottom to top (each imports only those above it in this list):
 - :mod:`targets` — Reshape targets: where each entry comes from (constant or shape read), rewriting them;
 - :mod:`ops` — per-op channel rules (Conv/Gemm/MatMul, elementwise joins, Concat, Split, Slice, Reshape, …);
 - :mod:`heads` — attention rules: head split/merge Reshapes, Transpose, score MatMuls, Softmax, Shape;
+- :mod:`packed` — Q, K and V from one projection: the [.., 3, H, d] Reshape and the parts picked from it;
+- :mod:`fused` — com.microsoft MultiHeadAttention (what fuse writes): heads as units, bias and num_heads follow;
 - :mod:`deps` — the dependency analysis: walks the graph through the op rules and builds the groups;
 - :mod:`importance` — one class per criterion (l1, l2, bn, activation, reconstruction) scoring a group;
 - :mod:`select` — widths in channels and the units that reach them (knapsack);

@@ -9,7 +9,9 @@ H·W features). Residual joins (Add/Sum/Mul/Sub/…) unite the atoms meeting the
 prunes the same indices. Grouped convs and shuffles add constraints (equal counts per conv group, shuffle
 columns removed whole) that :mod:`units` solves into removal units of several channels. Attention heads are
 such units: a Reshape [.., D] -> [.., H, d] lays a projection's channels out as heads (:mod:`heads`), ties
-make each head's d channels go together, and Q, K, V meet in the score MatMuls.
+make each head's d channels go together, and Q, K, V meet in the score MatMuls; one projection packing Q, K
+and V, reshaped to [.., 3, H, d] and picked apart, is :mod:`packed`; onnxruntime's fused MultiHeadAttention
+is :mod:`fused`.
 
 Every tensor that must shrink is a :class:`Slot` (a constant input of a node and its axis); each atom records
 :class:`Link` s telling where its channels land in each slot. Anything that cannot be proven (an unknown op,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.graphs import is_default_domain
-from graphopt.passes.channels import heads, ops
+from graphopt.passes.channels import fused, heads, ops, packed
 from graphopt.passes.channels.state import Analysis
 from graphopt.passes.channels.types import Chan, Group, label
 from graphopt.passes.channels.units import build_groups
@@ -56,6 +58,9 @@ def visit(an: Analysis, node: ir.Node) -> None:
     ins: list[Chan | None] = [an.state.get(v) if v is not None else None for v in node.inputs]
     op = node.op_type
     if not is_default_domain(node):
+        if node.domain == "com.microsoft" and op == "MultiHeadAttention":
+            fused.multihead(an, node, ins)
+            return
         if node.domain == "com.microsoft" and op in ops.CONTRIB_ELEMENTWISE and ins[0] is not None and not any(
                 ins[1:]):
             ops.elementwise(an, node, ins)
@@ -72,6 +77,8 @@ def visit(an: Analysis, node: ir.Node) -> None:
     if not any(ins):
         return
     chan = next(c for c in ins if c is not None)
+    if op == "Flatten" and ins[0] is not None and heads.flat_softmax(an, node, chan):
+        return
     if any(c is not None and c.per > 1 for c in ins) and op not in HEAD_AWARE:
         for c in ins:
             an.block(c, f"{op} {label(node)!r} on attention heads is not supported")
@@ -86,7 +93,8 @@ def visit(an: Analysis, node: ir.Node) -> None:
         ops.concat(an, node, ins)
     elif op == "Split":
         ops.split(an, node, chan)
-    elif op == "Reshape" and ins[0] is not None and heads.reshape(an, node, chan):
+    elif op == "Reshape" and ins[0] is not None and (heads.reshape(an, node, chan) or packed.split(an, node, chan)
+                                                     or heads.keep_width(an, node, chan)):
         pass
     elif op in ("Flatten", "Reshape") and ins[0] is not None:
         ops.reshape(an, node, chan)

@@ -39,7 +39,7 @@ def changing_axis(an: Analysis, value: ir.Value) -> int | None:
     return None if chan is None or rank is None else rank + chan.axis
 
 
-def _steady(an: Analysis, entry: Entry | None) -> bool:
+def steady(an: Analysis, entry: Entry | None) -> bool:
     """An entry that keeps its value under any pruning: a constant, or a read of an axis that keeps its size."""
     if entry is None:
         return False
@@ -49,18 +49,18 @@ def _steady(an: Analysis, entry: Entry | None) -> bool:
     return _rank(an, value) is not None and axis != changing_axis(an, value)
 
 
-def _const(entry: Entry | None, *values: int) -> bool:
+def is_const(entry: Entry | None, *values: int) -> bool:
     return entry is not None and entry.read is None and entry.value in values
 
 
-def _sole_user(value: ir.Value, op: str) -> ir.Node | None:
+def sole_user(value: ir.Value, op: str) -> ir.Node | None:
     uses = list(value.uses())
     if len(uses) != 1 or value.is_graph_output() or uses[0].idx != 0 or uses[0].node.op_type != op:
         return None
     return uses[0].node
 
 
-def _fixup(an: Analysis, node: ir.Node, value: ir.Value, unit: int, edits: list[Entry], between=()) -> None:
+def fixup(an: Analysis, node: ir.Node, value: ir.Value, unit: int, edits: list[Entry], between=()) -> None:
     an.fixups[node] = {"kind": "target", "value": value, "unit": unit, "edits": edits, "between": list(between)}
 
 
@@ -103,16 +103,16 @@ def split_heads(an: Analysis, node: ir.Node, chan: Chan) -> bool:
         an.block(chan, f"Reshape {label(node)!r}: its target is neither a constant nor a Concat of constants and "
                        "shape reads (the head count cannot be rewritten)")
         return True
-    edits = _changing_entry(an, node, ents[-2], heads, "head count", chan)
-    if edits is None or not _leading_ok(an, node, ents, chan, rank - 2):
+    edits = changing_entry(an, node, ents[-2], heads, "head count", chan)
+    if edits is None or not leading_ok(an, node, ents, chan, rank - 2):
         return True
     last = ents[-1]
-    if last is None or (last.read is None and last.value not in (size, -1)) or not _steady(an, last):
+    if last is None or (last.read is None and last.value not in (size, -1)) or not steady(an, last):
         an.block(chan, f"Reshape {label(node)!r}: the head size in its target is computed")
         return True
     elems = chan.elements()
     an.ties.extend(elems[h * size:(h + 1) * size] for h in range(heads))
-    _fixup(an, node, node.inputs[0], size, edits)
+    fixup(an, node, node.inputs[0], size, edits)
     an.set_state(node.outputs[0], Chan(chan.segs, -2, 1, size, -1))
     return True
 
@@ -136,21 +136,21 @@ def _last_two(ents: list[Entry | None] | None, dst: tuple | None, total: int) ->
     return found[0], found[1]
 
 
-def _changing_entry(an: Analysis, node: ir.Node, entry: Entry | None, expected: int, what: str,
+def changing_entry(an: Analysis, node: ir.Node, entry: Entry | None, expected: int, what: str,
                     chan: Chan) -> list[Entry] | None:
     """The edits of the entry that holds ``what`` (its value ``expected``): [] for -1, None (blocked) when it
     is not a constant."""
-    if _const(entry, -1):
+    if is_const(entry, -1):
         return []
-    if _const(entry, expected):
+    if is_const(entry, expected):
         return [entry]  # type: ignore[list-item]
     an.block(chan, f"Reshape {label(node)!r}: the {what} in its target is not a constant that can be rewritten")
     return None
 
 
-def _leading_ok(an: Analysis, node: ir.Node, ents: list[Entry | None], chan: Chan, n: int) -> bool:
+def leading_ok(an: Analysis, node: ir.Node, ents: list[Entry | None], chan: Chan, n: int) -> bool:
     for i, entry in enumerate(ents[:n]):
-        if not _steady(an, entry):
+        if not steady(an, entry):
             an.block(chan, f"Reshape {label(node)!r}: target entry {i} is computed (it cannot be proven to keep "
                            "its value when heads are pruned)")
             return False
@@ -160,14 +160,14 @@ def _leading_ok(an: Analysis, node: ir.Node, ents: list[Entry | None], chan: Cha
 def merge_heads(an: Analysis, node: ir.Node, chan: Chan, ents: list[Entry | None]) -> None:
     """[.., H, d] -> [.., H·d]: heads back on one channel axis (the last) for the output projection."""
     dst = an.dims(node.outputs[0])
-    width = bool(dst and dst[-1] == chan.total) or _const(ents[-1], chan.total)
-    if chan.axis != -2 or chan.inner != -1 or not (width or _const(ents[-1], -1)):
+    width = bool(dst and dst[-1] == chan.total) or is_const(ents[-1], chan.total)
+    if chan.axis != -2 or chan.inner != -1 or not (width or is_const(ents[-1], -1)):
         an.block(chan, f"Reshape {label(node)!r} does not merge the heads back into the last axis")
         return
-    edits = _changing_entry(an, node, ents[-1], chan.total, "width (heads x head size)", chan)
-    if edits is None or not _leading_ok(an, node, ents, chan, len(ents) - 1):
+    edits = changing_entry(an, node, ents[-1], chan.total, "width (heads x head size)", chan)
+    if edits is None or not leading_ok(an, node, ents, chan, len(ents) - 1):
         return
-    _fixup(an, node, node.inputs[0], 1, edits)
+    fixup(an, node, node.inputs[0], 1, edits)
     an.set_state(node.outputs[0], Chan(chan.segs, -1))
 
 
@@ -177,18 +177,42 @@ def keep_heads(an: Analysis, node: ir.Node, chan: Chan, ents: list[Entry | None]
     head, inner = rank + chan.axis, None if chan.inner is None else rank + chan.inner
     edits: list[Entry] = []
     for i, entry in enumerate(ents):
-        here = entry is not None and entry.read == (x, i) or _const(entry, 0) and not int(_attr(node, "allowzero", 0))
-        if i == head and _const(entry, src[i]):
+        here = entry is not None and entry.read == (x, i) or is_const(entry, 0) and not int(_attr(node, "allowzero", 0))
+        if i == head and is_const(entry, src[i]):
             edits.append(entry)  # type: ignore[arg-type]
-        elif here or _const(entry, -1) or (i != head and src[i] is not None and _const(entry, src[i])):
+        elif here or is_const(entry, -1) or (i != head and src[i] is not None and is_const(entry, src[i])):
             continue
         else:
             what = "the head count" if i == head else "the head size" if i == inner else f"entry {i}"
             an.block(chan, f"Reshape {label(node)!r} on attention heads: {what} in its target is not a constant "
                            "or a read of the same dimension")
             return
-    _fixup(an, node, x, chan.per, edits)
+    fixup(an, node, x, chan.per, edits)
     an.set_state(node.outputs[0], chan)
+
+
+def keep_width(an: Analysis, node: ir.Node, chan: Chan) -> bool:
+    """A Reshape whose output's last axis is the input's plain channel axis, whole ([B, T, D] -> [0, T, D], as the
+    merge Reshape fuse leaves after MultiHeadAttention, or -> [B·T, D]): rows of D keep their order, so channel c
+    stays at c. The width entry follows (a constant D, or a read of the input's last axis); the other entries must
+    keep their values (constants, shape reads of kept axes, 0 copies, -1). False when it is not that."""
+    x, src = node.inputs[0], an.dims(node.inputs[0])
+    ents = targets.entries(node, an.dims)
+    if chan.axis != -1 or chan.block != 1 or chan.per != 1 or not ents:
+        return False
+    last = ents[-1]
+    if is_const(last, chan.total):
+        edits = [last]
+    elif src and last is not None and last.read == (x, len(src) - 1):
+        edits = []
+    else:
+        return False
+    copies = not int(_attr(node, "allowzero", 0))
+    if not all(steady(an, e) or is_const(e, -1) or (copies and is_const(e, 0)) for e in ents[:-1]):
+        return False
+    fixup(an, node, x, 1, edits)
+    an.set_state(node.outputs[0], chan)
+    return True
 
 
 def fold(an: Analysis, node: ir.Node, chan: Chan) -> bool:
@@ -197,8 +221,8 @@ def fold(an: Analysis, node: ir.Node, chan: Chan) -> bool:
     heads inside the first axis (never split apart), so the chain is a transpose of the last two axes."""
     x = node.inputs[0]
     src = an.dims(x)
-    trans = _sole_user(node.outputs[0], "Transpose")
-    last = _sole_user(trans.outputs[0], "Reshape") if trans is not None else None
+    trans = sole_user(node.outputs[0], "Transpose")
+    last = sole_user(trans.outputs[0], "Reshape") if trans is not None else None
     if last is None or not src or len(src) < 4 or chan.axis > -3 or chan.inner not in (-1, -2):
         return False
     first, back = targets.entries(node, an.dims), targets.entries(last, an.dims)
@@ -207,20 +231,20 @@ def fold(an: Analysis, node: ir.Node, chan: Chan) -> bool:
         return False
     why = f"Reshape {label(last)!r}: the folded transpose of attention heads does not restore their layout"
     same = lambda e, axis: e is not None and (e.read == (x, axis) or src[axis] is not None  # noqa: E731
-                                              and _const(e, src[axis]) and axis != rank + chan.axis)
-    if not (_const(first[0], -1) and same(first[1], rank - 2) and same(first[2], rank - 1)):
+                                              and is_const(e, src[axis]) and axis != rank + chan.axis)
+    if not (is_const(first[0], -1) and same(first[1], rank - 2) and same(first[2], rank - 1)):
         return False
     if back is None or len(back) != rank or not (same(back[-2], rank - 1) and same(back[-1], rank - 2)):
         an.block(chan, why)
         return True
     edits = []
     for i, entry in enumerate(back[:-2]):
-        if i == rank + chan.axis and _const(entry, src[i]):
+        if i == rank + chan.axis and is_const(entry, src[i]):
             edits.append(entry)
-        elif not (same(entry, i) or _const(entry, -1)):
+        elif not (same(entry, i) or is_const(entry, -1)):
             an.block(chan, why)
             return True
-    _fixup(an, last, x, chan.per, edits, [node.outputs[0], trans.outputs[0]])
+    fixup(an, last, x, chan.per, edits, [node.outputs[0], trans.outputs[0]])
     an.set_state(last.outputs[0], Chan(chan.segs, chan.axis, chan.block, chan.per, -3 - chan.inner))
     return True
 
@@ -282,6 +306,31 @@ def softmax(an: Analysis, node: ir.Node, chan: Chan) -> None:
     an.set_state(node.outputs[0], chan)
 
 
+def flat_softmax(an: Analysis, node: ir.Node, chan: Chan) -> bool:
+    """The opset-13 spelling of an older Softmax over the trailing axes (onnx's version converter writes it):
+    Flatten(x, axis=k) -> Softmax/LogSoftmax(axis=-1) -> Reshape to Shape(x). The channel (and head) axes
+    come before k, so no row mixes channels, and the Reshape reads x's own shape back. False when ``node``
+    is not that Flatten."""
+    x = node.inputs[0]
+    rank = _rank(an, x)
+    soft = sole_user(node.outputs[0], "Softmax") or sole_user(node.outputs[0], "LogSoftmax")
+    back = sole_user(soft.outputs[0], "Reshape") if soft is not None else None
+    if rank is None or back is None or int(_attr(soft, "axis", -1)) not in (-1, 1):
+        return False
+    size_of = back.inputs[1].producer() if back.inputs[1] is not None else None
+    if size_of is None or size_of.op_type != "Shape" or size_of.inputs[0] is not x or size_of.attributes:
+        return False
+    flat = int(_attr(node, "axis", 1))
+    flat = flat + rank if flat < 0 else flat
+    mine = [rank + chan.axis] + ([rank + chan.inner] if chan.inner is not None else [])
+    if any(p >= flat for p in mine):
+        an.block(chan, f"{soft.op_type} {label(soft)!r} normalizes across channels")
+        return True
+    fixup(an, back, x, 1, [], [node.outputs[0], soft.outputs[0]])  # no entry changes; the flat shapes do
+    an.set_state(back.outputs[0], chan)
+    return True
+
+
 def shape(an: Analysis, node: ir.Node, chan: Chan) -> None:
     """Shape of a value with channels: its sizes may reach Reshape targets (checked by their rules) and
     anything else only if it reads none of the sizes a pruning changes (followed through Slice/Gather/Concat/
@@ -314,6 +363,6 @@ def _reads_steady(an: Analysis, vector: ir.Value) -> bool:
         return False
     for i in range(dims[0] if dims else 1):
         source = targets.read(vector, i, an.dims)
-        if source is None or not _steady(an, Entry(read=source)):
+        if source is None or not steady(an, Entry(read=source)):
             return False
     return True

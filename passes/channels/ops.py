@@ -274,7 +274,13 @@ def slice_(an: Analysis, node: ir.Node, chan: Chan) -> None:
     if steps is not None and np.any(steps != 1):
         an.block(chan, why)
         return
-    mine = [i for i, a in enumerate(axes) if _axis(an, node.inputs[0], int(a)) == chan.axis]
+    # a negative axis counts from the end as Chan.axis does; a non-negative one needs the rank (unknown past an
+    # op ONNX cannot infer, such as com.microsoft MultiHeadAttention): then the channels cannot be followed
+    where = [int(a) if int(a) < 0 else _axis(an, node.inputs[0], int(a)) for a in axes]
+    if None in where:
+        an.block(chan, f"Slice {label(node)!r}: rank unknown")
+        return
+    mine = [i for i, a in enumerate(where) if a == chan.axis]
     if not mine:
         an.set_state(node.outputs[0], chan)
         return

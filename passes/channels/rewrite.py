@@ -102,7 +102,7 @@ def _int64_input(node: ir.Node, index: int, values: list[int], hint: str) -> Non
 def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.ndarray], opset: int,
                  mark: Callable[[ir.Node], object]) -> None:
     """Attributes and shape inputs that follow the channel counts: depthwise group, Split sizes, Reshape
-    (flatten, channel shuffle, attention heads)."""
+    (flatten, channel shuffle, attention heads), MultiHeadAttention's num_heads."""
     for node, fix in fixups.items():
         removed = value_removed.get(fix["value"])
         if removed is None or not len(removed):
@@ -137,6 +137,11 @@ def apply_fixups(fixups: dict[ir.Node, dict], value_removed: dict[ir.Value, np.n
             targets.write(node, [(entry, entry.value - lost) for entry in fix["edits"]])
             for value in fix["between"]:
                 value.shape = None  # a folded transpose's inner values: inference redoes them
+        elif kind == "heads":  # com.microsoft MultiHeadAttention: num_heads follows the removed heads
+            if len(removed) % int(fix["unit"]):
+                raise GraphoptError(f"{label(node)!r}: {len(removed)} channels are not whole heads of {fix['unit']}")
+            heads = int(node.attributes["num_heads"].value) - len(removed) // int(fix["unit"])
+            node.attributes["num_heads"] = ir.AttrInt64("num_heads", heads)
         elif kind == "reshape":
             shape = np.asarray(fix["shape"], dtype=np.int64).copy()
             if shape[1] > 0:

@@ -20,6 +20,9 @@ from graphopt.weights import constant_array
 
 
 Element = tuple[int, int]  # (atom, channel)
+_INTEGER_TYPES = frozenset(int(t) for t in (ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+                                            ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32,
+                                            ir.DataType.UINT64))
 
 
 def label(node: ir.Node) -> str:
@@ -28,7 +31,7 @@ def label(node: ir.Node) -> str:
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """A plain float/int constant behind ``value``: an initializer, a Constant node, or Unsqueeze/Reshape/
-    Squeeze/Identity of one (the per-channel constants old exporters apply through Unsqueeze)."""
+    Squeeze/Identity/Cast of one (the per-channel constants old exporters apply through Unsqueeze)."""
     if value is None:
         return None
     array = constant_array(value, nodes=True)  # graph-input defaults are not constants
@@ -37,6 +40,14 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     node = value.producer()
     if node is None or not is_default_domain(node):
         return None
+    if node.op_type == "Cast":
+        # Integers only (Paddle's exports build Reshape targets from Cast(int32 constant)); a Cast weight
+        # (float16 stored, float32 computed) is left as it is, so no pass rewrites its storage type.
+        data = const_array(node.inputs[0])
+        to = int(_attr(node, "to", 0))
+        if data is None or data.dtype.kind not in "iu" or to not in _INTEGER_TYPES:
+            return None
+        return data.astype(ir.DataType(to).numpy())
     if node.op_type in ("Identity", "Unsqueeze", "Squeeze", "Reshape"):
         data = const_array(node.inputs[0])
         if data is None:

@@ -32,6 +32,7 @@ from graphopt.passes.fuse.heads import Layout, entries, shape_side_nodes
 from graphopt.passes.fuse.match import (
     Match, Miss, const, fail, folded_scalar, near, not_float32, producer, source,
 )
+from graphopt.passes.fuse.packed import columns, flat_softmax, pick
 from graphopt.weights import set_initializer
 
 MS_DOMAIN = "com.microsoft"
@@ -51,6 +52,7 @@ class Side:
     heads: int
     size: int
     nodes: list[ir.Node]
+    part: int | None = None  # packed Q/K/V: ``input`` holds every part; this side is columns part·H·d + [0, H·d)
 
 
 def _scalar_factor(node: ir.Node | None) -> tuple[ir.Value, float] | None:
@@ -129,6 +131,8 @@ def _side(operand: ir.Value, name: str, layout: Layout) -> Side | str:
             value = node.inputs[0]
         elif node.op_type == "Reshape":
             break
+        elif node.op_type in ("Squeeze", "Gather"):
+            return _packed_side(node, nodes[:-1], name, factor, layout)
         else:
             return f"{name} comes from {node.op_type}, not from a head split"
     split, q3 = nodes[-1], nodes[-1].inputs[0]
@@ -169,17 +173,60 @@ def _side(operand: ir.Value, name: str, layout: Layout) -> Side | str:
     return side
 
 
-def _softmax(probs: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
-    """(the Softmax, the NaN guard's nodes) for P = Softmax(·) or Where(IsNaN(P), 0, P)."""
+def _packed_side(last: ir.Node, below: list[ir.Node], name: str, factor: float, layout: Layout) -> Side | str:
+    """One of Q, K, V picked from a packed projection (:func:`~graphopt.passes.fuse.packed.pick`): ``last`` is
+    the pick, ``below`` the scalar factors and Transposes from it down to the MatMul operand."""
+    found = pick(last)
+    if isinstance(found, str):
+        return f"{name} comes from {found}"
+    split, packed = found.split, found.split.inputs[0]
+    if _rank(packed) != 3:
+        return f"{name}'s packed projection is not known to be of rank 3"
+    chain, hidden = _projection_chain(packed)
+    hidden = packed.shape[2] if isinstance(packed.shape[2], int) else hidden
+    base = chain[-1]
+    for value in chain:
+        if _rank(value) == 3:
+            layout.set(value, [("batch", base), ("seq", base), None])
+    sizes = layout.split(split, hidden, packed=True)
+    if isinstance(sizes, str):
+        return f"{name}: {sizes}"
+    parts, heads, size = sizes
+    if found.part >= parts or found.pieces not in (None, parts):
+        return f"{name} is not one of the {parts} parts of its packed projection"
+    labels = found.labels
+    for node in reversed(below):  # down from the pick to the operand: scalar factors and Transposes only
+        if node.op_type == "Transpose":
+            labels = "".join(labels[int(p)] for p in attr(node, "perm", []))
+        elif _scalar_factor(node) is None:
+            return f"a {node.op_type} on the way to {name} that is not provably a transpose"
+    if labels != WANTED[name]:
+        return f"{name} is not the head split in the order {WANTED[name]}"
+    side = Side(packed, None, factor, base, heads, size, [*below, *found.nodes], found.part)
+    biased = _bias_add(packed.producer())
+    if biased is not None and _only_use(packed, split) and const(biased[1]).shape[0] == parts * heads * size:
+        width = heads * size
+        side.input, side.bias = biased[0], const(biased[1])[found.part * width:(found.part + 1) * width]
+        side.nodes.append(packed.producer())
+    return side
+
+
+def _softmax(probs: ir.Value) -> tuple[ir.Node | None, list[ir.Node], ir.Value | None]:
+    """(the Softmax, the NaN guard's nodes or the Flatten/Shape/Reshape of the old-opset form, the scores it
+    normalizes) for P = Softmax(·), Where(IsNaN(P), 0, P), or :func:`~graphopt.passes.fuse.packed.flat_softmax`."""
     where = producer(probs, "Where")
     if where is not None and len(where.inputs) == 3:
         cond, zero, kept = where.inputs
         isnan = producer(cond, "IsNaN")
         softmax = producer(kept, "Softmax")
         if isnan is not None and isnan.inputs[0] is kept and softmax is not None and folded_scalar(zero) == 0.0:
-            return softmax, [isnan, where]
-        return None, []
-    return producer(probs, "Softmax"), []
+            return softmax, [isnan, where], softmax.inputs[0]
+        return None, [], None
+    flat = flat_softmax(probs)
+    if flat is not None:
+        return flat
+    softmax = producer(probs, "Softmax")
+    return softmax, [], softmax.inputs[0] if softmax is not None else None
 
 
 def _softmax_miss(softmax: ir.Node) -> str | None:
@@ -190,9 +237,8 @@ def _softmax_miss(softmax: ir.Node) -> str | None:
     return None if int(axis) in (-1, 3) else f"Softmax over axis {axis}, not the last"
 
 
-def _scores(softmax: ir.Node) -> list[tuple[ir.Value, ir.Value | None, list[ir.Node]]]:
+def _scores(s: ir.Value) -> list[tuple[ir.Value, ir.Value | None, list[ir.Node]]]:
     """Ways to read Softmax's input: (scores, mask or None, the Add) — either Add operand may be the mask."""
-    s = softmax.inputs[0]
     add = producer(s, "Add")
     if add is None or len(add.inputs) != 2:
         return [(s, None, [])]
@@ -200,8 +246,14 @@ def _scores(softmax: ir.Node) -> list[tuple[ir.Value, ir.Value | None, list[ir.N
     return [(a, b, [add]), (b, a, [add])]
 
 
-def match_attention(node: ir.Node) -> Match | Miss:
-    """Q/K/V head splits, Q·Kᵀ, scale, [mask], Softmax, ·V, head merge → MultiHeadAttention (see the module)."""
+PACKED_OFF = ("Q, K and V are columns of one packed projection: family packed_attention fuses them (off by default: "
+              "slower than the unfused block on PP-OCRv4 rec's SVTR neck)")
+
+
+def match_attention(node: ir.Node, packed: bool = False) -> Match | Miss:
+    """Q/K/V head splits, Q·Kᵀ, scale, [mask], Softmax, ·V, head merge → MultiHeadAttention (see the module).
+    ``packed``: match only Q, K, V picked from one packed projection (family ``packed_attention``), the other
+    sites are then no near-misses (family ``attention`` reports them); without it, a packed site is one."""
     if node.op_type != "Transpose" or not is_default_domain(node):
         return fail(f"{node.op_type} is no attention root")
     chain, value = [node], node.inputs[0]
@@ -211,17 +263,24 @@ def match_attention(node: ir.Node) -> Match | Miss:
         if len(chain) > 4:
             return fail("no ·V MatMul under the Transposes")
     pv = up
-    softmax, guard = _softmax(pv.inputs[0]) if pv is not None else (None, [])
-    if softmax is None:
+    softmax, guard, normalized = _softmax(pv.inputs[0]) if pv is not None else (None, [], None)
+    if softmax is None or normalized is None:
         return fail("not Softmax(…)·V")
     why = _softmax_miss(softmax)
     misses = []
-    for scores, mask, add in _scores(softmax) if why is None else []:
+    for scores, mask, add in _scores(normalized) if why is None else []:
         found = _match(node, chain, pv, guard, softmax, scores, mask, add)
         if isinstance(found, Match):
-            return found
+            if (found.family == "packed_attention") == packed:
+                return found
+            return near(PACKED_OFF, softmax) if not packed else fail("Q, K, V are not one packed projection")
         misses.append(found)
-    return near(why or misses[0], softmax)
+    return fail(why or misses[0]) if packed else near(why or misses[0], softmax)
+
+
+def match_packed_attention(node: ir.Node) -> Match | Miss:
+    """Attention whose Q, K and V are columns of one packed projection (family ``packed_attention``)."""
+    return match_attention(node, packed=True)
 
 
 def _match(root: ir.Node, chain: list[ir.Node], pv: ir.Node, guard: list[ir.Node], softmax: ir.Node,
@@ -258,9 +317,10 @@ def _match(root: ir.Node, chain: list[ir.Node], pv: ir.Node, guard: list[ir.Node
     nodes = sorted(set(nodes + side_chains), key=lambda n: order.get(n, -1))
     expand = mask is not None and not (_rank(mask) == 4 and _same_dim(mask, 2, q.input, 1)
                                        and _same_dim(mask, 3, k.input, 1))
-    build = _builder(q, k, v, q.factor * k.factor * factor, mask, expand, bool(guard))
+    build = _builder(q, k, v, q.factor * k.factor * factor, mask, expand, any(n.op_type == "IsNaN" for n in guard))
     inputs = [q.input, k.input, v.input, None, None, mask]
-    return Match("attention", nodes, "MultiHeadAttention", inputs, {"num_heads": q.heads}, domain=MS_DOMAIN,
+    family = "packed_attention" if any(s.part is not None for s in sides) else "attention"
+    return Match(family, nodes, "MultiHeadAttention", inputs, {"num_heads": q.heads}, domain=MS_DOMAIN,
                  anchor=softmax, build=build)
 
 
@@ -334,7 +394,10 @@ def _builder(q: Side, k: Side, v: Side, scale: float, mask: ir.Value | None, exp
             expanded = ir.node("Expand", [mask, shape.outputs[0]])
             nodes += [shape, expanded]
             attention_bias = expanded.outputs[0]
-        inputs = [q.input, k.input, v.input, bias, None, attention_bias]
+        sliced = [columns(graph, f"{name}_{label}", s.input, s.part, s.heads * s.size) if s.part is not None
+                  else (None, s.input) for s, label in ((q, "q"), (k, "k"), (v, "v"))]
+        nodes += [n for n, _ in sliced if n is not None]
+        inputs = [*(value for _, value in sliced), bias, None, attention_bias]
         while inputs[-1] is None:
             inputs.pop()
         mha = ir.node("MultiHeadAttention", inputs, {"num_heads": q.heads, "scale": float(scale)},
@@ -342,7 +405,7 @@ def _builder(q: Side, k: Side, v: Side, scale: float, mask: ir.Value | None, exp
         nodes.append(mha)
         out = mha.outputs[0]
         out.type = q.input.type  # [batch, sequence, heads · v size]: ONNX shape inference does not know the op
-        if q.input.shape is not None:
+        if q.input.shape is not None and out.type is not None:  # a shape without a type is not serialized
             out.shape = ir.Shape([*list(q.input.shape)[:2], v.heads * v.size])
         if guard:
             dtype = q.input.type.dtype.numpy() if q.input.type is not None else np.float32

@@ -32,7 +32,9 @@ def _refs(value: ir.Value | None) -> list[Entry] | None:
     node = value.producer() if value is not None else None
     if node is None or not is_default_domain(node):
         return None
-    if node.op_type in ("Unsqueeze", "Squeeze", "Reshape", "Cast", "Identity"):
+    if node.op_type in ("Cast", "Identity"):
+        return _refs(node.inputs[0])
+    if node.op_type in ("Unsqueeze", "Squeeze", "Reshape"):
         found = _refs(node.inputs[0])
         return found if found is not None and len(found) == 1 else None
     if node.op_type == "Shape":
@@ -49,12 +51,12 @@ def _refs(value: ir.Value | None) -> list[Entry] | None:
         index = folded(node.inputs[1])
         if index is not None and index.size == 1 and -len(whole) <= int(index.ravel()[0]) < len(whole):
             return [whole[int(index.ravel()[0])]]
-    if node.op_type == "Slice" and len(node.inputs) in (3, 4) and (len(node.inputs) == 3 or folded(node.inputs[3])
-                                                                  is not None):
+    if node.op_type == "Slice" and 3 <= len(node.inputs) <= 5:
         begin, end = folded(node.inputs[1]), folded(node.inputs[2])
-        axes = folded(node.inputs[3]) if len(node.inputs) == 4 else None
-        if begin is not None and end is not None and begin.size == end.size == 1 and \
-                (axes is None or int(axes.ravel()[0]) == 0):
+        axes, steps = (folded(node.inputs[i]) if len(node.inputs) > i and node.inputs[i] is not None else default
+                       for i, default in ((3, 0), (4, 1)))  # absent: axis 0, step 1
+        if begin is not None and end is not None and begin.size == end.size == 1 and axes is not None and \
+                steps is not None and int(np.ravel(axes)[0]) == 0 and int(np.ravel(steps)[0]) == 1:
             return whole[slice(int(begin.ravel()[0]), int(end.ravel()[0]))]
     return None
 
@@ -141,31 +143,34 @@ class Layout:
             return split if self._matches(reshape, found, split) else None
         return None
 
-    def split(self, reshape: ir.Node, hidden: int | None) -> tuple[int, int] | str:
-        """(heads, head size) when the Reshape turns its input [b, s, hidden] into [b, s, heads, head size],
-        else why not. ``hidden``: the input's last dim when static."""
+    def split(self, reshape: ir.Node, hidden: int | None, packed: bool = False) -> tuple[int, ...] | str:
+        """(heads, head size) when the Reshape turns its input [b, s, hidden] into [b, s, heads, head size]
+        — with ``packed``, (parts, heads, head size) for [b, s, parts, heads, head size] (one projection
+        computing Q, K and V) — else why not. ``hidden``: the input's last dim when static."""
         symbols = self.of.get(reshape.inputs[0])
         found = entries(reshape.inputs[1])
         if symbols is None or len(symbols) != 3:
             return "the head split's input is not of rank 3"
-        if found is None or len(found) != 4:
-            return "the head split's target is not a shape of 4 readable entries"
+        want = 5 if packed else 4
+        if found is None or len(found) != want:
+            return f"the head split's target is not a shape of {want} readable entries"
         free = [i for i, e in enumerate(found) if e == -1]
         for i in (0, 1):
             kept = self._same(found[i], symbols[i]) or (found[i] == 0 and not attr(reshape, "allowzero", 0))
             if not kept and found[i] != -1:
                 return f"the head split's dim {i} is not the input's"
-        heads, size = found[2], found[3]
-        if not all(isinstance(v, int) and (v > 0 or v == -1) for v in (heads, size)) or len(free) > 1:
+        sizes = found[2:]
+        if not all(isinstance(v, int) and (v > 0 or v == -1) for v in sizes) or len(free) > 1:
             return f"the head split's target {found} has no constant heads and head size"
-        if heads == -1 or size == -1:
-            known = size if heads == -1 else heads
+        if -1 in sizes:
+            known = int(np.prod([v for v in sizes if v != -1]))
             if hidden is None or hidden % known:
                 return "the head count is not readable (-1 and an unknown hidden size)"
-            heads, size = (hidden // known, known) if heads == -1 else (known, hidden // known)
-        if (hidden is not None and heads * size != hidden) or (hidden is None and free):
-            return f"{heads} heads of {size} do not make the hidden size {hidden}"
-        return heads, size
+            sizes = [hidden // known if v == -1 else v for v in sizes]
+        if (hidden is not None and int(np.prod(sizes)) != hidden) or (hidden is None and free):
+            parts = f"{sizes[0]} parts of " if packed else ""
+            return f"{parts}{sizes[-2]} heads of {sizes[-1]} do not make the hidden size {hidden}"
+        return tuple(int(v) for v in sizes)
 
 
 def shape_side_nodes(inside: set[ir.Node], exposed: ir.Value) -> list[ir.Node] | None:

@@ -184,7 +184,11 @@ def _evaluate(node: ir.Node, args: list[np.ndarray | None]) -> np.ndarray | None
         if op in ("Sqrt", "Reciprocal", "Neg"):
             return {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}[op](a.astype(np.float64))
         if op == "Cast":
-            return a.astype(np.float64) if ir.DataType(attr(node, "to", 1)).is_floating_point() else None
+            to = ir.DataType(attr(node, "to", 1))
+            if to.is_floating_point():
+                return a.astype(np.float64)
+            # integer to integer: Paddle's exports write shape entries as Cast(int32 constant) to int64
+            return a.astype(np.int64) if to.is_integer() and np.issubdtype(a.dtype, np.integer) else None
         if op in ("Div", "Mul", "Add", "Sub", "Pow"):
             b = args[1]
             return {"Div": np.divide, "Mul": np.multiply, "Add": np.add, "Sub": np.subtract,

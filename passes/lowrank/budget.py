@@ -63,7 +63,9 @@ def allocate(layers: list[list[Choice]], base_macs: list[int], keep: float) -> l
             floor = hulls[l][i][0] - (saved - need)
             fits = [c for c in layers[l] if base_macs[l] - c.macs >= floor - 1e-9]
             chosen[l] = min(fits, key=lambda c: (c.err2, c.macs))
-            saved += (base_macs[l] - chosen[l].macs) - hulls[l][i][0]
+            # Met (to the float rounding of ``need``): stop here. Going on when ``saved`` ends a rounding error
+            # below ``need`` took every remaining segment of every layer (PP-OCRv4 rec's neck: macs=0.7 kept 51%).
+            break
     return chosen
 
 
