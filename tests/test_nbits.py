@@ -297,6 +297,85 @@ def test_bert_fixture_stays_close_to_float(tmp_path):
     assert op_types(graphopt.modelio.load_model(tmp_path / "out.onnx")).count("MatMulNBits") == 13
 
 
+# --- embedding tables ------------------------------------------------------------------------------------------
+
+
+def spec_tables(model) -> dict[str, np.ndarray]:
+    """Each GatherBlockQuantized's table [V, D], decoded as the contrib op's spec reads uint8 data with ``bits``:
+    codes packed along D, low bits first; scales [V, D/block_size]; zero points packed the same way per row
+    (absent: 2^(bits-1))."""
+    out = {}
+    for node in model.graph:
+        if node.op_type != "GatherBlockQuantized":
+            continue
+        a = {k: v.value for k, v in node.attributes.items()}
+        bits, bs, per = a["bits"], a["block_size"], 8 // a["bits"]
+        assert a["gather_axis"] == 0 and a["quantize_axis"] == 1
+        data, scales = node.inputs[0].const_value.numpy(), node.inputs[2].const_value.numpy()
+        zp = node.inputs[3].const_value.numpy() if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        assert data.dtype == np.uint8 and scales.dtype == np.float32
+        codes = np.stack([(data >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], -1).reshape(len(data), -1)
+        blocks = codes.shape[1] // bs
+        assert scales.shape == (len(data), blocks)
+        if zp is None:
+            zeros = np.full(scales.shape, 1 << (bits - 1))
+        else:
+            zeros = np.stack([(zp >> (i * bits)) & ((1 << bits) - 1) for i in range(per)], -1).reshape(len(zp), -1)
+            zeros = zeros[:, :blocks]
+        shifted = codes.astype(np.float64) - np.repeat(zeros, bs, axis=1)
+        out[node.name] = (shifted * np.repeat(scales, bs, axis=1)).astype(np.float32)
+    return out
+
+
+def embedding_model(vocab: int = 300, width: int = 64):
+    """Gather(table [vocab, width], ids) → MatMul → y, and a second Gather of a small position table."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("Gather", ["positions", "pos"], ["p"], name="position"),
+             helper.make_node("Add", ["e", "p"], ["s"], name="sum"),
+             helper.make_node("MatMul", ["s", "w"], ["y"], name="proj")]
+    inits = {"table": randn((vocab, width), 1), "positions": randn((8, width), 2) * 0.1,
+             "pos": np.arange(5, dtype=np.int64), "w": randn((width, 32), 3) * 0.1}
+    return make_model(nodes, [tensor_info("ids", np.int64, [None, 5])], ["y"], inits)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_embedding_tables_gather_the_spec_decoding(bits, symmetric):
+    # The kernel must gather exactly the rows an independent decoder of the spec reads from the initializers; the
+    # small position table (8 x 64 = 512 elements) stays float below min_size.
+    model = embedding_model()
+    untouched = clone(model)
+    nbits(untouched, layers="all", method="rtn", bits=bits)
+    assert "Gather" in op_types(untouched) and "GatherBlockQuantized" not in op_types(untouched)  # option off
+    result = nbits(model, layers="all", method="rtn", bits=bits, symmetric=symmetric, embeddings=True, min_size=1000)
+    assert op_types(model).count("GatherBlockQuantized") == 1 and op_types(model).count("Gather") == 1
+    table = spec_tables(model)["embed_nbits"]
+    ref = clone(embedding_model())
+    ref.graph.initializers["table"].const_value = ir.tensor(table, name="table")
+    ref = with_decoded_weights(ref, model)
+    feeds = {"ids": np.random.default_rng(4).integers(0, 300, (3, 5)).astype(np.int64)}
+    assert_same_outputs(ref, model, feeds, rtol=1e-5, atol=1e-5)
+    original = randn((300, 64), 1)
+    error = np.linalg.norm(table - original) / np.linalg.norm(original)
+    assert error < {2: 0.5, 4: 0.12, 8: 0.01}[bits]
+    row = next(r for r in result.rows if r["op"] == "Gather")
+    assert row["bytes_after"] < row["bytes_before"] * (bits + 2) / 32
+    assert "table" not in model.graph.initializers  # the float table is gone from the file
+
+
+def test_shared_or_misshapen_tables_stay_float_and_are_named():
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["a"], name="first"),
+             helper.make_node("Gather", ["table", "ids"], ["b"], name="second"),
+             helper.make_node("Gather", ["odd", "ids"], ["c"], name="odd_width"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="sum")]
+    model = make_model(nodes, [tensor_info("ids", np.int64, [None])], ["y", "c"],
+                       {"table": randn((100, 64), 1), "odd": randn((100, 48), 2)})
+    result = nbits(model, layers="all", method="rtn", embeddings=True)
+    assert not result.rows and op_types(model).count("Gather") == 3
+    assert any("shared" in note for note in result.notes)
+    assert any("odd_width" in note and "blocks" in note for note in result.notes)
+
+
 # --- memory ----------------------------------------------------------------------------------------------------
 
 SESSION_MEMORY = r"""

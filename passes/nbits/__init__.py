@@ -3,6 +3,7 @@
 Modules, bottom to top (each imports only those above it in this list):
 - :mod:`blocks` — block scales and zero points, round to nearest, dequantization, the MatMulNBits byte layout;
 - :mod:`gptq` — the data-aware variant: rows quantized in order, errors compensated through the inverse Hessian;
+- :mod:`gather` — embedding tables (Gather) as GatherBlockQuantized, rounded to nearest (option ``embeddings``);
 - :mod:`hessians` — XᵀX of each layer input over the calibration feeds;
 - :mod:`rewrite` — which MatMul/Gemm can become MatMulNBits, and the rewrite;
 - :mod:`select` — each layer's width: all at ``bits``, or inside the run's accuracy budget;

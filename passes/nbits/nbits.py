@@ -20,6 +20,7 @@ from graphopt.graphs import name_nodes
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.nbits.blocks import BITS, BLOCK_SIZES
+from graphopt.passes.nbits.gather import emit_table, find_tables, quantize_table
 from graphopt.passes.nbits.hessians import input_hessians
 from graphopt.passes.nbits.rewrite import MS_DOMAIN, Site, emit, find_sites
 from graphopt.passes.nbits.select import Quantizer, widths
@@ -61,6 +62,9 @@ class NBits(GraphoptPass):
                                     "layers first; those not reached stay float)", low=0.0, low_open=True)
         min_size: int = option(4096, "weights with fewer elements stay float", low=0)
         exclude_nodes: list[str] = option([], "node or weight names kept float")
+        embeddings: bool = option(False, "also Gather tables (embeddings) as com.microsoft.GatherBlockQuantized at "
+                                  "bits, rounded to nearest, before the MatMul layers are chosen (the budget "
+                                  "measures them on top)")
 
     @classmethod
     def needs_data(cls, options) -> str | None:
@@ -71,9 +75,12 @@ class NBits(GraphoptPass):
     def call(self, model: ir.Model) -> GraphoptResult:
         opts, notes = self.options, []
         name_nodes(model)  # sites are found again by name in clones
+        # Tables first: the Hessians, the budget's measurements and its checks then see them quantized.
+        table_rows = self._tables(model, notes) if opts.embeddings else []
         sites = find_sites(model, set(opts.exclude_nodes), opts.min_size, notes)
         if not sites:
-            return self.result(model, [], notes + ["no MatMul/Gemm with a float32 2-D constant weight to rewrite"])
+            return self.result(model, table_rows,
+                               notes + ["no MatMul/Gemm with a float32 2-D constant weight to rewrite"])
         hessians = self._hessians(model, sites, notes) if opts.method == "gptq" else {}
         quantizer = Quantizer(opts, hessians)
         chosen = widths(self.context, model, sites, quantizer, notes)
@@ -88,7 +95,19 @@ class NBits(GraphoptPass):
             after = sum(r["bytes_after"] for r in rows)
             notes.append(f"{len(rows)} of {len(sites)} layer(s) to MatMulNBits: weights {before} -> {after} bytes "
                          f"({before / after:.1f}x)")
-        return self.result(model, rows, notes)
+        return self.result(model, table_rows + rows, notes)
+
+    def _tables(self, model: ir.Model, notes: list[str]) -> list[dict]:
+        opts = self.options
+        tables = find_tables(model, set(opts.exclude_nodes), opts.min_size, opts.block_size, opts.bits, notes)
+        rows = [emit_table(t, quantize_table(t, opts.bits, opts.block_size, opts.symmetric, opts.clip_search),
+                           self.mark) for t in tables]
+        if rows:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+            notes.append(f"{len(rows)} Gather table(s) to GatherBlockQuantized: {before} -> {after} bytes "
+                         f"({before / after:.1f}x)")
+        return rows
 
     def _hessians(self, model: ir.Model, sites: list[Site], notes: list[str]) -> dict[str, np.ndarray]:
         main = {s.node.inputs[0].name: s.k for s in sites if s.node.graph is model.graph}

@@ -22,7 +22,7 @@ from graphopt.weights import constant_array, encoding_of
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv",
                            "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "QGemm",
                            "QLinearAdd", "QLinearMul", "QLinearConcat", "DynamicQuantizeMatMul",
-                           "DynamicQuantizeLSTM", "MatMulNBits"})
+                           "DynamicQuantizeLSTM", "MatMulNBits", "GatherBlockQuantized"})
 
 
 @dataclasses.dataclass

@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from graphopt import capture
 from graphopt.graphs import default_opset
-from graphopt.latency import paired_ratio, time_rounds
+from graphopt.data import input_specs
+from graphopt.latency import batch_one, paired_ratio, time_rounds
 from graphopt.passes.quantize import qdq
 from graphopt.passes.quantize.calibrate import Range
 from graphopt.passes.quantize.dynamic import emit_dynamic
@@ -166,8 +167,14 @@ def time_candidates(reference: ir.Model, candidates: Sequence[ir.Model], dataset
     """Each candidate's latency / the reference's: the median of per-round ratios, all models interleaved on the
     first two calibration feeds (latency.time_rounds), so load bursts that slow a whole round cancel. A heavy
     model (verify.is_heavy) is timed one model after the other, the ratio of medians: its sessions side by side
-    would hold the float weights beside every candidate's (the pipeline times large models so too)."""
-    models, feeds = [reference, *candidates], dataset.feeds[:2]
+    would hold the float weights beside every candidate's (the pipeline times large models so too).
+
+    Feeds are cut to their first sample where the batch axis is free (latency.batch_one), as the pipeline's latency
+    guard times: per sample at batch 1. Calibration feeds hold up to 32 samples: on a BERT-base encoder one such
+    run took 14 s, so ten rounds of each candidate took minutes, and the int8/float ratio at 4096 rows is not the
+    one a batch-1 deployment sees."""
+    models = [reference, *candidates]
+    feeds = batch_one(input_specs(reference), dataset.feeds[:2])
     if not any(is_heavy(m) for m in models):
         rounds = time_rounds(models, feeds, threads, warmup=2, repeats=repeats,
                              min_time_s=min_time_s * len(candidates))

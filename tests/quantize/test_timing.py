@@ -107,6 +107,24 @@ def test_time_candidates_runs_until_the_time_floor(monkeypatch, feeds):
     assert [tag for tag, _ in runtime.runs].count("ref") == 2 + 4
 
 
+def test_whole_models_are_timed_per_sample_when_the_batch_axis_is_free(monkeypatch):
+    # Calibration feeds hold many samples (32 from an npz); a model with a free batch axis is timed on each feed's
+    # first sample, as the pipeline's latency guard times it (batch 1), not on the whole feed.
+    def relu(tag):
+        model = make_model([helper.make_node("Relu", ["x"], ["y"])], [tensor_info("x", np.float32, ["N", 3])],
+                           [tensor_info("y", np.float32, ["N", 3])])
+        model.graph.doc_string = tag
+        return model
+
+    runtime = FakeRuntime(lambda tag, call: {"ref": 2.0, "a": 1.0}[tag])
+    _install(monkeypatch, runtime)
+    data = SimpleNamespace(feeds=[{"x": randn([32, 3], seed)} for seed in (1, 2, 3)])
+    assert qt.time_candidates(relu("ref"), [relu("a")], data, repeats=3, min_time_s=0.0) == \
+        pytest.approx([0.5], rel=1e-9)
+    assert {feed["x"].shape for _, feed in runtime.runs} == {(1, 3)}
+    assert {feed["x"].tobytes() for _, feed in runtime.runs} == {data.feeds[i]["x"][:1].tobytes() for i in (0, 1)}
+
+
 def test_time_models_is_the_one_candidate_ratio(monkeypatch, feeds):
     _install(monkeypatch, FakeRuntime(lambda tag, call: {"ref": 4.0, "a": 3.0}[tag]))
     assert qt.time_models(_relu_model("ref"), _relu_model("a"), feeds, repeats=3, min_time_s=0.0) == \
