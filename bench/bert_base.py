@@ -86,6 +86,9 @@ VARIANTS = (
     Variant("nbits gptq all + embeddings", "graphopt", "nbits:method=gptq,layers=all,embeddings=true", max_drop=1.0),
     Variant("nbits gptq budget + embeddings", "graphopt", "nbits:method=gptq,embeddings=true", max_drop=0.02),
     Variant("channel_prune 30% MACs", "graphopt", "channel_prune:scope=sensitivity,ratio=0.3", max_drop=1.0),
+    # every head group and FFN group loses the same share: 4 of 12 heads and 34% of the FFN neurons
+    Variant("channel_prune 34% per group", "graphopt", "channel_prune:ratio=0.34", max_drop=1.0),
+    Variant("channel_prune 30% per group", "graphopt", "channel_prune:ratio=0.3", max_drop=1.0),
 )
 BY_LABEL = {v.label: v for v in VARIANTS}
 
