@@ -261,3 +261,14 @@ def test_suffix_runs_give_the_same_rows_as_whole_clones(monkeypatch):
     # W2/W3 edits ran 2 and 1 nodes on captured values of the clean first layer; its output h came from the cache.
     assert sorted(s[0] for s in sizes) == [1, 1, 2, 4]
     assert (2, ["h"], ["h"]) in sizes and (1, ["m2"], ["h"]) in sizes
+
+
+def test_allocate_steps_over_an_unmeasured_level_to_a_measured_one():
+    from graphopt.sensitivity import allocate
+
+    # group 0: 0.1 unmeasured, 0.5 measured and cheap; group 1: only 0.1 measured
+    chosen = allocate([100, 100], [[0.1, 0.5], [0.1, 0.5]], [[np.inf, 0.01], [0.001, np.inf]], 0.3)
+    assert chosen == [0.5, 0.1]
+    # a measured loss below an earlier measured one still counts as the earlier (loss never falls with the ratio)
+    chosen = allocate([100, 100], [[0.1, 0.5], [0.1, 0.5]], [[0.5, 0.0], [0.001, 0.002]], 0.3)
+    assert chosen == [0.1, 0.5]

@@ -337,17 +337,19 @@ def allocate(sizes: Sequence[int], steps: Sequence[Sequence[float]], losses: Seq
              target: float) -> list[float]:
     """Per-layer (or per-group) ratios whose size-weighted mean reaches ``target``: greedily the step with the
     least added loss per unit of size removed. ``steps[g]`` are g's ascending ratios (each layer may have its
-    own: whole channels), ``losses[g]`` their measured losses (inf: not measured, never used; loss 0 at ratio 0).
-    The last step taken is cut back so the mean lands on ``target`` (callers with whole units round it)."""
-    curves = [np.maximum.accumulate(np.array([0.0, *row])) for row in losses]  # loss never falls with the ratio
+    own: whole channels), ``losses[g]`` their measured losses (inf: not measured, never used, and the step
+    goes straight to the next measured ratio; loss 0 at ratio 0). The last step taken is cut back so the mean lands
+    on ``target`` (callers with whole units round it)."""
+    curves = [_rising(np.array([0.0, *row])) for row in losses]
     ladders = [np.array([0.0, *row]) for row in steps]
     pos = [0] * len(sizes)
     need, done, last = target * sum(sizes), 0.0, None
     while done < need - 1e-9:
         best, best_rate = None, np.inf
         for g, (n, curve, ladder) in enumerate(zip(sizes, curves, ladders)):
-            nxt = next((j for j in range(pos[g] + 1, len(ladder)) if ladder[j] > ladder[pos[g]]), None)
-            if nxt is None or not np.isfinite(curve[nxt]):
+            nxt = next((j for j in range(pos[g] + 1, len(ladder))
+                        if ladder[j] > ladder[pos[g]] and np.isfinite(curve[j])), None)
+            if nxt is None:
                 continue
             rate = (curve[nxt] - curve[pos[g]]) / (n * (ladder[nxt] - ladder[pos[g]]))
             if rate < best_rate:
@@ -360,6 +362,17 @@ def allocate(sizes: Sequence[int], steps: Sequence[Sequence[float]], losses: Seq
     if last is not None and done > need:
         result[last] -= (done - need) / sizes[last]
     return result
+
+
+def _rising(curve: np.ndarray) -> np.ndarray:
+    """Loss never falls with the ratio: each measured entry is at least every measured one before it; unmeasured
+    entries (inf) stay inf, so one unmeasured level does not hide the measured ones above it."""
+    out, top = curve.copy(), -np.inf
+    for i, v in enumerate(curve):
+        if np.isfinite(v):
+            top = max(top, v)
+            out[i] = top
+    return out
 
 
 def row_loss(row: SensitivityRow | None, noise_weight: float = 1.0) -> float:
