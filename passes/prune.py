@@ -28,7 +28,7 @@ import onnx_ir as ir
 from graphopt.modelio import SPARSE, STORAGE_KEY
 from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
-from graphopt.sensitivity import Candidate, Ladder, measure, row_loss, seek_budget
+from graphopt.sensitivity import Candidate, Ladder, coverage_order, measure, row_loss, seek_budget
 from graphopt.sensitivity import allocate as allocate_steps
 from graphopt.weight_targets import Target, find_targets, per_target, weight_editor
 from graphopt.weights import replace_initializer
@@ -250,11 +250,13 @@ class Prune(GraphoptPass):
                          "linear layer; sparsity=auto or tables=always prunes them)")
         return keep
 
-    def _measured_losses(self, model: ir.Model, targets: list[Target], levels: list[float],
+    def _measured_losses(self, model: ir.Model, targets: list[Target], levels: list[float], target: float,
                          notes: list[str]) -> list[list[float]]:
-        """Per target, the measured loss (sensitivity.row_loss) of each level alone."""
+        """Per target, the measured loss (sensitivity.row_loss) of each level alone, every layer at the level
+        nearest ``target`` first (sensitivity.coverage_order)."""
         self.context.require_calib(self.name)
-        candidates = [Candidate(f"{t.layer}@{s:g}", t.layer, s, _pruner(t, s)) for t in targets for s in levels]
+        candidates = [Candidate(f"{t.layer}@{s:g}", t.layer, s, _pruner(t, s))
+                      for s in coverage_order(levels, target) for t in targets]
         if not candidates:
             return []
         table = measure(self.context, model, candidates, max_samples=self.options.max_samples,
@@ -266,7 +268,7 @@ class Prune(GraphoptPass):
     def _sensitivity_plan(self, model: ir.Model, targets: list[Target], sparsity: float,
                           notes: list[str]) -> tuple[list[tuple[Target, float]], dict[str, dict]]:
         levels = sorted(set(self.options.levels))
-        losses = self._measured_losses(model, targets, levels, notes)
+        losses = self._measured_losses(model, targets, levels, sparsity, notes)
         if not losses:
             return [], {}
         chosen = allocate([t.array.size for t in targets], losses, levels, sparsity)
@@ -284,7 +286,7 @@ class Prune(GraphoptPass):
     def _budget_plan(self, model: ir.Model, targets: list[Target], notes: list[str]) -> list[tuple[Target, float]]:
         """Each layer's sparsity from ``levels``: the most the run's budget allows (sensitivity.seek_budget)."""
         levels = sorted(set(self.options.levels))
-        losses = self._measured_losses(model, targets, levels, notes)
+        losses = self._measured_losses(model, targets, levels, levels[0], notes)  # gentlest first
         if not losses:
             return []
         ladders = [Ladder(t.layer, tuple(levels), tuple(t.array.nbytes * s for s in levels), tuple(row))

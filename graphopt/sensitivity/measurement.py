@@ -364,6 +364,13 @@ def allocate(sizes: Sequence[int], steps: Sequence[Sequence[float]], losses: Seq
     return result
 
 
+def coverage_order(levels: Sequence[float], target: float) -> list[float]:
+    """The order to measure ``levels`` in, each round over every layer or group: nearest ``target`` first. A time
+    budget that runs out then leaves every layer measured at some level (allocate steps over unmeasured ones),
+    not the last layers at none."""
+    return sorted(levels, key=lambda r: (abs(r - float(target)), r))
+
+
 def _rising(curve: np.ndarray) -> np.ndarray:
     """Loss never falls with the ratio: each measured entry is at least every measured one before it; unmeasured
     entries (inf) stay inf, so one unmeasured level does not hide the measured ones above it."""

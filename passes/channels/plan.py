@@ -22,7 +22,7 @@ from graphopt.passes.channels.deps import analyze
 from graphopt.passes.channels.rewrite import remove_channels
 from graphopt.passes.channels.select import Choice, choose, global_wanted, removed_channels
 from graphopt.passes.channels.types import Group, label
-from graphopt.sensitivity import Candidate, allocate, measure, row_loss
+from graphopt.sensitivity import Candidate, allocate, coverage_order, measure, row_loss
 
 TIE_NOISE = 1e-3  # scope=sensitivity: the worst channel's noise only breaks ties between groups (row_loss)
 
@@ -93,12 +93,9 @@ def sensitivity_plan(context: PassContext, model: ir.Model, shapes: dict[str, tu
     levels = sorted(set(opts.levels))
     keys = {g.id: tuple(label(p) for p in g.producers) for g in groups}
     drops = {(g.id, r): drop(g, scores[g.id], r, opts).removed for g in groups for r in levels}
-    # Coverage first: every group at the level nearest the target ratio, then every group at the next nearest,
-    # so a time budget that runs out leaves each group measured at some level, not the last groups at none.
-    preference = sorted(levels, key=lambda r: (abs(r - float(opts.ratio)), r))
     candidates = [Candidate(key=f"{keys[g.id][0]}@{r:g}", layer=keys[g.id][0], setting=r,
                             apply=pruner(shapes, keys[g.id], drops[g.id, r], means, mark))
-                  for r in preference for g in groups]
+                  for r in coverage_order(levels, opts.ratio) for g in groups]
     measured = measure(context, model, candidates, max_samples=opts.sensitivity_samples,
                        time_budget_s=opts.time_budget)
     notes.extend(f"sensitivity: {n}" for n in getattr(measured, "notes", []))
