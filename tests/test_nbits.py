@@ -438,3 +438,14 @@ def test_layers_inside_if_bodies_are_rounded_to_nearest():
     feeds = {"x": randn((8, 64), 24)}
     ref, got = run_model(original, feeds)["y"], run_model(model, feeds)["y"]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2
+
+
+def test_embedding_bits_sets_the_tables_width_apart_from_the_matmuls():
+    model = embedding_model()
+    nbits(model, layers="all", method="rtn", bits=4, embeddings=True, embedding_bits=8, min_size=1000)
+    widths = {n.op_type: n.attributes["bits"].as_int() for n in model.graph
+              if n.op_type in ("GatherBlockQuantized", "MatMulNBits")}
+    assert widths == {"GatherBlockQuantized": 8, "MatMulNBits": 4}
+    table = spec_tables(model)["embed_nbits"]
+    original = randn((300, 64), 1)
+    assert np.linalg.norm(table - original) / np.linalg.norm(original) < 0.01  # 8-bit rows, as at bits=8

@@ -65,6 +65,8 @@ class NBits(GraphoptPass):
         embeddings: bool = option(False, "also Gather tables (embeddings) as com.microsoft.GatherBlockQuantized at "
                                   "bits, rounded to nearest, before the MatMul layers are chosen (the budget "
                                   "measures them on top)")
+        embedding_bits: int = option(0, "embeddings=true: the tables' code width (0: bits), e.g. 8-bit tables "
+                                     "beside 4-bit MatMuls", choices=(0, *BITS))
 
     @classmethod
     def needs_data(cls, options) -> str | None:
@@ -99,8 +101,9 @@ class NBits(GraphoptPass):
 
     def _tables(self, model: ir.Model, notes: list[str]) -> list[dict]:
         opts = self.options
-        tables = find_tables(model, set(opts.exclude_nodes), opts.min_size, opts.block_size, opts.bits, notes)
-        rows = [emit_table(t, quantize_table(t, opts.bits, opts.block_size, opts.symmetric, opts.clip_search),
+        bits = opts.embedding_bits or opts.bits
+        tables = find_tables(model, set(opts.exclude_nodes), opts.min_size, opts.block_size, bits, notes)
+        rows = [emit_table(t, quantize_table(t, bits, opts.block_size, opts.symmetric, opts.clip_search),
                            self.mark) for t in tables]
         if rows:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
