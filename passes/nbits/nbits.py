@@ -24,6 +24,7 @@ from graphopt.passes.nbits.gather import emit_table, find_tables, quantize_table
 from graphopt.passes.nbits.hessians import input_hessians
 from graphopt.passes.nbits.rewrite import MS_DOMAIN, Site, emit, find_sites
 from graphopt.passes.nbits.select import Quantizer, widths
+from graphopt.passes.nbits.support import unsupported
 
 
 class NBits(GraphoptPass):
@@ -67,6 +68,14 @@ class NBits(GraphoptPass):
                                   "measures them on top)")
         embedding_bits: int = option(0, "embeddings=true: the tables' code width (0: bits), e.g. 8-bit tables "
                                      "beside 4-bit MatMuls", choices=(0, *BITS))
+
+        def check(self) -> None:
+            width = unsupported(self.bits, self.fallback_bits, self.embedding_bits if self.embeddings else 0)
+            if width is not None:
+                import onnxruntime
+
+                raise ValueError(f"{width}-bit codes: onnxruntime {onnxruntime.__version__} runs MatMulNBits and "
+                                 f"GatherBlockQuantized at 4 and 8 bits only")
 
     @classmethod
     def needs_data(cls, options) -> str | None:

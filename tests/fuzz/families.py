@@ -321,5 +321,6 @@ FAMILIES: list[Family] = [
     ("flatten", lambda x: x.rank >= 3, flatten),
     ("unsqueeze", lambda x: x.rank <= 2 or (x.rank == 3 and max(x.shape[1:]) <= MAX_CHANNELS), unsqueeze),
     ("squeeze", lambda x: x.rank >= 3 and 1 in x.shape[1:], squeeze),
-    ("layernorm", lambda x: x.rank in (2, 3), layernorm),
+    # width 1 normalizes to beta; onnxruntime 1.23 fuses it into a LayerNormalization that refuses to run
+    ("layernorm", lambda x: x.rank in (2, 3) and x.shape[-1] > 1, layernorm),
 ]
