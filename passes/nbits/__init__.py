@@ -1,6 +1,7 @@
 """nbits as one package: MatMul weights as onnxruntime's MatMulNBits, block-wise N-bit codes kept packed in memory.
 
 Modules, bottom to top (each imports only those above it in this list):
+- :mod:`support` — which code widths the installed onnxruntime's kernels run (2 bits came after 4 and 8);
 - :mod:`blocks` — block scales and zero points, round to nearest, dequantization, the MatMulNBits byte layout;
 - :mod:`gptq` — the data-aware variant: rows quantized in order, errors compensated through the inverse Hessian;
 - :mod:`gather` — embedding tables (Gather) as GatherBlockQuantized, rounded to nearest (option ``embeddings``);
