@@ -29,8 +29,8 @@ def runs_bits(bits: int) -> bool:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1]),
                                helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 16])],
                               [codes, table, scales, table_scales])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=8)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         session.run(None, {"x": np.ones((1, 16), np.float32), "ids": np.zeros(1, np.int64)})
