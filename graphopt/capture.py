@@ -88,6 +88,7 @@ class Runner:
         self.fetch = [n for n in self.names if n not in self.consts and n not in self.inputs]
         # From the ir copy, not a proto: make_session takes models with external tensors through a file.
         self.session = make_session(exposed(model, self.fetch), threads=threads)
+        self.model, self.threads, self.plain = model, threads, None  # plain: made only if a fetch comes back None
         self.feed_names = [i.name for i in self.session.get_inputs()]
         # Inputs that are also initializers (old exporters) have a default and need no data.
         self.required = [n for n in self.feed_names if n not in model.graph.initializers]
@@ -98,6 +99,11 @@ class Runner:
             raise DataError(f"feed has no input {missing[0]!r} (it has: {', '.join(feed) or 'nothing'})")
         inputs = {n: feed[n] for n in self.feed_names if n in feed}
         got = dict(zip(self.fetch, self.session.run(self.fetch, inputs))) if self.fetch else {}
+        lost = [n for n in self.fetch if got[n] is None]
+        if lost:  # onnxruntime 1.23's optimized graph can drop a fetched value (a Range output): ask unoptimized
+            if self.plain is None:
+                self.plain = make_session(exposed(self.model, self.fetch), threads=self.threads, optimize=False)
+            got.update(zip(lost, self.plain.run(lost, inputs)))
         out = {}
         for name in self.names:
             out[name] = got[name] if name in got else self.consts[name] if name in self.consts else feed[name]

@@ -58,8 +58,6 @@ def input_mean_squares(context, model: ir.Model, targets: list[Target], max_samp
     names = sorted({name for name, _ in wanted.values()})
     for acts in stream(model, names, calib, threads=context.threads, max_samples=max_samples):
         for layer, (name, axis) in wanted.items():
-            if acts.get(name) is None:  # onnxruntime 1.23 can fetch None: that layer gets no weights
-                continue
             if axis is None:  # a table's indices: how often each row is read (negative indices count from the end)
                 ids = np.asarray(acts[name]).reshape(-1).astype(np.int64)
                 ids = np.where(ids < 0, ids + rows[layer], ids)
