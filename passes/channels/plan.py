@@ -31,11 +31,14 @@ TIE_NOISE = 1e-3  # scope=sensitivity: the worst channel's noise only breaks tie
 class Plan:
     removed: dict[int, np.ndarray] = field(default_factory=dict)  # group id -> removed unit indices
     unmet: list[str] = field(default_factory=list)  # groups (first producer) whose kept width misses round_to
+    spared: list[str] = field(default_factory=list)  # groups that kept the last unit of a partial tensor
 
     def take(self, group: Group, choice: Choice) -> None:
         self.removed[group.id] = choice.removed
         if not choice.round_met:
             self.unmet.append(label(group.producers[0]))
+        if choice.spared:
+            self.spared.append(label(group.producers[0]))
 
     @property
     def empty(self) -> bool:

@@ -169,6 +169,10 @@ class ChannelPrune(GraphoptPass):
             notes.append(f"round_to={opts.round_to} not met in {len(plan.unmet)} group(s) (no set of their removal "
                          f"units leaves a multiple of it; the largest removal within the ratio was taken): "
                          + ", ".join(plan.unmet[:6]) + (" ..." if len(plan.unmet) > 6 else ""))
+        if plan.spared:
+            notes.append(f"{len(plan.spared)} group(s) kept the last channel of a tensor carrying only part of the "
+                         f"group (a Concat input; removing it would leave a layer with no outputs): "
+                         + ", ".join(plan.spared[:6]) + (" ..." if len(plan.spared) > 6 else ""))
         return plan
 
     def _repair(self, model: ir.Model, setup: Setup, slot_removed: dict[Slot, np.ndarray],

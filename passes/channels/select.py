@@ -5,7 +5,8 @@ sets of different sizes. Ratios, ``min_channels`` and ``round_to`` speak of chan
 decided in channels first (:func:`legal_keep`) and then the cheapest set of units removing exactly that many
 channels is found (0/1 knapsack on the units' scores: the score per channel times its size). When no unit
 set reaches a kept width that is a multiple of ``round_to``, the largest removal within the budget is taken and
-the caller is told (``Choice.round_met``).
+the caller is told (``Choice.round_met``). A tensor that carries only part of the group (a Concat input, the
+weight of the layer producing it) always keeps one unit: emptied, it would leave a layer with no outputs.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Choice:
     removed: np.ndarray  # unit indices, sorted
     channels: int  # channels they hold
     round_met: bool  # the kept channel count is a multiple of round_to (or all channels are kept)
+    spared: int = 0  # units kept because each was the last one of a tensor carrying part of the group
 
 
 def sizes_of(group: Group) -> np.ndarray:
@@ -43,25 +45,54 @@ def removed_channels(group: Group, removed: np.ndarray) -> int:
     return int(sizes_of(group)[np.asarray(removed, dtype=np.int64)].sum()) if len(removed) else 0
 
 
+def partial_tensors(group: Group) -> list[np.ndarray]:
+    """The units of each slot or value that carries only part of ``group``."""
+    masks: dict[int, np.ndarray] = {}
+    for key, link in [(id(k.slot), k) for k in group.links] + [(id(v), k) for v, k in group.values]:
+        masks.setdefault(key, np.zeros(group.size, bool))[link.start:link.start + link.length] = True
+    return [np.flatnonzero(m) for m in masks.values() if not m.all()]
+
+
 def choose(group: Group, scores: np.ndarray, keep: int, min_channels: int, round_to: int) -> Choice:
-    """Units of ``group`` to remove so that about ``keep`` channels stay (never fewer once made legal).
-    ``scores``: one per unit, per channel (higher = keep)."""
+    """Units of ``group`` to remove so that about ``keep`` channels stay (never fewer once made legal), none
+    the last of a partial tensor. ``scores``: one per unit, per channel (higher = keep)."""
     sizes = sizes_of(group)
     total = int(sizes.sum())
     budget = total - legal_keep(total, keep, min_channels, round_to)
-    order = np.argsort(scores, kind="stable")
+    partial = partial_tensors(group) if budget > 0 else []
+    free = np.ones(len(sizes), bool)
+    while True:  # each round keeps the best unit of every tensor the last choice emptied: at most len(partial)
+        choice = _choose(group, sizes, scores, budget, round_to, np.flatnonzero(free))
+        emptied = [units for units in partial if np.isin(units, choice.removed).all()]
+        if not emptied:
+            choice.spared = int((~free).sum())
+            return choice
+        for units in emptied:
+            free[units[np.argmax(scores[units])]] = False
+
+
+def _choose(group: Group, sizes: np.ndarray, scores: np.ndarray, budget: int, round_to: int,
+            free: np.ndarray) -> Choice:
+    """The cheapest units among ``free`` removing at most ``budget`` channels."""
+    total = int(sizes.sum())
+    order = free[np.argsort(scores[free], kind="stable")]
     if group.unit_sizes is None:  # single channels: the lowest-scored ones
-        return Choice(np.sort(order[:budget]), budget, True)
+        return _choice_of(np.sort(order[:budget]), sizes, total, round_to)
     if budget <= 0:
         return Choice(np.zeros(0, np.int64), 0, True)
-    if len(sizes) * (budget + 1) > MAX_TABLE:
+    if len(free) * (budget + 1) > MAX_TABLE:
         return _greedy(order, sizes, budget, total, round_to)
-    best, take = _knapsack(sizes, np.maximum(scores, 0.0) * sizes, budget)
+    best, take = _knapsack(sizes[free], np.maximum(scores[free], 0.0) * sizes[free], budget)
     reach = np.flatnonzero(np.isfinite(best))
     ok = reach[((total - reach) % round_to == 0) | (reach == 0)] if round_to > 1 else reach
     target = int(ok.max()) if ok.size and ok.max() > 0 else int(reach.max())
-    chosen = _backtrack(take, sizes, target)
-    return Choice(chosen, target, round_to <= 1 or target == 0 or (total - target) % round_to == 0)
+    return _choice_of(free[_backtrack(take, sizes[free], target)], sizes, total, round_to)
+
+
+def _choice_of(removed: np.ndarray | list[int], sizes: np.ndarray, total: int, round_to: int) -> Choice:
+    removed = np.asarray(removed, dtype=np.int64)
+    done = int(sizes[removed].sum())
+    return Choice(removed, done, round_to <= 1 or done == 0 or (total - done) % round_to == 0)
 
 
 def _knapsack(sizes: np.ndarray, costs: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +126,7 @@ def _greedy(order: np.ndarray, sizes: np.ndarray, budget: int, total: int, round
         if done + sizes[u] <= budget:
             chosen.append(u)
             done += int(sizes[u])
-    return Choice(np.array(sorted(chosen), dtype=np.int64), done,
-                  round_to <= 1 or done == 0 or (total - done) % round_to == 0)
+    return _choice_of(sorted(chosen), sizes, total, round_to)
 
 
 def global_wanted(groups: list[Group], scores: dict[int, np.ndarray], ratio: float) -> tuple[dict[int, int], int]:

@@ -16,10 +16,14 @@ from onnx import helper
 
 import graphopt
 from graphopt import data as datamod, modelio
+from graphopt.options import build_options
+from graphopt.passbase import PassContext
 from graphopt.passes.canonicalize import Canonicalize
+from graphopt.passes.channels import ChannelPrune
 from graphopt.passes.cleanup import Cleanup
 from graphopt.pipeline import RunOptions
-from tests.helpers import assert_same_outputs, clone, make_model, make_proto, randn, tensor_info
+from graphopt.weights import constant_array
+from tests.helpers import assert_same_outputs, clone, make_model, make_proto, randn, run_model, tensor_info
 
 X = tensor_info("x", np.float32, ["N", 3])
 FEEDS = {"x": randn((4, 3), 7)}
@@ -107,3 +111,28 @@ def test_channel_prune_leaves_a_batchnorm_across_a_matmul_s_rows_alone(tmp_path:
     assert report.passed
     step = next(r for r in report.passes if r.step.startswith("channel_prune"))
     assert step.status == "no change" and any("normalizes axis 1" in n for n in step.notes), step.notes
+
+
+def test_channel_prune_keeps_a_layer_whose_whole_output_is_one_concat_input() -> None:
+    """a = MatMul(x) [N, 4], b = MatMul(a) [N, 1], c = Concat(b, a), Add(MatMul(c), c): the residual ties b's
+    one channel to the rest (a group of 2-channel units). The weakest unit is b's channel (its weights are
+    small): removing it left b's MatMul with no outputs, and the repair raised 'cannot reshape array of size 0
+    into shape (0)'. That unit stays, and the next weakest go."""
+    inits = {"w1": randn((3, 4), 1), "w2": randn((4, 1), 2) * 0.01, "w3": randn((5, 5), 3) * 0.3,
+             "w4": randn((5, 1), 4)}
+    inits["w3"][:, 0] *= 0.01
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="a"),
+             helper.make_node("MatMul", ["a", "w2"], ["b"], name="b"),
+             helper.make_node("Concat", ["b", "a"], ["c"], axis=1),
+             helper.make_node("MatMul", ["c", "w3"], ["d"], name="d"),
+             helper.make_node("Add", ["d", "c"], ["e"]),
+             helper.make_node("MatMul", ["e", "w4"], ["y"], name="y")]
+    model = make_model(nodes, [X], [tensor_info("y", np.float32, ["N", 1])], inits, opset=11)
+    reference = clone(model)
+    calib = datamod.from_arrays({"x": randn((64, 3), 5)}, datamod.input_specs(model), batch_size=16)
+    opts = build_options(ChannelPrune.Options, {"ratio": 0.5}, "channel_prune")
+    result = ChannelPrune(opts, PassContext(calib=calib))(model)
+    onnx.checker.check_model(modelio.to_proto(model))
+    assert constant_array(model.graph.initializers["w2"]).shape == (2, 1)  # two of a's units went
+    assert any("kept the last channel" in n for n in result.notes), result.notes
+    assert run_model(model, FEEDS)["y"].shape == run_model(reference, FEEDS)["y"].shape
