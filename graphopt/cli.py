@@ -7,6 +7,7 @@ Exit codes: 0 done (optimize: the final model meets the gate), 1 the final model
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +18,24 @@ from graphopt.errors import GraphoptError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         raise GraphoptError(f"{self.prog}: {message} (see --help)")
+
+
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"({_NUMBER})|(?:({_NUMBER})h)?(?:({_NUMBER})m)?(?:({_NUMBER})s)?")
+
+
+def duration(text: str) -> float:
+    """Seconds in ``90s``, ``20m``, ``1h``, ``1h30m`` or a bare number of seconds (an argparse type)."""
+    spoken = text.strip().lower()
+    match = _DURATION.fullmatch(spoken) if spoken else None
+    seconds = 0.0
+    if match is not None:
+        bare, hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = bare + 3600 * hours + 60 * minutes + secs
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive duration such as 90s, 20m, 1h, 1h30m or "
+                                         "a number of seconds")
+    return seconds
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -72,20 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     au = sub.add_parser("auto", help="search recipes for the smallest or fastest model inside the accuracy budget")
     au.add_argument("model")
     au.add_argument("-o", "--output", help="the chosen model (default: <input stem>.auto.onnx in the current folder)")
-    au.add_argument("--data", required=True, help=".npz (keys = input names, axis 0 = samples, optional 'labels') "
-                    "or a folder of .npz feeds; split into search samples (70%%) and held-out samples (30%%)")
+    au.add_argument("--data", help=".npz (keys = input names, axis 0 = samples, optional 'labels') or a folder of "
+                    ".npz feeds: alone, split into search samples (70%%) and held-out samples (30%%); with --calib, "
+                    "all held out: the pick is judged once on it")
+    au.add_argument("--calib", help="the samples the search calibrates and gates candidates on (same formats); "
+                    "with --data the search uses all of it, alone it is split as --data is")
     au.add_argument("--max-drop", type=float, default=0.01, help="allowed drop of the gate metric (default 0.01)")
     au.add_argument("--metric", choices=["accuracy", "agreement", "cosine", "snr"],
                     help="gate metric (default: chosen by what the outputs are, as for optimize)")
     _add_metric_fn(au)
-    au.add_argument("--objective", choices=["size", "latency"], default="size",
-                    help="what to minimize: bytes after lzma, or latency (default size)")
+    au.add_argument("--objective", choices=["size", "latency", "balanced"], default="size",
+                    help="what to minimize: bytes after lzma, latency, or balanced: the geometric mean of the "
+                    "size and latency ratios to the original, so halving either counts the same (default size)")
     au.add_argument("--trials", type=int, default=20, help="candidates to try (default 20)")
-    au.add_argument("--time-budget", type=float, help="seconds for the search (default: no limit)")
+    au.add_argument("--time-budget", type=duration, metavar="DURATION", help="time for the search: 90s, 20m, 1h, "
+                    "1h30m or seconds (default: no limit); running candidates finish")
     au.add_argument("--study", help="Optuna study file (SQLite): a killed or finished search goes on from it")
     au.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     au.add_argument("--workers", type=int, help="run candidates on a local Dask cluster of this many worker "
-                    "processes (size searches run that many at once; latency searches time one at a time)")
+                    "processes (size searches run that many at once; latency and balanced searches time one at a "
+                    "time)")
     au.add_argument("--scheduler", help="run candidates on the Dask cluster at this address (tcp://HOST:8786)")
     au.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -215,9 +240,10 @@ def _cmd_passes(_: argparse.Namespace) -> int:
 def _cmd_auto(args: argparse.Namespace) -> int:
     from graphopt.auto import auto, summary
 
-    result = auto(args.model, args.output, data=args.data, max_drop=args.max_drop, objective=args.objective,
-                  trials=args.trials, time_budget=args.time_budget, study=args.study, metric=args.metric,
-                  metric_fn=args.metric_fn, threads=args.threads, workers=args.workers, scheduler=args.scheduler, progress=not args.quiet)
+    result = auto(args.model, args.output, data=args.data, calib=args.calib, max_drop=args.max_drop,
+                  objective=args.objective, trials=args.trials, time_budget=args.time_budget, study=args.study,
+                  metric=args.metric, metric_fn=args.metric_fn, threads=args.threads, workers=args.workers,
+                  scheduler=args.scheduler, progress=not args.quiet)
     for line in summary(result)[:3]:
         print(line)
     out = Path(result.output)

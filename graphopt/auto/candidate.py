@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from graphopt import bench
+from graphopt.auto.space import TIMED
 from graphopt.errors import GraphoptError, first_line
 from graphopt.metrics import STRESS, TaskMetric
 from graphopt.pipeline import RunOptions, optimize
@@ -25,22 +26,28 @@ class Candidate:
     number: int
     recipe: str
     lzma_bytes: int | None = None
-    latency_ratio: float | None = None  # to the original, timed by the pipeline (objective latency)
+    latency_ratio: float | None = None  # to the original, timed by the pipeline (objectives latency, balanced)
     search: dict[str, Any] | None = None  # the run's final comparison on the search samples (None: not valid)
     seconds: float = 0.0
     error: str = ""
     same_as: int | None = None  # a repeated recipe: the earlier candidate whose result (and file) it reuses
+    size_ratio: float | None = None  # lzma bytes to the input file's lzma bytes
 
     @property
     def valid(self) -> bool:
         return not self.error and self.search is not None
 
     def value(self, objective: str) -> float:
+        """Lower is better. balanced: the geometric mean of the size and latency ratios to the original, so
+        halving either counts the same."""
         if not self.valid:
             return math.inf
         if objective == "size":
             return float(self.lzma_bytes) if self.lzma_bytes is not None else math.inf
-        return self.latency_ratio if self.latency_ratio is not None else 1.0
+        latency = self.latency_ratio if self.latency_ratio is not None else 1.0
+        if objective == "balanced":
+            return math.sqrt(self.size_ratio * latency) if self.size_ratio is not None else math.inf
+        return latency
 
     @property
     def file_number(self) -> int:
@@ -59,6 +66,7 @@ class Job:
     metric: str | None
     threads: int
     task: TaskMetric | None = None  # the user's metric function: the budget is on it
+    original_lzma_bytes: int | None = None  # the input file's, for the candidate's size ratio
 
     @property
     def output(self) -> Path:
@@ -73,11 +81,13 @@ def run(job: Job) -> Candidate:
     try:
         report = optimize(str(job.model), job.output, passes=job.recipe, calib=job.search, data=job.search,
                           max_drop=job.max_drop, metric=job.metric, metric_fn=job.task,
-                          run=RunOptions(threads=job.threads, latency=job.objective == "latency", progress=False))
+                          run=RunOptions(threads=job.threads, latency=job.objective in TIMED, progress=False))
         stressed = report.final_stressed_drop
         steady = stressed is None or stressed <= job.max_drop + 1e-9
         cand.search = report.final if report.passed and steady else None
         cand.lzma_bytes = bench.file_sizes(job.output)[1]
+        if job.original_lzma_bytes:
+            cand.size_ratio = round(cand.lzma_bytes / job.original_lzma_bytes, 6)
         kept = [r for r in report.passes if r.latency_ratio is not None]
         cand.latency_ratio = kept[-1].latency_ratio if kept else None
         if not report.passed:

@@ -7,6 +7,7 @@ cosine gate's drop (as :meth:`graphopt.metrics.Comparison.drop` takes it), or fo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,20 +51,28 @@ def fronts(cands: Sequence[Candidate], metric: str) -> dict[str, list[int]]:
     return {axis: [c.number for c in front(cands, metric, axis)] for axis in ("lzma_bytes", "latency_ratio")}
 
 
-def markdown(cands: Sequence[Candidate], metric: str, chosen: Candidate, summary: Sequence[str]) -> str:
+def markdown(cands: Sequence[Candidate], metric: str, chosen: Candidate, summary: Sequence[str],
+             objective: str = "size") -> str:
     on_front = {n for numbers in fronts(cands, metric).values() for n in numbers}
+    balanced = objective == "balanced"  # its value is neither column: shown in its own
     lines = ["# graphopt auto", "", *summary, "",
              f"Every candidate, loss = {metric} {'drop' if metric != 'snr' else '(negated worst-channel SNR dB)'} "
-             "on the search samples; ★ on a Pareto front (loss vs size or vs latency), ✔ the chosen one.", "",
-             "| # | recipe | loss | size after lzma | latency vs original | seconds | status |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "on the search samples; ★ on a Pareto front (loss vs size or vs latency), ✔ the chosen one."
+             + (" balanced = √(size ratio × latency ratio), both to the original; lower is better." if balanced
+                else ""), "",
+             "| # | recipe | loss | size after lzma | latency vs original |" + (" balanced |" if balanced else "")
+             + " seconds | status |",
+             "| ---: | --- | ---: | ---: | ---: |" + (" ---: |" if balanced else "") + " ---: | --- |"]
     for c in cands:
         q = loss(c, metric)
         mark = ("✔ " if c.number == chosen.number else "") + ("★" if c.number in on_front else "")
         status = c.error or (f"same as #{c.same_as}" if c.same_as is not None else "ok")
+        value = c.value(objective)  # inf: not valid
+        shown = (f" {value:.3f} |" if math.isfinite(value) else " |") if balanced else ""
         lines.append(f"| {c.number} {mark} | `{c.recipe}` | {'' if q is None else f'{q:.4g}'} | "
                      f"{'' if c.lzma_bytes is None else human(c.lzma_bytes, 'B')} | "
-                     f"{'' if c.latency_ratio is None else f'{c.latency_ratio:.3f}x'} | {c.seconds:g} | {status} |")
+                     f"{'' if c.latency_ratio is None else f'{c.latency_ratio:.3f}x'} |{shown} {c.seconds:g} | "
+                     f"{status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,9 +112,9 @@ def plot(cands: Sequence[Candidate], metric: str, chosen: Candidate, path: Path)
 
 
 def report_files(output: Path, cands: Sequence[Candidate], metric: str, chosen: Candidate,
-                 summary: Sequence[str]) -> dict[str, Any]:
+                 summary: Sequence[str], objective: str = "size") -> dict[str, Any]:
     """Write the Markdown report and the plot beside ``output`` (``.md``, ``.png``); the fronts (candidate
     numbers) for the JSON report."""
-    output.with_suffix(".md").write_text(markdown(cands, metric, chosen, summary))
+    output.with_suffix(".md").write_text(markdown(cands, metric, chosen, summary, objective))
     drawn = plot(cands, metric, chosen, output.with_suffix(".png"))
     return {"fronts": fronts(cands, metric), "plot": str(output.with_suffix(".png")) if drawn else None}

@@ -1,10 +1,13 @@
-"""`graphopt auto`: search recipes with Optuna for the smallest (or fastest) model inside the accuracy budget.
+"""`graphopt auto`: search recipes with Optuna for the smallest (or fastest, or both) model inside the accuracy
+budget.
 
-The data is split once, with a fixed seed, into the samples the search may look at (70%) and held-out samples
-it never sees (30%). Every candidate is a recipe run through :func:`graphopt.optimize` on the search samples —
-checker, onnxruntime, gate, rollback, latency guard — so it loads, runs and stays inside the budget there. The
-original model (exact passes only) is always the first candidate, so the pick is never worse than the input on
-the objective. The pick is judged once on the held-out samples; that number is reported and sets the exit code.
+The samples: ``data`` alone (or ``calib`` alone) is split once, with a fixed seed, into the samples the search
+may look at (70%) and held-out samples it never sees (30%); with both, the search uses all of ``calib`` and the
+held-out judgment all of ``data`` (as ``optimize`` calibrates on ``calib`` and evaluates on ``data``). Every
+candidate is a recipe run through :func:`graphopt.optimize` on the search samples — checker, onnxruntime, gate,
+rollback, latency guard — so it loads, runs and stays inside the budget there. The original model (exact passes
+only) is always the first candidate, so the pick is never worse than the input on the objective. The pick is
+judged once on the held-out samples; that number is reported and sets the exit code.
 With ``study`` (an Optuna storage file, SQLite) the search state and the candidates' files survive a kill and
 a rerun goes on where it stopped; Ctrl-C or the time budget ends the search and still writes the best so far.
 A trial is asked from Optuna whenever a worker is free (:mod:`graphopt.auto.workers`); Optuna's TPE sampler then
@@ -62,6 +65,7 @@ class AutoResult:
     machine: str = ""
     where: str = ""  # where the candidates ran (this process, Dask workers)
     fronts: dict[str, Any] = dataclasses.field(default_factory=dict)  # Pareto fronts (candidate numbers), plot
+    samples: dict[str, str] = dataclasses.field(default_factory=dict)  # the search's and held-out samples' sources
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -95,31 +99,32 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
          study: str | os.PathLike | None = None, metric: str | None = None, metric_fn: Any = None, threads: int = 1,
          workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> AutoResult:
     """Search recipes for ``model``; write the pick to ``output`` (default ``<stem>.auto.onnx`` here), the
-    recipe beside it (``.yaml``), the search split's samples (``.calib.npz``, to reproduce it with
+    recipe beside it (``.yaml``), the search samples (``.calib.npz``, to reproduce it with
     ``graphopt optimize MODEL --recipe R --calib C``) and the report (``.json``, ``.md``, ``.png``).
+    ``data``/``calib``: see the module's docstring. ``objective``: size (bytes after lzma), latency (to the
+    original), or balanced (the geometric mean of both ratios). ``time_budget``: seconds.
     ``metric_fn``: the user's score (:mod:`graphopt.metrics.task`); the budget is then on it."""
-    _check_arguments(objective, max_drop, trials)
+    _check_arguments(objective, max_drop, trials, time_budget)
     task = metric_for_gate(metric, metric_fn)
-    source = data if data is not None else calib
-    if source is None:
-        raise GraphoptError("auto needs samples: give --data (it is split into search and held-out parts)")
     model = Path(model)
     output = Path(output) if output is not None else Path.cwd() / f"{model.stem}.auto.onnx"
     modelio.check_output_path(model, output)
     loaded = modelio.load_model(model)
     specs = datamod.input_specs(loaded)
-    search, holdout = datamod.split(datamod.load_data(source, specs), HOLDOUT_FRACTION, HOLDOUT_SEED)
+    search, holdout = _samples(data, calib, specs)
     del loaded
+    original_bytes = bench.file_sizes(model)[1]
     storage = f"sqlite:///{Path(study).resolve()}" if study is not None else None
     kept_dir = Path(study).with_suffix(".candidates") if study is not None else None
-    pool = workers_mod.executor(workers, scheduler, timed=objective == "latency")
+    pool = workers_mod.executor(workers, scheduler, timed=objective in space.TIMED)
     try:
         with tempfile.TemporaryDirectory(prefix="graphopt-auto-") as tmp:
             folder = kept_dir or Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
 
             def job(number: int, rec: str) -> candidate.Job:
-                return candidate.Job(model, folder, number, rec, search, objective, max_drop, metric, threads, task)
+                return candidate.Job(model, folder, number, rec, search, objective, max_drop, metric, threads, task,
+                                     original_bytes)
 
             opt_study = _study(objective, storage, model)
             interrupted = _search(opt_study, pool, job, objective, max_drop, trials, time_budget, progress)
@@ -138,22 +143,39 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
     finally:
         pool.close()
     result = AutoResult(str(model), str(output), str(output.with_suffix(".yaml")), objective, max_drop, gate_metric,
-                        bench.file_sizes(model)[1], candidates, chosen,
-                        holdout_cmp, passed, round(ratio, 4), interrupted, machine_line(), pool.where)
+                        original_bytes, candidates, chosen, holdout_cmp, passed, round(ratio, 4), interrupted,
+                        machine_line(), pool.where, samples={"search": search.source, "holdout": holdout.source})
     output.with_suffix(".yaml").write_text(_recipe_yaml(chosen.recipe))
     _save_samples(search, output.with_suffix(".calib.npz"))
-    result.fronts = pareto.report_files(output, candidates, gate_metric, chosen, summary(result))
+    result.fronts = pareto.report_files(output, candidates, gate_metric, chosen, summary(result), objective)
     output.with_suffix(".json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
 
-def _check_arguments(objective: str, max_drop: float, trials: int) -> None:
+def _samples(data: Any, calib: Any, specs: list) -> tuple[datamod.Dataset, datamod.Dataset]:
+    """(search, held-out): one source split 70/30, or ``calib`` for the search and ``data`` held out whole."""
+    if data is None and calib is None:
+        raise GraphoptError("auto needs samples: give --data (split into search and held-out parts), or --calib "
+                            "(the search's) and --data (held out)")
+    if data is None or calib is None:
+        source = data if data is not None else calib
+        return datamod.split(datamod.load_data(source, specs), HOLDOUT_FRACTION, HOLDOUT_SEED)
+    if isinstance(data, (str, os.PathLike)) and isinstance(calib, (str, os.PathLike)) and \
+            Path(data).resolve() == Path(calib).resolve():  # the judgment would see the search's samples
+        raise GraphoptError(f"--calib and --data are the same ({data}): the held-out samples must be ones the "
+                            "search never saw; give only --data to split it")
+    return datamod.load_data(calib, specs), datamod.load_data(data, specs)
+
+
+def _check_arguments(objective: str, max_drop: float, trials: int, time_budget: float | None) -> None:
     if objective not in space.OBJECTIVES:
         raise GraphoptError(f"--objective {objective}: expected one of {', '.join(space.OBJECTIVES)}")
     if not 0.0 <= max_drop <= 1.0:
         raise GraphoptError(f"--max-drop {max_drop}: expected a fraction between 0 and 1 (0.01 = one point)")
     if trials < 1:
         raise GraphoptError(f"--trials {trials}: expected at least 1")
+    if time_budget is not None and not time_budget > 0:
+        raise GraphoptError(f"--time-budget {time_budget}: expected a positive number of seconds")
 
 
 def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candidate.Job], objective: str,
@@ -239,7 +261,8 @@ def summary(result: AutoResult) -> list[str]:
     built = sum(c.same_as is None for c in result.candidates)
     repeated = f" ({len(result.candidates) - built} more repeated a recipe)" if built < len(result.candidates) else ""
     return [f"{built} candidates{repeated}" + (" (interrupted)" if result.interrupted else "")
-            + f" on {result.where}; chosen #{chosen.number}: {chosen.recipe}",
+            + f" on {result.where}; chosen #{chosen.number} ({result.objective} {_value_text(chosen, result.objective)}"
+            + f"): {chosen.recipe}",
             f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "
             f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)",
             f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")

@@ -7,6 +7,8 @@ budget on the search samples. ``auto`` settings are budget-seeking: the pass mea
 and takes the most compression its budget allows (per-layer ranks, sparsities, bit widths); what Optuna
 searches is how the run's budget is shared between the passes and the knobs the allocation leaves open.
 Size recipes end with ``compact``: once the weights are a few kilobytes, names and notes show after lzma.
+``balanced`` (half size, half latency) searches the latency knobs, which shrink both (channel pruning, low rank
+by MACs, int8), plus the size-only weight knobs (pruning, weight sharing), and ends with ``compact`` too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ SIZE_FINISH = "compact"
 # size recipes store codebooks as float16 (a Cast after the Gather; centroids rounded to 11 bits, so gated like
 # any lossy step). Measured on the same pick: another 0.25 kB after lzma (11 codebooks of 16 values)
 HALF_CODEBOOK = ",half_codebook=true"
-OBJECTIVES = ("size", "latency")
+OBJECTIVES = ("size", "latency", "balanced")
+TIMED = ("latency", "balanced")  # objectives whose candidates are timed (one at a time, on timing workers)
 SHARES = [0.25, 0.5, 1.0]  # the part of the run's budget a first budget-seeking pass may spend
 # lowrank on every layer of at least this many weights, or only on the large ones (measured on digits: factorizing
 # its convs too left kmeans less to share, 11.2x smaller after lzma against 17.4x with the classifier alone)
@@ -36,56 +39,62 @@ def original(objective: str) -> dict[str, Any]:
     """The choices that give the original model back (exact passes only): always the first candidate."""
     if objective == "size":
         return {"lowrank": "none", "prune": "none", "kmeans_bits": "none", "quantize": False}
+    if objective == "balanced":
+        return {"channel_ratio": 0.0, "lowrank_macs": 1.0, "prune": "none", "kmeans_bits": "none", "quantize": False}
     return {"quantize": False, "lowrank_macs": 1.0, "channel_ratio": 0.0}
 
 
 def suggest(trial: Suggest, objective: str) -> dict[str, Any]:
     """The knobs of one candidate."""
+    if objective == "latency":
+        return {"quantize": trial.suggest_categorical("quantize", [False, True]),
+                "lowrank_macs": trial.suggest_categorical("lowrank_macs", [1.0, 0.8, 0.6]),
+                "channel_ratio": trial.suggest_categorical("channel_ratio", [0.0, 0.1, 0.2, 0.3])}
     if objective == "size":
-        choices = {"lowrank": trial.suggest_categorical("lowrank", ["none", "auto"]),
-                   "prune": trial.suggest_categorical("prune", ["none", "auto", "0.5", "0.7"]),
-                   "kmeans_bits": trial.suggest_categorical("kmeans_bits", ["none", "auto", "8", "6", "4", "3"]),
-                   "quantize": trial.suggest_categorical("quantize", [False, True])}
-        if choices["lowrank"] == "auto":
-            choices["lowrank_share"] = trial.suggest_categorical("lowrank_share", SHARES[:2])
-            choices["lowrank_min_size"] = trial.suggest_categorical("lowrank_min_size", LOWRANK_MIN_SIZES)
-        if choices["prune"] == "auto":
-            choices["prune_share"] = trial.suggest_categorical("prune_share", SHARES)
-        if choices["kmeans_bits"] != "none":
-            choices["kmeans_data_aware"] = trial.suggest_categorical("kmeans_data_aware", [False, True])
-        return choices
-    return {"quantize": trial.suggest_categorical("quantize", [False, True]),
-            "lowrank_macs": trial.suggest_categorical("lowrank_macs", [1.0, 0.8, 0.6]),
-            "channel_ratio": trial.suggest_categorical("channel_ratio", [0.0, 0.1, 0.2, 0.3])}
+        choices = {"lowrank": trial.suggest_categorical("lowrank", ["none", "auto"])}
+    else:  # balanced: the structural knobs cut bytes and MACs alike
+        choices = {"channel_ratio": trial.suggest_categorical("channel_ratio", [0.0, 0.1, 0.2, 0.3]),
+                   "lowrank_macs": trial.suggest_categorical("lowrank_macs", [1.0, 0.8, 0.6])}
+    choices |= {"prune": trial.suggest_categorical("prune", ["none", "auto", "0.5", "0.7"]),
+                "kmeans_bits": trial.suggest_categorical("kmeans_bits", ["none", "auto", "8", "6", "4", "3"]),
+                "quantize": trial.suggest_categorical("quantize", [False, True])}
+    if choices.get("lowrank") == "auto":
+        choices["lowrank_share"] = trial.suggest_categorical("lowrank_share", SHARES[:2])
+        choices["lowrank_min_size"] = trial.suggest_categorical("lowrank_min_size", LOWRANK_MIN_SIZES)
+    if choices["prune"] == "auto":
+        choices["prune_share"] = trial.suggest_categorical("prune_share", SHARES)
+    if choices["kmeans_bits"] != "none":
+        choices["kmeans_data_aware"] = trial.suggest_categorical("kmeans_data_aware", [False, True])
+    if objective == "balanced" and choices["quantize"]:  # int8 only where faster, or every op that can be
+        choices["quantize_target"] = trial.suggest_categorical("quantize_target", ["latency", "size"])
+    return choices
 
 
 def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
-    """The recipe string (`graphopt optimize --passes` grammar) for ``choices``."""
+    """The recipe string (`graphopt optimize --passes` grammar) for ``choices``: the steps in composing order
+    (channels, low rank, pruning, sharing, int8); an objective's space only sets its own knobs."""
     steps = list(EXACT)
     budget = f"max_drop={max_drop:g}"
-    if objective == "size":
-        prune, bits = str(choices.get("prune", "none")), str(choices.get("kmeans_bits", "none"))
-        if choices.get("lowrank", "none") == "auto":
-            share = f"max_drop={max_drop * choices.get('lowrank_share', 0.5):g}"
-            steps.append(f"lowrank:ratio=auto,ratio_of=params,data_aware=true,"
-                         f"min_size={choices.get('lowrank_min_size', LOWRANK_MIN_SIZES[0])},"
-                         f"max_samples={CHECK_SAMPLES},{share}")
-        if prune == "auto":
-            share = f"max_drop={max_drop * choices.get('prune_share', 1.0):g}"
-            steps.append(f"prune:sparsity=auto,max_samples={CHECK_SAMPLES},{share}")
-        elif prune != "none":
-            steps.append(f"prune:sparsity={prune},scope=global,{budget}")
-        if bits != "none":
-            aware = ",data_aware=true" if choices.get("kmeans_data_aware") else ""
-            seek = f",max_samples={CHECK_SAMPLES}" if bits == "auto" else ""
-            steps.append(f"kmeans:bits={bits}{aware}{seek}{HALF_CODEBOOK},{budget}")
-        if choices.get("quantize"):
-            steps.append(f"quantize:target=size,{budget}")
-        return "; ".join([*steps, SIZE_FINISH])
+    prune, bits = str(choices.get("prune", "none")), str(choices.get("kmeans_bits", "none"))
     if choices.get("channel_ratio"):
         steps.append(f"channel_prune:ratio={choices['channel_ratio']:g},scope=global,{budget}")
+    if choices.get("lowrank", "none") == "auto":
+        share = f"max_drop={max_drop * choices.get('lowrank_share', 0.5):g}"
+        steps.append(f"lowrank:ratio=auto,ratio_of=params,data_aware=true,"
+                     f"min_size={choices.get('lowrank_min_size', LOWRANK_MIN_SIZES[0])},"
+                     f"max_samples={CHECK_SAMPLES},{share}")
     if choices.get("lowrank_macs", 1.0) < 1.0:
         steps.append(f"lowrank:macs={choices['lowrank_macs']:g},{budget}")
+    if prune == "auto":
+        share = f"max_drop={max_drop * choices.get('prune_share', 1.0):g}"
+        steps.append(f"prune:sparsity=auto,max_samples={CHECK_SAMPLES},{share}")
+    elif prune != "none":
+        steps.append(f"prune:sparsity={prune},scope=global,{budget}")
+    if bits != "none":
+        aware = ",data_aware=true" if choices.get("kmeans_data_aware") else ""
+        seek = f",max_samples={CHECK_SAMPLES}" if bits == "auto" else ""
+        steps.append(f"kmeans:bits={bits}{aware}{seek}{HALF_CODEBOOK},{budget}")
     if choices.get("quantize"):
-        steps.append(f"quantize:{budget}")
-    return "; ".join(steps)
+        target = choices.get("quantize_target", "size" if objective == "size" else "latency")
+        steps.append(f"quantize:target=size,{budget}" if target == "size" else f"quantize:{budget}")
+    return "; ".join(steps if objective == "latency" else [*steps, SIZE_FINISH])

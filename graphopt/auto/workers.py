@@ -2,10 +2,10 @@
 
 ``workers`` > 1 starts a Dask LocalCluster of that many worker processes (one thread each, nothing to start by
 hand); ``scheduler`` connects to an existing cluster (``dask scheduler`` plus ``dask worker ADDR``). Size
-searches keep every worker busy: a new candidate starts as soon as one finishes. A latency search times its candidates, and a
-latency measured while other work runs on the machine is wrong: its candidates run one at a time, each on a
-worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on the machine the model
-will run on; every local worker has one).
+searches keep every worker busy: a new candidate starts as soon as one finishes. A latency or balanced search
+times its candidates, and a latency measured while other work runs on the machine is wrong: its candidates run
+one at a time, each on a worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on
+the machine the model will run on; every local worker has one).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class DaskWorkers:
             raise GraphoptError(f"--scheduler {scheduler}: the cluster has no workers")
         timing = sum(1 for w in info.values() if w.get("resources", {}).get("timing"))
         if timed and not timing:
-            raise GraphoptError("a latency search needs a worker with a 'timing' resource "
+            raise GraphoptError("a latency or balanced search needs a worker with a 'timing' resource "
                                 "(dask worker ADDR --resources timing=1)")
         self.timed = timed
         self.slots = 1 if timed else len(info)
