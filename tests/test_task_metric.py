@@ -145,3 +145,27 @@ def test_auto_searches_on_the_users_number_and_judges_with_holdout_true(tmp_path
     pick = accuracy_of(result.output)
     assert result.holdout["task"] == pytest.approx(pick)
     assert result.passed == (accuracy_of(MODEL) - pick <= 0.01 + 1e-9)
+
+
+def test_auto_never_returns_a_pick_that_fails_the_held_out_judgement(tmp_path):
+    """The search sees no loss at all; the held-out judgement accepts only models (nearly) identical to the
+    original. Every smaller candidate then fails there, and auto returns the original rather than one of them."""
+    feeds = np.load(CALIB)["input"][:50]
+    from graphopt.runtime import make_session
+
+    reference = make_session(str(MODEL)).run(None, {"input": feeds})[0]
+
+    def strict(session, holdout=False):
+        if not holdout:
+            return 1.0
+        return -float(np.abs(session.run(None, {"input": feeds})[0] - reference).max())
+
+    result = auto(MODEL, tmp_path / "p.onnx", data=CALIB, trials=4, metric_fn=strict, progress=False)
+    smaller = [c for c in result.candidates
+               if c.valid and c.same_as is None and c.lzma_bytes < result.candidates[0].lzma_bytes]
+    assert smaller, "the search found no smaller candidate: nothing for the judgement to refuse"
+    assert result.passed and result.chosen.number == 0  # the original (exact passes only)
+    assert [f["number"] for f in result.failed_holdout] == \
+        [c.number for c in sorted(smaller, key=lambda c: (c.lzma_bytes, c.number))][:3]
+    assert result.holdout["task"] > -0.01
+    assert any("failed there" in line for line in (tmp_path / "p.md").read_text().splitlines())
