@@ -111,13 +111,19 @@ class LinearLayer:
         return (channels[:, None] * taps + np.arange(taps)[None, :]).reshape(-1)
 
     # --- the matrix view ---------------------------------------------------------------------------------
+    def view(self, array: np.ndarray) -> np.ndarray:
+        """An array shaped like the weight, laid out as ``matrix()`` lays the weight out: [d_in, d_out] (a view,
+        alpha not applied). kmeans' refit reads the codes of a weight this way."""
+        if self.kind == "conv":
+            return array.reshape(array.shape[0], -1).T
+        if self.kind == "gemm" and _attr(self.node, "transB", 0):
+            return array.T
+        return array
+
     def matrix(self) -> np.ndarray:
         """W as [d_in, d_out] float64 so that y_rows = unfold(x) @ W + b."""
-        w = self._weight_array().astype(np.float64)
-        if self.kind == "conv":
-            return w.reshape(w.shape[0], -1).T.copy()
+        w = self.view(self._weight_array().astype(np.float64))
         if self.kind == "gemm":
-            w = w.T if _attr(self.node, "transB", 0) else w
             return float(_attr(self.node, "alpha", 1.0)) * w
         return w.copy()
 

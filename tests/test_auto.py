@@ -65,12 +65,13 @@ def test_recipes_of_the_space():
     choices = {"prune": "0.5", "kmeans_bits": "4", "kmeans_data_aware": True, "quantize": True}
     assert space.recipe(choices, "size", 0.02) == (
         "fold_batchnorm; fuse; prune:sparsity=0.5,scope=global,max_drop=0.02; "
-        "kmeans:bits=4,data_aware=true,half_codebook=true,max_drop=0.02; quantize:target=size,max_drop=0.02; "
+        "kmeans:bits=4,data_aware=true,refit=true,half_codebook=true,max_drop=0.02; "
+        "quantize:target=size,max_drop=0.02; "
         "compact")
     choices = {"lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": 16384, "kmeans_bits": "auto"}
     assert space.recipe(choices, "size", 0.01) == (
         "fold_batchnorm; fuse; lowrank:ratio=auto,ratio_of=params,data_aware=true,min_size=16384,max_samples=512,"
-        "max_drop=0.0025; kmeans:bits=auto,max_samples=512,half_codebook=true,max_drop=0.01; compact")
+        "max_drop=0.0025; kmeans:bits=auto,refit=true,max_samples=512,half_codebook=true,max_drop=0.01; compact")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
@@ -116,7 +117,7 @@ def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     monkeypatch.setattr(candidate, "run", lambda job: runs.append(job.recipe) or real(job))
     monkeypatch.setattr(space, "suggest", lambda trial, objective: {"kmeans_bits": "8"})
     result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=3, progress=False)
-    assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,half_codebook=true,max_drop=0.01; compact")
+    assert len(runs) == 2 and runs[1].endswith("kmeans:bits=8,refit=true,half_codebook=true,max_drop=0.01; compact")
     first, again = result.candidates[1], result.candidates[2]
     assert again.same_as == 1 and again.recipe == first.recipe and again.lzma_bytes == first.lzma_bytes
     # a repeat does not count as a trial; a space with nothing new left ends the search after MAX_REPEATS
@@ -176,8 +177,8 @@ def test_a_killed_search_resumes_from_its_study(tmp_path):
 
 
 def test_size_recipes_write_half_codebooks_and_compact_names(tmp_path):
-    # a size recipe against the same steps with float32 codebooks and no compact: smaller after lzma, the same
-    # compressed forms (codebooks now float16), and outputs as close as centroids rounded to 11 bits allow
+    # a size recipe against the same steps (refit too) with float32 codebooks and no compact: smaller after lzma, the
+    # same compressed forms (codebooks now float16), and outputs as close as centroids rounded to 11 bits allow
     import onnx
 
     from graphopt.pipeline import RunOptions, optimize
@@ -185,8 +186,8 @@ def test_size_recipes_write_half_codebooks_and_compact_names(tmp_path):
     run = RunOptions(latency=False, progress=False)
     sized, plain = tmp_path / "size.onnx", tmp_path / "plain.onnx"
     optimize(str(MODEL), sized, passes=space.recipe({"kmeans_bits": "4"}, "size", 0.01), calib=str(CALIB), run=run)
-    optimize(str(MODEL), plain, passes="fold_batchnorm; fuse; kmeans:bits=4,max_drop=0.01", calib=str(CALIB),
-             run=run)
+    optimize(str(MODEL), plain, passes="fold_batchnorm; fuse; kmeans:bits=4,refit=true,max_drop=0.01",
+             calib=str(CALIB), run=run)
     proto = onnx.load(str(sized))
     books = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     layers = sum(n.op_type in ("Conv", "Gemm") for n in proto.graph.node)

@@ -104,7 +104,7 @@ def test_balanced_space():
     assert choices == params
     assert space.recipe(choices, "balanced", 0.01) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.8,max_drop=0.01; "
-        "prune:sparsity=0.5,scope=global,max_drop=0.01; kmeans:bits=4,half_codebook=true,max_drop=0.01; "
+        "prune:sparsity=0.5,scope=global,max_drop=0.01; kmeans:bits=4,refit=true,half_codebook=true,max_drop=0.01; "
         "quantize:max_drop=0.01; compact")
     size_int8 = space.recipe({**params, "quantize_target": "size"}, "balanced", 0.01)
     assert "quantize:target=size,max_drop=0.01; compact" in size_int8

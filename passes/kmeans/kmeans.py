@@ -8,7 +8,9 @@ do not pull centroids when they are at least 1/2^bits of the weight. bits=1 is s
 calibration data, so centroids serve the layer outputs. With ``half_codebook`` float32 codebooks are stored as
 float16 and a Cast after the Gather restores float32 (Gather(codebook, Cast(indices)) stays the form cleanup
 holds out): on the digits model after lowrank, 11 codebooks of 16 values, 0.25 kB less after lzma. onnxruntime
-constant-folds the Gather at load: run time equals the float model.
+constant-folds the Gather at load: run time equals the float model. With ``refit`` the centroids (and the bias)
+of each Conv/Gemm/MatMul are then solved by least squares so the layer's outputs on calibration data match the
+float layer's, layer by layer on the inputs the shared layers before it give it (:mod:`refit`); codes stay.
 
 Embedding tables (Gather data, weight_targets) are layers too: the decoded table feeds the original Gather, whose
 rows are then exactly the codebook values of their codes. Their output channel is the hidden axis, so
@@ -33,7 +35,8 @@ from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.kmeans.codebook import Codebook, codes_used, errors
 from graphopt.passes.kmeans.importance import input_mean_squares
 from graphopt.passes.kmeans.kmeans1d import INITS
-from graphopt.passes.kmeans.widths import Books, widths
+from graphopt.passes.kmeans.refit import linear_of, write
+from graphopt.passes.kmeans.widths import Books, refit_books, widths
 from graphopt.proto_handoff import ensure_opset
 from graphopt.weight_targets import Target, find_targets
 from graphopt.weights import set_initializer
@@ -52,6 +55,8 @@ class KMeans(GraphoptPass):
     def needs_data(cls, options) -> str | None:
         if options.bits == "auto":
             return "bits=auto measures each layer's width on data"
+        if options.refit:
+            return "refit fits the centroids to the layers' outputs on data"
         return "data_aware weighs each weight by its input's activations" if options.data_aware else None
 
     @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,12 @@ class KMeans(GraphoptPass):
         uint4: bool = option(True, "store indices as packed UINT4 when bits <= 4 (raises the opset to 21)")
         half_codebook: bool = option(
             False, "store float32 codebooks as float16, a Cast after the Gather (centroids rounded to 11 bits)")
+        refit: bool = option(
+            False, "solve each Conv/Gemm/MatMul's centroids and bias by least squares so its outputs match the "
+                   "float layer's on calibration data, layer by layer (codes kept; a zero code stays 0)")
+        refit_samples: int = option(
+            64, "calibration samples the refit reads (each wave of layers runs the model on them; a quarter only "
+                "judges the refits)", low=1)
         skip_nodes: list[str] = option([], "node or weight names left alone")
         skip_ops: list[str] = option(
             [], "op types left alone (Conv, ConvTranspose, Gemm, MatMul; Gather: embedding tables)")
@@ -97,23 +108,29 @@ class KMeans(GraphoptPass):
                 notes.append(f"UINT4 indices need opset {UINT4_OPSET} ({err}); uint8 indices used")
         targets = find_targets(model, opts.skip_nodes, opts.skip_ops, opts.min_size, notes, "shared")
 
-        rows = []
+        plan = []
         for t in targets:
             bits = chosen.get(t.layer)
             if bits is None:
                 continue
             if opts.data_aware and t.layer not in energy:
                 notes.append(f"{t.layer}: input activation not captured; plain k-means used")
-            cb, h = books.get(t, bits), books.importance(t)
+            cb = books.get(t, bits)
             uint4 = packed and bits <= 4
             index_bytes = (t.array.size + 1) // 2 if uint4 else t.array.size
-            half = books.is_half(t, bits)
-            book_bytes = cb.codebook.size * (2 if half else cb.codebook.itemsize)
+            book_bytes = cb.codebook.size * (2 if books.is_half(t, bits) else cb.codebook.itemsize)
             new_bytes = index_bytes + book_bytes + (4 * cb.codebook.shape[0] if cb.per_channel else 0)
             if new_bytes >= t.array.nbytes:
                 notes.append(f"{t.layer}: a codebook would not be smaller ({new_bytes} vs {t.array.nbytes} bytes); "
                              "left as it is")
                 continue
+            plan.append((t, bits, uint4, new_bytes))
+        solutions = refit_books(self.context, model, [(t, bits) for t, bits, *_ in plan], books, notes) \
+            if opts.refit and plan else {}
+
+        rows = []
+        for t, bits, uint4, new_bytes in plan:
+            cb, h, half = books.get(t, bits), books.importance(t), books.is_half(t, bits)
             rel, weighted = errors(t.array, cb, h)
             row = {"layer": t.layer, "op": t.node.op_type, "weight": t.value.name, "elements": int(t.array.size),
                    "bits": bits, "codes_used": codes_used(cb.indices),
@@ -124,6 +141,11 @@ class KMeans(GraphoptPass):
                    "bytes_after": int(new_bytes), "rel_error": round(rel, 5)}
             if weighted is not None:
                 row["weighted_rel_error"] = round(weighted, 5)
+            sol = solutions.get(t.layer)
+            if sol is not None:
+                row |= sol.row()
+                if sol.kept:  # the bias (and a Gemm's alpha, folded into the centroids) as the refit has them
+                    write(linear_of(t, model), cb, sol)
             self._rewrite(t, cb, uint4, half)
             rows.append(row)
         if rows:
