@@ -71,7 +71,8 @@ def test_recipes_of_the_space():
     choices = {"lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": 16384, "kmeans_bits": "auto"}
     assert space.recipe(choices, "size", 0.01) == (
         "fold_batchnorm; fuse; lowrank:ratio=auto,ratio_of=params,data_aware=true,min_size=16384,max_samples=512,"
-        "max_drop=0.0025; kmeans:bits=auto,refit=true,max_samples=512,half_codebook=true,max_drop=0.01; compact")
+        "max_drop=0.0025; kmeans:bits=auto,refit=true,max_samples=512,time_budget=300,half_codebook=true,max_drop=0.01; "
+        "compact")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
@@ -200,3 +201,14 @@ def test_size_recipes_write_half_codebooks_and_compact_names(tmp_path):
     # float16 centroids: each weight off by at most 2^-11 of itself; the logits by far less than 1% of their range
     assert np.abs(a - b).max() < 0.01 * np.abs(a).max()
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
+
+
+def test_the_first_candidates_after_the_original_are_the_strong_starting_points(tmp_path):
+    """A search with room for few candidates (a slow model) starts from what a hand recipe would try first."""
+    result = auto(MODEL, tmp_path / "p.onnx", data=CALIB, objective="latency", trials=2, progress=False)
+    recipes = [c.recipe for c in result.candidates]
+    assert recipes == [space.recipe(space.original("latency"), "latency", 0.01),
+                       space.recipe(space.first("latency")[0], "latency", 0.01)]
+    assert recipes[1] == "fold_batchnorm; fuse; quantize:max_drop=0.01"
+    first_size = space.recipe(space.first("size")[0], "size", 0.01)
+    assert "kmeans:bits=auto,data_aware=true,per_channel=true" in first_size and "lowrank" not in first_size

@@ -224,7 +224,8 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
     count (measured on digits: 21 of 60 trials repeated a recipe), unless MAX_REPEATS trials in a row did (the
     space is spent). Returns whether the search was interrupted."""
     if not opt_study.trials:
-        opt_study.enqueue_trial(space.original(objective))
+        for choices in [space.original(objective), *space.first(objective)]:
+            opt_study.enqueue_trial(choices)
     seen = {t.user_attrs["candidate"]["recipe"]: Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials
             if "candidate" in t.user_attrs and t.user_attrs["candidate"].get("same_as") is None}
     best = min(seen.values(), key=lambda c: c.value(objective), default=None)

@@ -36,6 +36,21 @@ SHARES = [0.25, 0.5, 1.0]  # the part of the run's budget a first budget-seeking
 # its convs too left kmeans less to share, 11.2x smaller after lzma against 17.4x with the classifier alone)
 LOWRANK_MIN_SIZES = [4096, 16384]
 CHECK_SAMPLES = 512  # budget-seeking passes judge on up to this many search samples (all, usually)
+# seconds kmeans:bits=auto may spend measuring widths (its default, 120 s, covered 25 of PP-OCRv4 rec's 47 layers
+# at one width: the allocation then compressed 4 of them)
+SEEK_SECONDS = 300
+# tried first, after the original: what a hand recipe would try first, so a search with room for only a few
+# candidates on a slow model (PP-OCRv4 rec: 5-8 minutes each) starts from the strong ones; TPE takes over after
+KMEANS_FIRST = {"prune": "none", "kmeans_bits": "auto", "kmeans_data_aware": True, "quantize": True}
+FIRST = {
+    "size": [{**KMEANS_FIRST, "lowrank": "none", "kmeans_per_channel": True},
+             {**KMEANS_FIRST, "lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": LOWRANK_MIN_SIZES[0],
+              "kmeans_per_channel": False}],
+    "latency": [{"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.0},
+                {"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.1}],
+    "balanced": [{**KMEANS_FIRST, "channel_ratio": 0.0, "lowrank_macs": 1.0, "kmeans_per_channel": False,
+                  "quantize_target": "latency"}],
+}
 
 
 class Suggest(Protocol):
@@ -49,6 +64,11 @@ def original(objective: str) -> dict[str, Any]:
     if objective == "balanced":
         return {"channel_ratio": 0.0, "lowrank_macs": 1.0, "prune": "none", "kmeans_bits": "none", "quantize": False}
     return {"quantize": False, "lowrank_macs": 1.0, "channel_ratio": 0.0}
+
+
+def first(objective: str) -> list[dict[str, Any]]:
+    """The choices tried right after the original, in this order (see FIRST)."""
+    return [dict(c) for c in FIRST.get(objective, [])]
 
 
 def suggest(trial: Suggest, objective: str) -> dict[str, Any]:
@@ -72,6 +92,7 @@ def suggest(trial: Suggest, objective: str) -> dict[str, Any]:
         choices["prune_share"] = trial.suggest_categorical("prune_share", SHARES)
     if choices["kmeans_bits"] != "none":
         choices["kmeans_data_aware"] = trial.suggest_categorical("kmeans_data_aware", [False, True])
+        choices["kmeans_per_channel"] = trial.suggest_categorical("kmeans_per_channel", [False, True])
     if objective == "balanced" and choices["quantize"]:  # int8 only where faster, or every op that can be
         choices["quantize_target"] = trial.suggest_categorical("quantize_target", ["latency", "size"])
     return choices
@@ -99,7 +120,8 @@ def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
         steps.append(f"prune:sparsity={prune},scope=global,{budget}")
     if bits != "none":
         aware = ",data_aware=true" if choices.get("kmeans_data_aware") else ""
-        seek = f",max_samples={CHECK_SAMPLES}" if bits == "auto" else ""
+        aware += ",per_channel=true" if choices.get("kmeans_per_channel") else ""
+        seek = f",max_samples={CHECK_SAMPLES},time_budget={SEEK_SECONDS}" if bits == "auto" else ""
         steps.append(f"kmeans:bits={bits}{aware}{REFIT}{seek}{HALF_CODEBOOK},{budget}")
     if choices.get("quantize"):
         target = choices.get("quantize_target", "size" if objective == "size" else "latency")

@@ -95,7 +95,10 @@ def _inside_budget(context: PassContext, model, targets: list[Target], books: Bo
             return books.independent.editor(t, b, lambda: books.get(t, b))
         return weight_editor(t, lambda w: books.get(t, b).reconstruct().astype(w.dtype), "pass 'kmeans'")
 
-    candidates = [Candidate(f"{t.layer}@{b}bit", t.layer, b, edit(t.layer, b)) for t in targets for b in levels]
+    # every layer at one width before any layer at the next, so a time budget that runs out leaves each layer
+    # measured (PP-OCRv4 rec in layer order: 25 of 329 measured in 120 s, 4 of its 47 layers compressed)
+    candidates = [Candidate(f"{t.layer}@{b}bit", t.layer, b, edit(t.layer, b))
+                  for b in sorted(levels, key=_measure_rank) for t in targets]
     table = measure(context, model, candidates, max_samples=opts.max_samples, time_budget_s=opts.time_budget)
     notes.extend(f"sensitivity: {note}" for note in table.notes)
     rows = {row.key: row for row in table}
@@ -104,6 +107,15 @@ def _inside_budget(context: PassContext, model, targets: list[Target], books: Bo
     picked, more = seek_budget(context, model, ladders, edit, max_samples=opts.max_samples)
     notes.extend(more)
     return picked
+
+
+# the widths to measure first: 4 and 8 bits are where hand recipes put most layers (PP-OCRv4 rec: 4-bit convs and
+# MatMuls, 8-bit rest, 6.15x), then the ones between and beyond
+MEASURE_FIRST = (4, 8, 3, 6, 2, 5, 1)
+
+
+def _measure_rank(bits: int) -> int:
+    return MEASURE_FIRST.index(bits) if bits in MEASURE_FIRST else len(MEASURE_FIRST)
 
 
 def refit_books(context: PassContext, model, chosen: list[tuple[Target, int]], books: Books,
