@@ -43,9 +43,12 @@ SEEK_SECONDS = 300
 # candidates on a slow model (PP-OCRv4 rec: 5-8 minutes each) starts from the strong ones; TPE takes over after
 KMEANS_FIRST = {"prune": "none", "kmeans_bits": "auto", "kmeans_data_aware": True, "quantize": True}
 FIRST = {
+    # budget-seeking k-means alone, then after low rank, then the aggressive end of that ladder (3 fixed bits)
     "size": [{**KMEANS_FIRST, "lowrank": "none", "kmeans_per_channel": True},
              {**KMEANS_FIRST, "lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": LOWRANK_MIN_SIZES[0],
-              "kmeans_per_channel": False}],
+              "kmeans_per_channel": False},
+             {**KMEANS_FIRST, "lowrank": "auto", "lowrank_share": 0.25, "lowrank_min_size": LOWRANK_MIN_SIZES[0],
+              "kmeans_per_channel": False, "kmeans_bits": "3"}],
     "latency": [{"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.0},
                 {"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.1}],
     "balanced": [{**KMEANS_FIRST, "channel_ratio": 0.0, "lowrank_macs": 1.0, "kmeans_per_channel": False,
