@@ -103,7 +103,8 @@ def hand_recipe_latency(name: str, model: str, pick: str, folder: Path) -> str:
     data = str(search_data(name))
     optimize(model, hand, passes=HAND_LATENCY, calib=data, data=data, max_drop=0.01,
              metric_fn=METRIC_FN[name], run=RunOptions(progress=False))
-    feeds = batch_one(input_specs(load_model(model)), load_data(data, input_specs(load_model(model))).feeds[:4])
+    specs = input_specs(load_model(model))
+    feeds = batch_one(specs, load_data(data, specs).feeds[:4])
     rows = benchmark([model, str(hand), pick], feeds, threads=1, min_time_s=20.0)
     return (f"float {rows[0].median_ms:.2f} ms; hand recipe `{HAND_LATENCY}` x{rows[1].ratio:.3f}; "
             f"auto's pick x{rows[2].ratio:.3f} (interleaved, batch 1, 1 thread)")
@@ -123,12 +124,13 @@ def one_run(name: str, objective: str, budget: float, folder: Path) -> list[str]
     built = sum(c.same_as is None for c in result.candidates)
     valid = sum(c.valid for c in result.candidates if c.same_as is None)
     float_test, pick_test = test_scores(name, model, model), test_scores(name, str(out), model)
+    pick_bytes = gbench.file_sizes(out)[1]
     lines = [f"### {name}, --objective {objective}", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}; {result.machine}; time budget {budget:.0f} s, wall {seconds:.0f} s; "
              f"{built} candidates built, {valid} inside the budget on the search samples.", "",
              *[f"- {line}" for line in summary(result)[:3]],
-             f"- after lzma: {gbench.file_sizes(out)[1]:,} B vs float {result.original_lzma_bytes:,} B: "
-             f"**{result.original_lzma_bytes / gbench.file_sizes(out)[1]:.2f}x smaller**",
+             f"- after lzma: {pick_bytes:,} B vs float {result.original_lzma_bytes:,} B: "
+             f"**{result.original_lzma_bytes / pick_bytes:.2f}x smaller**",
              f"- fresh test samples (seed {TEST_SEED}): float {_quality(float_test)}; pick {_quality(pick_test)}"]
     if objective == "latency":
         lines.append(f"- {hand_recipe_latency(name, model, str(out), folder)}")

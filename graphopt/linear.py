@@ -120,11 +120,16 @@ class LinearLayer:
             return array.T
         return array
 
+    @property
+    def alpha(self) -> float:
+        """The scale ``matrix()`` applies to ``view()`` of the weight: a Gemm's alpha, else 1."""
+        return float(_attr(self.node, "alpha", 1.0)) if self.kind == "gemm" else 1.0
+
     def matrix(self) -> np.ndarray:
         """W as [d_in, d_out] float64 so that y_rows = unfold(x) @ W + b."""
         w = self.view(self._weight_array().astype(np.float64))
         if self.kind == "gemm":
-            return float(_attr(self.node, "alpha", 1.0)) * w
+            return self.alpha * w
         return w.copy()
 
     def bias_vector(self) -> np.ndarray:

@@ -82,16 +82,14 @@ class Solution:
         return out
 
 
-def linear_of(t: Target, model: ir.Model) -> LinearLayer | None:
-    """The target as a refittable layer of the main graph: its weight the layer's matrix, else None."""
-    if t.node.graph is not model.graph or t.index != 1:
+def linear_of(t: Target, model: ir.Model, node: ir.Node | None = None) -> LinearLayer | None:
+    """The target (or ``node``, its copy in ``model``) as a refittable layer of the main graph: its weight the
+    layer's matrix, else None."""
+    node = t.node if node is None else node
+    if node.graph is not model.graph or t.index != 1:
         return None
-    layer = as_linear(t.node)
-    return layer if layer is not None and layer.weight is t.value else None
-
-
-def _alpha(layer: LinearLayer) -> float:
-    return float(layer.node.attributes["alpha"].value) if "alpha" in layer.node.attributes else 1.0
+    layer = as_linear(node)
+    return layer if layer is not None and layer.weight is node.inputs[t.index] else None
 
 
 def _normal(m: Moments, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +126,7 @@ class LayerFit:
         self.k = cb.codebook.shape[-1]
         self.codes = np.asarray(layer.view(cb.indices), np.intp)  # [d_in, d_out]
         d_out = self.codes.shape[1]
-        book = np.asarray(cb.codebook, np.float64) * _alpha(layer)
+        book = np.asarray(cb.codebook, np.float64) * layer.alpha
         self.c0 = book if cb.per_channel else np.broadcast_to(book, (d_out, self.k))
         self.b0 = layer.bias_vector()
         self.fit_bias = layer.bias is not None  # none is added (module doc)
@@ -256,8 +254,8 @@ def _prefix(model: ir.Model, names: list[str]) -> ir.Model | None:
 def _refittable(items: list[tuple[Item, ir.Node]], model: ir.Model, notes: list[str]):
     out, skipped, large = [], [], []
     for (t, bits, cb), node in items:
-        layer = as_linear(node)
-        if layer is None or node.graph is not model.graph or t.index != 1:
+        layer = linear_of(t, model, node)
+        if layer is None:
             skipped.append(t.layer)
         elif LayerFit(layer, cb).flops() > MAX_FLOPS:
             large.append(t.layer)
