@@ -71,6 +71,33 @@ def test_budget_seeking_checks_whole_models_on_the_users_number(tmp_path):
     assert len(calls) >= 3  # the reference, at least one whole-model check, the pass's gate
 
 
+def test_int8_placement_keeps_the_users_budget_not_the_proxys(tmp_path):
+    # a user's number that every int8 op costs: twice the logits' relative error on test.npz. Every op int8
+    # costs it 0.019 (2 points), while graphopt's proxy (agreement on the calibration samples) sees no drop
+    data = np.load(TEST)
+    ref = np.asarray(_logits(MODEL, data))
+
+    def close(session) -> float:
+        out = session.run(None, {"input": data["input"]})[0]
+        return 1.0 - 2.0 * float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    report = optimize(str(MODEL), tmp_path / "q.onnx", passes="quantize:target=size", data=CALIB, run=QUIET,
+                      metric_fn=close, max_drop=0.01)
+    row = next(r for r in report.passes if r.step.startswith("quantize"))
+    # quantize's own whole-model checks were on the user's number: it kept float what that needed, so the gate
+    # had nothing to roll back (on the proxy it made every op int8 and the gate threw the pass away)
+    assert row.status == "kept", row.reason
+    assert row.metrics["reference_task"] - row.metrics["task"] <= 0.01 + 1e-9
+    assert any("kept float" in n and "accuracy budget" in n for n in row.notes), row.notes
+    assert any(n.startswith("int8 (") for n in row.notes), row.notes  # some ops are int8 still
+
+
+def _logits(path, data) -> np.ndarray:
+    from graphopt.runtime import make_session
+
+    return make_session(str(path)).run(None, {"input": data["input"]})[0]
+
+
 def test_cli_metric_fn_from_a_file(tmp_path, capsys):
     fn = tmp_path / "mytask.py"
     fn.write_text("import numpy as np\n"

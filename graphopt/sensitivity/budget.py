@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from graphopt import modelio, runtime
 from graphopt.passbase import PassContext
 from graphopt.sensitivity.measurement import ApplyFn, SensitivityRow, measure_combination
 
@@ -48,7 +47,7 @@ def holds(row: SensitivityRow, max_drop: float | None, min_snr_db: float | None,
     if not row.measured:
         return False
     if row.drop is not None:
-        drop = max(row.drop, row.stressed_drop) if stressed and row.stressed_drop is not None else row.drop
+        drop = row.stressed_or_drop if stressed else row.drop
         return max_drop is None or drop <= max_drop + 1e-12
     return min_snr_db is None or row.worst_snr_db >= min_snr_db + SNR_MARGIN_DB
 
@@ -113,13 +112,10 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     if context.max_drop is None and context.min_snr is None:
         raise ValueError("seek_budget needs a budget in the context (max_drop, or min_snr for the snr metric)")
     states = frontier(ladders)
-    rows: dict[int, SensitivityRow | float] = {}
+    rows: dict[int, SensitivityRow] = {}
 
     def check(state: State) -> bool:
         fns = [edit(layer, setting) for layer, setting in chosen(ladders, state).items()]
-        if context.task is not None:  # the budget is on the user's score of the whole model
-            rows[len(rows)] = drop = task_drop(context, model, fns)
-            return context.max_drop is None or drop <= context.max_drop + 1e-12
         rows[len(rows)] = row = measure_combination(context, model, fns, max_samples)
         return holds(row, context.max_drop, context.min_snr, stressed=True)
 
@@ -132,20 +128,11 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     return picked, notes
 
 
-def task_drop(context: PassContext, model, fns: Sequence[ApplyFn]) -> float:
-    """The user's metric function on ``model`` with ``fns`` applied to a clone: the original's score less this."""
-    clone = model.clone()
-    for fn in fns:
-        fn(clone)
-    session = runtime.make_session(modelio.to_proto(clone), threads=context.threads)
-    return float(context.task_reference) - context.task.score(session)
-
-
-def _row_text(row: SensitivityRow | float) -> str:
-    if isinstance(row, float):
-        return f" (task drop {row:.4g})"
+def _row_text(row: SensitivityRow) -> str:
     if not row.measured:
         return f" ({row.error or row.status})"
+    if row.metric == "task":
+        return f" (task drop {row.drop:.4g})"
     if row.drop is not None:
         stressed = f", stressed {row.stressed_drop:.4f}" if row.stressed_drop is not None else ""
         return f" (drop {row.drop:.4f}{stressed})"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import metrics
+from graphopt import metrics, modelio, runtime
 from graphopt.sensitivity import suffix
 from graphopt.errors import GraphoptError
 from graphopt.formatting import json_safe
@@ -73,6 +73,14 @@ class SensitivityRow:
     @property
     def measured(self) -> bool:
         return self.status == OK
+
+    @property
+    def stressed_or_drop(self) -> float | None:
+        """The drop with the output error stressed when that is larger (a search at the budget's edge holds it
+        to this), else the drop; None without a drop."""
+        if self.drop is None or self.stressed_drop is None:
+            return self.drop
+        return max(self.drop, self.stressed_drop)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: non-finite floats become None, numpy scalars and tuples plain Python."""
@@ -150,9 +158,7 @@ def _row(evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn], 
             fn(clone)
         cmp = evaluator.evaluate(clone, progress=False)
     except Exception as err:  # an edit that breaks the model must not stop the pass
-        text = str(err).strip().splitlines()
-        return SensitivityRow(key, layer, setting, None, SNR_FLOOR, None, time.perf_counter() - start,
-                              ERROR, f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": "), metric)
+        return _error_row(err, key, layer, setting, metric, time.perf_counter() - start)
     return SensitivityRow(key, layer, setting, cmp.drop(metric), cmp.worst_snr_db, cmp.value(metric),
                           time.perf_counter() - start, OK, None, metric, cmp.samples, cmp.drop(metric, stressed=True))
 
@@ -177,16 +183,16 @@ def _prepare(model: ir.Model, group: Sequence[Candidate], evaluator: metrics.Eva
     return out
 
 
-def _error_row(err: Exception, c: Candidate, metric: str, seconds: float) -> SensitivityRow:
+def _error_row(err: Exception, key: str, layer: str, setting: Any, metric: str, seconds: float) -> SensitivityRow:
     text = str(err).strip().splitlines()
-    return SensitivityRow(c.key, c.layer, c.setting, None, SNR_FLOOR, None, seconds, ERROR,
+    return SensitivityRow(key, layer, setting, None, SNR_FLOOR, None, seconds, ERROR,
                           f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": "), metric)
 
 
 def _suffix_row(evaluator: metrics.Evaluator, cache: Any, prepared: Any, metric: str, c: Candidate,
                 model: ir.Model) -> SensitivityRow:
     if isinstance(prepared, tuple):
-        return _error_row(prepared[0], c, metric, prepared[1])
+        return _error_row(prepared[0], c.key, c.layer, c.setting, metric, prepared[1])
     start = time.perf_counter() - prepared.seconds
     try:
         cmp = suffix.evaluate(prepared, cache, evaluator)
@@ -283,13 +289,37 @@ def baseline(context: PassContext, model: ir.Model, max_samples: int = 64) -> Se
 
 def measure_combination(context: PassContext, model: ir.Model, apply_fns: Sequence[ApplyFn | Candidate],
                         max_samples: int = 64) -> SensitivityRow:
-    """One row for several edits applied together to one clone (to verify a chosen set, or to bisect)."""
+    """One row for several edits applied together to one clone (to verify a chosen set, or to bisect). With the
+    user's metric function in the context, the row's drop is the task's on the whole model (every whole-model
+    check of every pass then keeps the user's budget, not graphopt's proxy for it)."""
     fns = [f.apply if isinstance(f, Candidate) else f for f in apply_fns]
     keys = [f.key for f in apply_fns if isinstance(f, Candidate)]
     evaluator, head = _evaluator(context, model, max_samples)
     metric, _ = _metric(context, head.labels)
     key = "+".join(keys) if len(keys) == len(fns) and keys else f"combination of {len(fns)}"
+    if context.task is not None:
+        return _task_row(context, evaluator, model, fns, key)
     return _row(evaluator, model, fns, metric, key, "", None)
+
+
+def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn],
+              key: str) -> SensitivityRow:
+    """A whole model judged on the user's metric function: its drop is the task's (the original's score less the
+    clone's; no stressed drop: a score cannot be stressed), its SNR the outputs' against the reference."""
+    start = time.perf_counter()
+    try:
+        clone = model.clone()
+        for fn in fns:
+            fn(clone)
+        session = runtime.make_session(modelio.to_proto(clone), threads=context.threads)
+        cmp = evaluator.evaluate(session, progress=False)
+        score = context.task.score(session)
+    except GraphoptError:
+        raise  # the user's function failed: one clear line, not a candidate's error row
+    except Exception as err:  # an edit that breaks the model must not stop the pass
+        return _error_row(err, key, "", None, "task", time.perf_counter() - start)
+    return SensitivityRow(key, "", None, float(context.task_reference) - score, cmp.worst_snr_db, score,
+                          time.perf_counter() - start, OK, None, "task", cmp.samples)
 
 
 def combined_snr_db(snrs: Iterable[float]) -> float:

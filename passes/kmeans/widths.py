@@ -147,7 +147,7 @@ def _key(row: SensitivityRow) -> tuple[float, float, float]:
     if not row.measured:
         return (float("inf"), float("inf"), 0.0)
     drop = row.drop if row.drop is not None else 0.0
-    stressed = max(drop, row.stressed_drop) if row.stressed_drop is not None else drop
+    stressed = row.stressed_or_drop if row.drop is not None else drop
     return (stressed, drop, -row.worst_snr_db)
 
 
@@ -160,4 +160,4 @@ def _check_text(row: SensitivityRow) -> str:
         return f"failed ({row.error})"
     if row.drop is None:
         return f"worst SNR {row.worst_snr_db:.1f} dB"
-    return f"drop {row.drop:.4f} (stressed {row.stressed_drop if row.stressed_drop is not None else row.drop:.4f})"
+    return f"drop {row.drop:.4f} (stressed {row.stressed_or_drop:.4f})"
