@@ -203,6 +203,26 @@ def test_size_recipes_write_half_codebooks_and_compact_names(tmp_path):
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.99
 
 
+def test_auto_never_returns_a_pick_slower_than_its_input(tmp_path, monkeypatch):
+    """Size candidates are not timed while built; the pick is. With a (fake) CPU on which every compressed
+    candidate runs twice as long as the input, auto returns the original (exact passes only) and says why."""
+    from pathlib import Path
+
+    from graphopt import latency
+
+    def twice_as_long(models, feeds, *args, **kwargs):
+        slow = [Path(str(m)).stem.startswith("candidate") and Path(str(m)).stem != "candidate0" for m in models]
+        return [[2.0 if s else 1.0] * 10 for s in slow]
+
+    monkeypatch.setattr(latency, "time_rounds", twice_as_long)
+    result = auto(MODEL, tmp_path / "p.onnx", data=CALIB, objective="size", trials=2, progress=False)
+    assert result.candidates[1].lzma_bytes < result.candidates[0].lzma_bytes  # a smaller one was found ...
+    assert result.chosen.number == 0 and result.latency_ratio == pytest.approx(1.0)  # ... and passed over
+    assert [f["number"] for f in result.failed_holdout] == [1]
+    assert result.failed_holdout[0]["why"].startswith("slower than the original: x2.000")
+    assert result.passed
+
+
 def test_the_mixed_widths_share_by_op_type_and_stay_inside_the_budget(tmp_path):
     from graphopt.pipeline import RunOptions, optimize
 

@@ -195,4 +195,6 @@ def test_auto_never_returns_a_pick_that_fails_the_held_out_judgement(tmp_path):
     assert [f["number"] for f in result.failed_holdout] == \
         [c.number for c in sorted(smaller, key=lambda c: (c.lzma_bytes, c.number))][:3]
     assert result.holdout["task"] > -0.01
-    assert any("failed there" in line for line in (tmp_path / "p.md").read_text().splitlines())
+    assert all(f["why"] == "outside the budget on the held-out samples" for f in result.failed_holdout)
+    assert any("passed over" in line and "held-out samples' help" in line
+               for line in (tmp_path / "p.md").read_text().splitlines())

@@ -3,7 +3,8 @@ budget, by a measured search over recipes.
 
 Modules, bottom to top: space (the recipes a trial can choose), candidate (one recipe run through the verified
 pipeline), workers (in this process or on Dask workers), pareto (the fronts, the Markdown report and the plot),
-search (the Optuna study, the held-out judgment, the outputs).
+choose (the pick: judged on the held-out samples, never slower than the input), search (the Optuna study, the
+outputs).
 """
 
 from __future__ import annotations

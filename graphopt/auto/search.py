@@ -7,7 +7,8 @@ held-out judgment all of ``data`` (as ``optimize`` calibrates on ``calib`` and e
 candidate is a recipe run through :func:`graphopt.optimize` on the search samples — checker, onnxruntime, gate,
 rollback, latency guard — so it loads, runs and stays inside the budget there. The original model (exact passes
 only) is always the first candidate, so the pick is never worse than the input on the objective. The pick is
-judged once on the held-out samples; that number is reported and sets the exit code.
+judged once on the held-out samples and timed against the input (:mod:`graphopt.auto.choose`: a pick outside the
+budget there, or slower, is passed over for the next best); that number is reported and sets the exit code.
 With ``study`` (an Optuna storage file, SQLite) the search state and the candidates' files survive a kill and
 a rerun goes on where it stopped; Ctrl-C or the time budget ends the search and still writes the best so far.
 A trial is asked from Optuna whenever a worker is free (:mod:`graphopt.auto.workers`); Optuna's TPE sampler then
@@ -34,17 +35,16 @@ from graphopt import bench, data as datamod, modelio
 from graphopt.auto import candidate, pareto, space
 from graphopt.auto import workers as workers_mod
 from graphopt.auto.candidate import Candidate
+from graphopt.auto.choose import Judge, choose, passed_over_text
 from graphopt.errors import GraphoptError
 from graphopt.formatting import human, json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import Evaluator, TaskMetric, metric_for_gate
+from graphopt.metrics import metric_for_gate
 from graphopt.pipeline import machine_line
 from graphopt.recipe import parse_text
-from graphopt.verify import Gate
 
 HOLDOUT_FRACTION = 0.3
 HOLDOUT_SEED = 0
-HOLDOUT_TRIES = 3  # candidates judged on the held-out samples, best first, before falling back to the original
 MAX_REPEATS = 50  # trials in a row that only repeated earlier recipes: the search space is spent
 
 
@@ -67,7 +67,7 @@ class AutoResult:
     where: str = ""  # where the candidates ran (this process, Dask workers)
     fronts: dict[str, Any] = dataclasses.field(default_factory=dict)  # Pareto fronts (candidate numbers), plot
     samples: dict[str, str] = dataclasses.field(default_factory=dict)  # the search's and held-out samples' sources
-    # better candidates that failed the held-out judgement (the pick was then chosen with the held-out samples)
+    # better candidates the judgement passed over, with why (outside the budget on the held-out samples, slower)
     failed_holdout: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,45 +84,6 @@ def _study(objective: str, storage: str | None, model: Path) -> optuna.Study:
 def _recipe_yaml(rec: str) -> str:
     steps = [{s.name: s.raw} if s.raw else s.name for s in parse_text(rec)]
     return yaml.safe_dump({"passes": steps}, sort_keys=False)
-
-
-class _Judge:
-    """Candidates against the original on the held-out samples (the user's function called with holdout=True)."""
-
-    def __init__(self, model: Path, holdout: Any, max_drop: float, metric: str | None, threads: int,
-                 task: TaskMetric | None) -> None:
-        task = task.judging() if task is not None else None
-        self.max_drop = max_drop
-        self.evaluator = Evaluator(str(model), holdout, threads=threads, task=task)
-        self.gate = Gate("task", max_drop, None, task) if task is not None else \
-            Gate(metric, max_drop, None).resolved(self.evaluator.evaluate(str(model)))[0]
-
-    def __call__(self, pick: Path) -> tuple[dict[str, Any], bool]:
-        comparison = self.evaluator.evaluate(str(pick))
-        return comparison.to_dict(), self.gate.failure(comparison, self.max_drop) is None
-
-
-def _choose(candidates: list[Candidate], objective: str, original: str, judge: _Judge,
-            file_of: Callable[[Candidate], tuple[Candidate, Path]]) -> tuple[Candidate, Path, dict, bool, list]:
-    """The best candidate on the objective that also keeps the budget on the held-out samples: auto never returns
-    a model outside the budget. The best is judged first; when it fails, the next best (up to
-    HOLDOUT_TRIES), then the original (exact passes only). Returns (pick, its file, its held-out comparison,
-    passed, the candidates that failed there). A pick found after a failure was chosen with the held-out
-    samples' help: the report says so, since its held-out number is then no longer unseen."""
-    ranked = sorted((c for c in candidates if c.valid and c.same_as is None),
-                    key=lambda c: (c.value(objective), c.number))
-    first = [c for c in ranked if c.recipe != original][:HOLDOUT_TRIES]
-    fallback = [c for c in ranked if c.recipe == original] or \
-        [min(candidates, key=lambda c: (c.value(objective), c.number))]
-    order = [c for c in first if c.value(objective) < fallback[0].value(objective)] + fallback[:1]
-    failed: list[dict[str, Any]] = []
-    for i, cand in enumerate(order):
-        cand, pick = file_of(cand)
-        comparison, passed = judge(pick)
-        if passed or i == len(order) - 1:
-            return cand, pick, comparison, passed, failed
-        failed.append({"number": cand.number, "recipe": cand.recipe, "holdout": comparison})
-    raise AssertionError("unreachable: the last of the order is always returned")
 
 
 def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, data: Any = None, calib: Any = None,
@@ -170,19 +131,17 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
                     cand = candidate.run(job(cand.file_number, cand.recipe))
                 return cand, pick
 
-            judge = _Judge(model, holdout, max_drop, metric, threads, task)
+            judge = Judge(model, holdout, max_drop, metric, threads, task, batch_one(specs, holdout.feeds[:4]))
             original = space.recipe(space.original(objective), objective, max_drop)
-            chosen, pick, holdout_cmp, passed, failed = _choose(candidates, objective, original, judge, file_of)
+            chosen, pick, verdict, passed_over = choose(candidates, objective, original, judge, file_of)
             gate_metric = judge.gate.metric
-            feeds = batch_one(specs, holdout.feeds[:4])
-            ratio = bench.benchmark([str(model), str(pick)], feeds, threads=threads, stats=False)[1].ratio
             _write(pick, output)
     finally:
         pool.close()
     result = AutoResult(str(model), str(output), str(output.with_suffix(".yaml")), objective, max_drop, gate_metric,
-                        original_bytes, candidates, chosen, holdout_cmp, passed, round(ratio, 4), interrupted,
-                        machine_line(), pool.where, samples={"search": search.source, "holdout": holdout.source},
-                        failed_holdout=failed)
+                        original_bytes, candidates, chosen, verdict.holdout, verdict.accurate,
+                        round(verdict.latency.value, 4), interrupted, machine_line(), pool.where,
+                        samples={"search": search.source, "holdout": holdout.source}, failed_holdout=passed_over)
     output.with_suffix(".yaml").write_text(_recipe_yaml(chosen.recipe))
     _save_samples(search, output.with_suffix(".calib.npz"))
     result.fronts = pareto.report_files(output, candidates, gate_metric, chosen, summary(result), objective)
@@ -306,16 +265,8 @@ def summary(result: AutoResult) -> list[str]:
             f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)",
             f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")
             + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g}){coarse}"
-            + _failed_text(result),
+            + passed_over_text(result.failed_holdout),
             f"machine: {result.machine}"]
-
-
-def _failed_text(result: AutoResult) -> str:
-    if not result.failed_holdout:
-        return ""
-    numbers = ", ".join(f"#{f['number']}" for f in result.failed_holdout)
-    return (f"; better candidates {numbers} failed there, so the pick was chosen with the held-out samples' help "
-            "(its held-out number is no longer unseen)")
 
 
 def _write(pick: Path, output: Path) -> None:
