@@ -117,6 +117,8 @@ class Pipeline:
                     teacher = self.model.clone()  # the original as later passes see models; tensors are shared
                 release_mapped(self.model, teacher)  # what this pass read of a weights file leaves the resident size
             model, self.model = (self.model if folder is not None else _in_memory(self.model)), None
+        if self.gate.metric == "task":  # once, of the final model: it runs the user's function twice more
+            self.current.stressed_task = evaluator.stressed_task(model)
         report.final = self.current.to_dict()
         if self.gate.metric != "snr":
             report.final_stressed_drop = self.current.drop(self.gate.metric, stressed=True)

@@ -239,6 +239,15 @@ def test_per_channel_serves_channels_of_very_different_scales():
     assert_same_outputs(ref, model_b, {"x": X}, rtol=1e-5, atol=1e-5)
 
 
+def test_per_channel_by_op_type_gives_convs_channel_codebooks_and_the_rest_one():
+    model = conv_gemm_model()
+    original = clone(model)
+    result = kmeans(model, bits=4, per_channel=["Conv"], min_size=0)
+    books = {r["weight"]: r["codebook"] for r in result.rows}
+    assert books == {"w": [8, 16], "w2": [16], "w3": [16]}
+    assert_same_outputs(dense_with(original, decoded(model)), model, {"x": X}, rtol=1e-5, atol=1e-5)
+
+
 def test_pruned_zeros_stay_exactly_zero():
     model = conv_gemm_model()
     Prune(build_options(Prune.Options, {"sparsity": 0.6, "min_size": 0}, "prune"))(model)

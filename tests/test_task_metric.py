@@ -98,6 +98,40 @@ def _logits(path, data) -> np.ndarray:
     return make_session(str(path)).run(None, {"input": data["input"]})[0]
 
 
+def test_the_stressed_task_score_is_the_users_number_on_doubled_output_error(tmp_path):
+    """auto accepts a candidate only when the user's number also holds with the output error doubled (as the
+    stressed agreement does for graphopt's own metrics): a search stopping where the number just holds stops where
+    unseen samples break it. PP-OCRv4 rec: a pick 1 line of 150 down on the search lines was 2 down held out."""
+    from graphopt.metrics import task_metric
+
+    class Fixed:  # a stand-in session: the same outputs for any feed
+        def __init__(self, *outputs):
+            self.outputs = list(outputs)
+
+        def run(self, names, feed, options=None):
+            return self.outputs
+
+    labels = np.array([1, 2, 3])
+    seen = []
+    metric = task_metric(lambda session: seen.append((session, session.run(None, {}))) or 0.0)
+    candidate = Fixed(np.array([1.5, 2.0]), labels)
+    metric.stressed_score(candidate, Fixed(np.array([1.0, 2.5]), labels))
+    (session, out), = seen
+    assert session is candidate  # the user's function gets the session itself (its type checks hold) ...
+    np.testing.assert_allclose(out[0], [2.0, 1.5])  # ... outputs: reference + 2 x (candidate - reference)
+    assert out[1] is labels  # not float: the candidate's own
+    assert candidate.run(None, {})[0].tolist() == [1.5, 2.0]  # run is itself again afterwards
+
+    out = tmp_path / "k.onnx"
+    report = optimize(str(MODEL), out, passes="kmeans:bits=2", data=CALIB, run=QUIET, metric_fn=digits_accuracy,
+                      max_drop=1.0)
+    data = np.load(TEST)
+    ref, cand = _logits(MODEL, data), _logits(out, data)
+    worst = min((cand.argmax(1) == data["labels"]).mean(), ((ref + 2 * (cand - ref)).argmax(1) == data["labels"]).mean())
+    assert report.final_stressed_drop == pytest.approx((ref.argmax(1) == data["labels"]).mean() - worst)
+    assert report.final_stressed_drop > report.final["reference_task"] - report.final["task"]  # 2 bits: it bites
+
+
 def test_cli_metric_fn_from_a_file(tmp_path, capsys):
     fn = tmp_path / "mytask.py"
     fn.write_text("import numpy as np\n"

@@ -84,6 +84,7 @@ class Comparison:
     stressed_accuracy: float | None = None  # accuracy likewise
     task: float | None = None  # the user's metric function on the candidate (higher is better)
     reference_task: float | None = None  # ... on the reference
+    stressed_task: float | None = None  # ... on the candidate with its output error STRESS times larger
     cosine: float | None = None  # mean cosine per vector, the lowest over cosine_outputs
     worst_sample_cosine: float | None = None  # the lowest sample's mean cosine over those outputs
     cosine_outputs: list[str] = field(default_factory=list)
@@ -112,8 +113,8 @@ class Comparison:
 
     def drop(self, metric: str, stressed: bool = False) -> float | None:
         """How much worse than the reference: accuracy points lost, or 1 - agreement; None for snr.
-        ``stressed``: the larger of that and the drop with the output error STRESS times larger (not for the
-        task metric: the user's function sees only the candidate). task: the reference's score less the candidate's.
+        ``stressed``: the larger of that and the drop with the output error STRESS times larger. task: the
+        reference's score less the candidate's (stressed: the user's function on the stressed outputs).
         cosine: the larger of 1 - mean cosine and (1 - worst sample's) / WORST_SAMPLE_SLACK."""
         _check_metric(metric)
         if metric == "cosine":
@@ -121,7 +122,10 @@ class Comparison:
                 return None
             return max(1.0 - self.cosine, (1.0 - self.worst_sample_cosine) / WORST_SAMPLE_SLACK)
         if metric == "task":
-            return None if self.task is None or self.reference_task is None else self.reference_task - self.task
+            if self.task is None or self.reference_task is None:
+                return None
+            worst = min(self.task, self.stressed_task) if stressed and self.stressed_task is not None else self.task
+            return self.reference_task - worst
         if metric == "accuracy":
             if self.accuracy is None or self.reference_accuracy is None:
                 return None

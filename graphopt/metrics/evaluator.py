@@ -51,6 +51,7 @@ class Evaluator:
         labels = getattr(dataset, "labels", None)
         self.labels = split_labels(labels, self.reference_outputs, self.output_names, self.score_output)
         self.reference_task = task.score(session) if task is not None else None
+        self._reference_session = session if task is not None else None  # for the stressed task score
 
     def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
         from tqdm.auto import tqdm
@@ -70,6 +71,13 @@ class Evaluator:
         if self.task is not None:
             result.task, result.reference_task = self.task.score(session), self.reference_task
         return result
+
+    def stressed_task(self, candidate: Any) -> float | None:
+        """The user's function on ``candidate`` with its outputs' error from the reference STRESS times larger
+        (None without a function). Asked once, of a final model: it runs the candidate and the reference again."""
+        if self.task is None:
+            return None
+        return self.task.stressed_score(_session(candidate, self.threads, "candidate"), self._reference_session)
 
 
 def _session(model: Any, threads: int, role: str):

@@ -132,7 +132,7 @@ def _row_text(row: SensitivityRow) -> str:
     if not row.measured:
         return f" ({row.error or row.status})"
     if row.metric == "task":
-        return f" (task drop {row.drop:.4g})"
+        return f" (task drop {row.drop:.4g}, stressed {row.stressed_or_drop:.4g})"
     if row.drop is not None:
         stressed = f", stressed {row.stressed_drop:.4f}" if row.stressed_drop is not None else ""
         return f" (drop {row.drop:.4f}{stressed})"

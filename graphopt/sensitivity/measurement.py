@@ -305,7 +305,8 @@ def measure_combination(context: PassContext, model: ir.Model, apply_fns: Sequen
 def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Model, fns: Sequence[ApplyFn],
               key: str) -> SensitivityRow:
     """A whole model judged on the user's metric function: its drop is the task's (the original's score less the
-    clone's; no stressed drop: a score cannot be stressed), its SNR the outputs' against the reference."""
+    clone's), its stressed drop the same on outputs whose error from the reference is STRESS times larger, its SNR
+    the outputs' against the reference."""
     start = time.perf_counter()
     try:
         clone = model.clone()
@@ -314,12 +315,16 @@ def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Mode
         session = runtime.make_session(modelio.to_proto(clone), threads=context.threads)
         cmp = evaluator.evaluate(session, progress=False)
         score = context.task.score(session)
+        reference = context.teacher if context.teacher is not None else model
+        stressed = context.task.stressed_score(
+            session, runtime.make_session(modelio.to_proto(reference), threads=context.threads))
     except GraphoptError:
         raise  # the user's function failed: one clear line, not a candidate's error row
     except Exception as err:  # an edit that breaks the model must not stop the pass
         return _error_row(err, key, "", None, "task", time.perf_counter() - start)
-    return SensitivityRow(key, "", None, float(context.task_reference) - score, cmp.worst_snr_db, score,
-                          time.perf_counter() - start, OK, None, "task", cmp.samples)
+    top = float(context.task_reference)
+    return SensitivityRow(key, "", None, top - score, cmp.worst_snr_db, score, time.perf_counter() - start, OK, None,
+                          "task", cmp.samples, max(top - score, top - stressed))
 
 
 def combined_snr_db(snrs: Iterable[float]) -> float:

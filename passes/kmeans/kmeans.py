@@ -71,7 +71,9 @@ class KMeans(GraphoptPass):
         init: Literal["linear", "density", "kmeans++"] = option(
             "linear", "centroid initialization: linear over [min, max], density (quantiles), kmeans++",
             choices=INITS)
-        per_channel: bool = option(False, "one codebook per output channel instead of per layer")
+        per_channel: bool | list[str] = option(
+            False, "one codebook per output channel instead of per layer: true for every layer, or the op types "
+                   "that get one (Conv|ConvTranspose: after fold_batchnorm each Conv channel has its own scale)")
         data_aware: bool = option(
             False, "weight each element's error by its input channel's mean square on calibration data")
         uint4: bool = option(True, "store indices as packed UINT4 when bits <= 4 (raises the opset to 21)")
@@ -88,6 +90,9 @@ class KMeans(GraphoptPass):
             [], "op types left alone (Conv, ConvTranspose, Gemm, MatMul; Gather: embedding tables)")
         min_size: int = option(0, "layers with fewer weight elements are left alone", low=0)
         max_samples: int = option(128, "calibration samples for data_aware and bits=auto", low=1)
+        measure_samples: int | None = option(
+            None, "calibration samples each bits=auto width is measured on alone (default max_samples; the "
+                  "whole-model checks use max_samples)", low=1)
         seed: int = option(0, "seed of kmeans++ initialization")
 
     def call(self, model: ir.Model) -> GraphoptResult:

@@ -41,7 +41,7 @@ class Books:
         key = (t.layer, bits)
         if key not in self._books:
             o = self.options
-            book = quantize(t.array, bits, o.init, self.importance(t), o.per_channel or bits == 1, t.out_axis,
+            book = quantize(t.array, bits, o.init, self.importance(t), self.per_channel(t) or bits == 1, t.out_axis,
                             o.seed)
             if o.half_codebook and book.codebook.dtype == np.float32 and fits_float16(book.codebook):
                 # rounded here, so sensitivity, the reported errors and the file all see the stored centroids
@@ -49,6 +49,21 @@ class Books:
                 self._half.add(key)
             self._books[key] = book
         return self._books[key]
+
+    def per_channel(self, t: Target) -> bool:
+        """One codebook per output channel for this layer (the option: every layer, or these op types)."""
+        per = self.options.per_channel
+        return per if isinstance(per, bool) else t.node.op_type in per
+
+    def stored_bytes(self, t: Target, bits: int) -> int:
+        """The layer's bytes once shared at ``bits``, before clustering (indices, codebooks, per-channel row
+        offsets): bits=auto weighs each width's gain with it, so a codebook per channel of a small layer is
+        not counted as free."""
+        o, per = self.options, self.per_channel(t) or bits == 1
+        indices = (t.array.size + 1) // 2 if o.uint4 and bits <= 4 else t.array.size
+        rows = t.array.shape[t.out_axis] if per else 1
+        book = rows * min(2 ** bits, t.array.size) * (2 if o.half_codebook else t.array.itemsize)
+        return indices + book + (4 * rows if per else 0)
 
     def is_half(self, t: Target, bits: int) -> bool:
         return (t.layer, bits) in self._half
@@ -99,10 +114,11 @@ def _inside_budget(context: PassContext, model, targets: list[Target], books: Bo
     # measured (PP-OCRv4 rec in layer order: 25 of 329 measured in 120 s, 4 of its 47 layers compressed)
     candidates = [Candidate(f"{t.layer}@{b}bit", t.layer, b, edit(t.layer, b))
                   for b in sorted(levels, key=_measure_rank) for t in targets]
-    table = measure(context, model, candidates, max_samples=opts.max_samples, time_budget_s=opts.time_budget)
+    table = measure(context, model, candidates, max_samples=opts.measure_samples or opts.max_samples,
+                    time_budget_s=opts.time_budget)
     notes.extend(f"sensitivity: {note}" for note in table.notes)
     rows = {row.key: row for row in table}
-    ladders = [Ladder(t.layer, tuple(levels), tuple(t.array.size * (8 * t.array.itemsize - b) / 8 for b in levels),
+    ladders = [Ladder(t.layer, tuple(levels), tuple(t.array.nbytes - books.stored_bytes(t, b) for b in levels),
                       tuple(row_loss(rows.get(f"{t.layer}@{b}bit")) for b in levels)) for t in targets]
     picked, more = seek_budget(context, model, ladders, edit, max_samples=opts.max_samples)
     notes.extend(more)
