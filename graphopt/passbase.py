@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import onnx_ir as ir
 
+from graphopt import modelio, runtime
 from graphopt.cpu import Target, resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.metrics import Evaluator, TaskMetric
@@ -48,6 +49,7 @@ class PassContext:
     # fixed for a context, so they are built once per pass. Not an init field: dataclasses.replace() with
     # another teacher or calib gets an empty cache of its own.
     _evaluators: dict[int | None, Evaluator] = dataclasses.field(default_factory=dict, repr=False, init=False)
+    _teacher_session: Any = dataclasses.field(default=None, repr=False, init=False)  # likewise, built once
 
     def require_calib(self, pass_name: str) -> Dataset:
         if self.calib is None or self.calib.synthetic:
@@ -68,6 +70,14 @@ class PassContext:
                                                       score_output=self.score_output,
                                                       map_threshold=self.map_threshold)
         return self._evaluators[max_samples]
+
+    def teacher_session(self) -> Any:
+        """An onnxruntime session of the teacher (what a stressed task score runs beside each candidate)."""
+        if self._teacher_session is None:
+            if self.teacher is None:
+                raise GraphoptError("this pass needs the teacher model in its context")
+            self._teacher_session = runtime.make_session(modelio.to_proto(self.teacher), threads=self.threads)
+        return self._teacher_session
 
 
 @dataclasses.dataclass

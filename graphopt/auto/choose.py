@@ -22,6 +22,7 @@ from graphopt.verify import Gate
 
 HOLDOUT_TRIES = 3  # candidates judged on the held-out samples, best first, before falling back to the original
 JUDGE_SECONDS = 20.0  # at most this long timing one pick against the input (interleaved rounds)
+OUTSIDE = "outside the budget on the held-out samples"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Verdict:
     def why_not(self) -> str:
         """Why the pick is passed over ("" when it is not)."""
         if not self.accurate:
-            return "outside the budget on the held-out samples"
+            return OUTSIDE
         return f"slower than the original: {self.latency.describe()}" if self.latency.slower else ""
 
 
@@ -84,9 +85,8 @@ def passed_over_text(passed_over: list[dict[str, Any]]) -> str:
     """The report's words for the better candidates the judgement passed over."""
     if not passed_over:
         return ""
-    numbers = ", ".join(f"#{f['number']} ({f.get('why') or 'outside the budget on the held-out samples'})"
-                        for f in passed_over)
-    helped = any(not f.get("why", "").startswith("slower") for f in passed_over)
+    numbers = ", ".join(f"#{f['number']} ({f['why']})" for f in passed_over)
+    helped = any(f["why"] == OUTSIDE for f in passed_over)  # an accuracy failure: the held-out samples chose
     return (f"; better candidates passed over: {numbers}"
             + ("; the pick was chosen with the held-out samples' help (its held-out number is no longer unseen)"
                if helped else ""))

@@ -314,14 +314,13 @@ def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Mode
             fn(clone)
         session = runtime.make_session(modelio.to_proto(clone), threads=context.threads)
         cmp = evaluator.evaluate(session, progress=False)
-        score = context.task.score(session)
-        reference = context.teacher if context.teacher is not None else model
-        stressed = context.task.stressed_score(
-            session, runtime.make_session(modelio.to_proto(reference), threads=context.threads))
-    except GraphoptError:
-        raise  # the user's function failed: one clear line, not a candidate's error row
     except Exception as err:  # an edit that breaks the model must not stop the pass
         return _error_row(err, key, "", None, "task", time.perf_counter() - start)
+    # outside the try: a failing user function is one clear line (GraphoptError), not a candidate's error row
+    score = context.task.score(session)
+    reference = context.teacher_session() if context.teacher is not None else \
+        runtime.make_session(modelio.to_proto(model), threads=context.threads)
+    stressed = context.task.stressed_score(session, reference)
     top = float(context.task_reference)
     return SensitivityRow(key, "", None, top - score, cmp.worst_snr_db, score, time.perf_counter() - start, OK, None,
                           "task", cmp.samples, max(top - score, top - stressed))
