@@ -18,7 +18,7 @@ on later runs; ``--rebuild`` remakes the chosen ones) and then, all together:
 graphopt variants run graphopt.optimize with the npz as calibration data (``--calib``: the gate's evaluation then
 reuses the same rows, and so do the cosines here: there are no other rows) and the step's own max_drop.
 
-    python bench/bert_base.py [--only LABEL ...] [--rebuild] [--build-only] [--bench-rows 4] [--repeats 15]
+    python bench/bert_base.py [--only LABEL ...] [--rebuild] [--build-only | --timing-only] [--bench-rows 4] [--repeats 15]
 Writes bench/results/bert_base.md.
 """
 
@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="variant labels to build (default: all)")
     parser.add_argument("--rebuild", action="store_true", help="remake the chosen variants even if built")
     parser.add_argument("--build-only", action="store_true", help="build, do not measure")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only re-time the chosen built variants (interleaved) and append the ratios to --out")
     parser.add_argument("--bench-rows", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--min-time", type=float, default=0.0)
@@ -315,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             build(v)
     if args.build_only:
         return 0
+    if args.timing_only:
+        return retime([label for label in chosen if path_of(BY_LABEL[label]).exists()], args)
     infos = {v.label: json.loads(info_of(v).read_text()) for v in VARIANTS if info_of(v).exists()}
     labels = [v.label for v in VARIANTS if path_of(v).exists()]
     found = measure(labels, args.bench_rows, args.repeats, args.min_time)
@@ -324,6 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+    return 0
+
+
+def retime(labels: list[str], args: argparse.Namespace) -> int:
+    """Time the built ``labels`` again, interleaved on an idle machine, and append the ratios to ``args.out``."""
+    loads = [_load()]
+    timing = bench.benchmark([str(path_of(BY_LABEL[label])) for label in labels], load_rows()[:args.bench_rows],
+                             threads=1, warmup=1, repeats=args.repeats, labels=labels, min_time_s=args.min_time,
+                             stats=False)
+    loads.append(_load())
+    lines = ["", f"Re-timed ({time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}, load average "
+             + " → ".join(loads) + f", {args.repeats} interleaved rounds): `python bench/bert_base.py --timing-only "
+             + "--repeats " + str(args.repeats) + " --only " + " ".join(f'"{label}"' for label in labels) + "`", ""]
+    lines += [f"- {row.label}: {row.median_ms:.1f} ms, {1 / row.ratio:.2f}x float" for row in timing]
+    with Path(args.out).open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
