@@ -64,6 +64,13 @@ class HostCpu:
             return "arm64"
         return "unknown"
 
+    @property
+    def channel_block(self) -> int:
+        """Channels per block of onnxruntime's NCHWc float convolutions here: 16 with AVX-512, else 8. A pruned
+        width off this multiple pads its last block (measured on PP-OCRv4 det, AVX2 host, 30% of the channels
+        pruned: x0.724 of float at any width, x0.625 with widths rounded to 8)."""
+        return 16 if self.flags & {"avx512f", "avx512bw"} else 8
+
     def describe(self) -> str:
         extras = [name for name in ("asimddp", "i8mm") if name in self.flags]
         tail = f" ({', '.join(extras)})" if extras else ""

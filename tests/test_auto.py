@@ -9,13 +9,15 @@ import json
 import numpy as np
 import pytest
 
-from graphopt import bench, cli
+from graphopt import bench, cli, cpu
 from graphopt.auto import Candidate, auto, candidate, pareto, search, space, summary
 from graphopt.errors import GraphoptError
 from graphopt.runtime import make_session
 from tests.helpers import DIGITS
 
 MODEL, CALIB = DIGITS / "digits.onnx", DIGITS / "calib.npz"
+
+BLOCK = cpu.host().channel_block  # auto rounds pruned widths to the host's NCHWc block
 
 
 def test_search_end_to_end(tmp_path, capsys, monkeypatch):
@@ -74,7 +76,7 @@ def test_recipes_of_the_space():
         "max_drop=0.0025; kmeans:bits=auto,refit=true,max_samples=512,time_budget=300,half_codebook=true,max_drop=0.01; "
         "compact")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
-        "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
+        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
 
 

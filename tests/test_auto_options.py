@@ -10,12 +10,14 @@ import numpy as np
 import optuna
 import pytest
 
-from graphopt import cli
+from graphopt import cli, cpu
 from graphopt.auto import Candidate, auto, space
 from graphopt.errors import GraphoptError
 from tests.helpers import DIGITS
 
 MODEL, CALIB, TEST = DIGITS / "digits.onnx", DIGITS / "calib.npz", DIGITS / "test.npz"
+
+BLOCK = cpu.host().channel_block  # auto rounds pruned widths to the host's NCHWc block
 
 
 @pytest.mark.parametrize("text,seconds", [("20m", 1200), ("90s", 90), ("1h", 3600), ("1h30m", 5400),
@@ -103,7 +105,7 @@ def test_balanced_space():
     choices = space.suggest(optuna.trial.FixedTrial(params), "balanced")
     assert choices == params
     assert space.recipe(choices, "balanced", 0.01) == (
-        "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,max_drop=0.01; lowrank:macs=0.8,max_drop=0.01; "
+        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; lowrank:macs=0.8,max_drop=0.01; "
         "prune:sparsity=0.5,scope=global,max_drop=0.01; kmeans:bits=4,refit=true,half_codebook=true,max_drop=0.01; "
         "quantize:max_drop=0.01; compact")
     size_int8 = space.recipe({**params, "quantize_target": "size"}, "balanced", 0.01)

@@ -42,6 +42,8 @@ def test_host_isa_from_cpuinfo(text, arch, isa):
     assert host.isa == isa
     assert cpu.resolve_target("host", host).isa == isa
     assert cpu.resolve_target("host", host).saturates == (isa in ("avx2", "avx512", "sse"))
+    # onnxruntime's NCHWc float convolutions block channels by 16 with AVX-512 and by 8 with AVX2
+    assert host.channel_block == (16 if isa in ("vnni", "avx512", "amx") else 8)
 
 
 def test_targets():

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from graphopt import cpu
+
 EXACT = ["fold_batchnorm", "fuse"]  # always: free wins, and the original's exact form
 # last in every size recipe (exact): short names, no declared intermediate shapes or notes. Measured on the digits
 # pick (4-bit codebooks after lowrank): 15.66 kB -> 15.11 kB after lzma, outputs bit-identical
@@ -122,7 +124,8 @@ def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
     budget = f"max_drop={max_drop:g}"
     prune, bits = str(choices.get("prune", "none")), str(choices.get("kmeans_bits", "none"))
     if choices.get("channel_ratio"):
-        steps.append(f"channel_prune:ratio={choices['channel_ratio']:g},scope=global,{budget}")
+        steps.append(f"channel_prune:ratio={choices['channel_ratio']:g},scope=global,"
+                     f"round_to={cpu.host().channel_block},{budget}")
     if choices.get("lowrank", "none") == "auto":
         share = f"max_drop={max_drop * choices.get('lowrank_share', 0.5):g}"
         steps.append(f"lowrank:ratio=auto,ratio_of=params,data_aware=true,"
