@@ -21,7 +21,8 @@ from graphopt.passes.quantize.plan import plan
 from tests.helpers import is_int8, make_proto, tensor_info, two_convs
 
 
-def _select(proto, feeds, layer_timer=None, model_timer=None, max_drop=None, **options) -> qs.Selection:
+def _select(proto, feeds, layer_timer=None, model_timer=None, max_drop=None, budget_s=60.0,
+            **options) -> qs.Selection:
     """plan → calibrate → select, as the quantize pass runs them; the model must come out of select unedited."""
     model = ir.serde.deserialize_model(proto)
     infer_shapes(model)
@@ -29,7 +30,7 @@ def _select(proto, feeds, layer_timer=None, model_timer=None, max_drop=None, **o
     opts, ctx = QuantizeOptions(**options), PassContext(calib=calib, max_drop=max_drop)
     ranges = calibrate(model, plan(model, opts).tensors(opts.quantize_outputs), calib)
     cfg = qdq.QdqConfig("uint8", opts.per_channel, opts.quantize_outputs, ctx.target.saturates)
-    placer = qp.Placement(layer_timer=layer_timer, model_timer=model_timer)
+    placer = qp.Placement(budget_s=budget_s, layer_timer=layer_timer, model_timer=model_timer)
     selection = qs.select(model, plan(model, opts, ranges), ranges, opts, ctx, cfg, placer)
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for n in model.graph)
     return selection
@@ -194,6 +195,22 @@ def test_whole_model_never_faster_backs_off_to_float():
     assert {_reasons(selection)[n] for n in ("conv1", "conv2")} == {
         "back to float: the whole model was not faster with it"}
     assert any(n.endswith("int8 is not faster here, nothing quantized") for n in selection.notes)
+
+
+def test_spent_timing_budget_still_weighs_every_planned_op_against_the_placement():
+    # per-op timing (noisy) sent conv2 to float; the whole model with it int8 measures faster and wins even when
+    # the timing budget is spent (then only the base activation type is timed)
+    seen = []
+
+    def model_timer(ref: ir.Model, cand: ir.Model) -> float:
+        seen.append(is_int8(cand, "conv2"))
+        return 0.6 if is_int8(cand, "conv2") else 0.9
+
+    selection = _select(*_convs(), _timings(conv1=(1.0, 0.3, 0.0, 1), conv2=(1.0, 1.5, 0.0, 1)), model_timer,
+                        budget_s=0.0)
+    assert sorted(seen) == [False, True]
+    assert _names(selection.plan.nodes) == ["conv1", "conv2"]
+    assert "whole model measured at 0.60x float latency (every planned op, uint8 activations)" in selection.notes
 
 
 def test_candidates_list_placement_first_and_dedupe():
