@@ -18,7 +18,8 @@ on later runs; ``--rebuild`` remakes the chosen ones) and then, all together:
 graphopt variants run graphopt.optimize with the npz as calibration data (``--calib``: the gate's evaluation then
 reuses the same rows, and so do the cosines here: there are no other rows) and the step's own max_drop.
 
-    python bench/bert_base.py [--only LABEL ...] [--rebuild] [--build-only | --timing-only] [--bench-rows 4] [--repeats 15]
+    python bench/bert_base.py [--only LABEL ...] [--rebuild] [--build-only | --timing-only] [--bench-rows 4]
+                              [--repeats 15]
 Writes bench/results/bert_base.md.
 """
 

@@ -76,7 +76,8 @@ def test_recipes_of_the_space():
         "max_drop=0.0025; kmeans:bits=auto,refit=true,max_samples=512,time_budget=300,half_codebook=true,max_drop=0.01; "
         "compact")
     assert space.recipe({"quantize": True, "lowrank_macs": 0.6, "channel_ratio": 0.2}, "latency", 0.01) == (
-        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; lowrank:macs=0.6,max_drop=0.01; "
+        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; "
+        "lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
 
 

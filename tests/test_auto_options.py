@@ -105,7 +105,8 @@ def test_balanced_space():
     choices = space.suggest(optuna.trial.FixedTrial(params), "balanced")
     assert choices == params
     assert space.recipe(choices, "balanced", 0.01) == (
-        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; lowrank:macs=0.8,max_drop=0.01; "
+        f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; "
+        "lowrank:macs=0.8,max_drop=0.01; "
         "prune:sparsity=0.5,scope=global,max_drop=0.01; kmeans:bits=4,refit=true,half_codebook=true,max_drop=0.01; "
         "quantize:max_drop=0.01; compact")
     size_int8 = space.recipe({**params, "quantize_target": "size"}, "balanced", 0.01)
