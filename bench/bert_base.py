@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -208,6 +209,12 @@ def resident(path: Path) -> tuple[int, int, int]:
     return int(rss), int(untrimmed), int(peak)
 
 
+def time_together(labels: list[str], rows: list[dict], repeats: int, min_time: float) -> list:
+    """The built ``labels`` timed in one benchmark at 1 thread: every model once per round, in a fresh order."""
+    return bench.benchmark([str(path_of(BY_LABEL[label])) for label in labels], rows, threads=1, warmup=1,
+                           repeats=repeats, labels=labels, min_time_s=min_time, stats=False)
+
+
 def measure(labels: list[str], bench_rows: int, repeats: int, min_time: float) -> dict[str, dict]:
     rows = load_rows()
     ref_session = make_session(str(SOURCE))
@@ -224,9 +231,7 @@ def measure(labels: list[str], bench_rows: int, repeats: int, min_time: float) -
     # One benchmark, every model in each round in a fresh seeded order (latency.time_rounds); not
     # quantize_vs_ort.rotated_bench: it re-creates every session per order, and 19 sessions of a BERT-base took
     # about a minute per order (36 orders), where predecessor effects on a ~100 ms model are small.
-    timing = bench.benchmark([str(path_of(BY_LABEL[label])) for label in labels], rows[:bench_rows], threads=1,
-                             warmup=1, repeats=repeats, labels=labels, min_time_s=min_time, stats=False)
-    for row in timing:
+    for row in time_together(labels, rows[:bench_rows], repeats, min_time):
         found[row.label]["ms"], found[row.label]["ratio"] = row.median_ms, row.ratio
     return found
 
@@ -318,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
             build(v)
     if args.build_only:
         return 0
+    command = "python bench/bert_base.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.timing_only:
-        return retime([label for label in chosen if path_of(BY_LABEL[label]).exists()], args)
+        return retime([label for label in chosen if path_of(BY_LABEL[label]).exists()], args, command)
     infos = {v.label: json.loads(info_of(v).read_text()) for v in VARIANTS if info_of(v).exists()}
     labels = [v.label for v in VARIANTS if path_of(v).exists()]
     found = measure(labels, args.bench_rows, args.repeats, args.min_time)
     loads.append(_load())
-    command = "python bench/bert_base.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = write(found, infos, loads, command.strip(), args.bench_rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
@@ -332,16 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def retime(labels: list[str], args: argparse.Namespace) -> int:
+def retime(labels: list[str], args: argparse.Namespace, command: str) -> int:
     """Time the built ``labels`` again, interleaved on an idle machine, and append the ratios to ``args.out``."""
     loads = [_load()]
-    timing = bench.benchmark([str(path_of(BY_LABEL[label])) for label in labels], load_rows()[:args.bench_rows],
-                             threads=1, warmup=1, repeats=args.repeats, labels=labels, min_time_s=args.min_time,
-                             stats=False)
+    timing = time_together(labels, load_rows()[:args.bench_rows], args.repeats, args.min_time)
     loads.append(_load())
     lines = ["", f"Re-timed ({time.strftime('%Y-%m-%d %H:%M')}, {machine_line()}, load average "
-             + " → ".join(loads) + f", {args.repeats} interleaved rounds): `python bench/bert_base.py --timing-only "
-             + "--repeats " + str(args.repeats) + " --only " + " ".join(f'"{label}"' for label in labels) + "`", ""]
+             + " → ".join(loads) + f", {args.repeats} interleaved rounds): `{command}`", ""]
     lines += [f"- {row.label}: {row.median_ms:.1f} ms, {1 / row.ratio:.2f}x float" for row in timing]
     with Path(args.out).open("a") as f:
         f.write("\n".join(lines) + "\n")

@@ -230,10 +230,11 @@ def _choose_whole_model(sel: Selector, st: SelectState) -> None:
     # every planned op int8: what per-op timing rejected comes back (accuracy exclusions stay)
     everything = {n.name for n in sel.replan(sel.model, (set(st.reasons) - st.latency_float) | st.dyn).nodes} | st.dyn
     choices = candidates(pool, everything, sel.cfg.activation_type, sel.options.activation_type == "auto")
-    if sel.placer.left() <= 0:  # timing budget spent: still time every planned op against the placement. Per-op
-        # timings on a noisy host can keep a placement slower than its input (PP-OCRv4 det, AVX2 host: placements
-        # x0.705 and x0.883 of float from two builds, every planned op int8 x0.689; the fused input x0.797)
-        choices = choices[:2]
+    if sel.placer.left() <= 0:  # timing budget spent: still time every planned op against the placement (the base
+        # activation type only). Per-op timings on a noisy host can keep a placement slower than its input (PP-OCRv4
+        # det, AVX2 host: placements x0.705 and x0.883 of float from two builds, every planned op int8 x0.689; the
+        # fused input x0.797)
+        choices = [c for c in choices if c.activation_type == sel.cfg.activation_type]
     chosen, ratios = sel.placer.choose(sel.model, choices,
                                        lambda m, c: sel.build(m, set(c.keep), st.dyn, c.activation_type),
                                        sel.data, lambda c: _accepts(sel, st, c))

@@ -213,6 +213,21 @@ def test_spent_timing_budget_still_weighs_every_planned_op_against_the_placement
     assert "whole model measured at 0.60x float latency (every planned op, uint8 activations)" in selection.notes
 
 
+def test_spent_timing_budget_times_no_other_activation_type():
+    # the placement is every planned op (one candidate after dedupe): only it is timed, not its int8-activation twin
+    seen = []
+
+    def model_timer(ref: ir.Model, cand: ir.Model) -> float:
+        seen.append(next(n.inputs[2].const_value.numpy().dtype.name for n in cand.graph
+                         if n.op_type == "QuantizeLinear"))
+        return 0.6
+
+    selection = _select(*_convs(), _timings(conv1=(1.0, 0.3, 0.0, 1), conv2=(1.0, 0.3, 0.0, 1)), model_timer,
+                        budget_s=0.0)
+    assert seen == ["uint8"]
+    assert _names(selection.plan.nodes) == ["conv1", "conv2"]
+
+
 def test_candidates_list_placement_first_and_dedupe():
     both = qs.candidates({"a"}, {"a", "b"}, "int8", both_types=True)
     assert [(c.label, sorted(c.keep), c.activation_type, c.checked) for c in both] == [
