@@ -129,6 +129,25 @@ def test_a_repeated_recipe_is_not_run_again(tmp_path, monkeypatch):
     assert summary(result)[0].startswith(f"2 candidates ({search.MAX_REPEATS} more repeated a recipe)")
 
 
+def test_the_time_budget_starts_no_candidate_it_has_no_time_left_for(tmp_path, monkeypatch):
+    # A fake clock: the original takes 1 s, every other candidate 40 s, the budget is 100 s. After two 40 s
+    # candidates (81 s spent) 19 s are left, fewer than the quickest one took: the search stops there.
+    clock = {"now": 0.0}
+    real = candidate.run
+
+    def timed(job):
+        cand = real(job)
+        cand.seconds = 1.0 if job.number == 0 else 40.0
+        clock["now"] += cand.seconds
+        return cand
+
+    monkeypatch.setattr(search, "_clock", lambda: clock["now"])
+    monkeypatch.setattr(candidate, "run", timed)
+    monkeypatch.setattr(space, "suggest", lambda trial, objective: {"kmeans_bits": "864"[trial.number % 3]})
+    result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=10, time_budget=100, progress=False)
+    assert [c.seconds for c in result.candidates] == [1.0, 40.0, 40.0] and clock["now"] == 81.0
+
+
 def test_a_search_on_a_local_dask_cluster(tmp_path, monkeypatch):
     # Two workers, every trial after the original suggesting the same recipe: while it runs, the trials asked for
     # the free worker wait for its result instead of running it again, then take it as repeats.
@@ -252,5 +271,5 @@ def test_the_first_candidates_after_the_original_are_the_strong_starting_points(
     assert recipes[1] == "fold_batchnorm; fuse; quantize:max_drop=0.01"
     mixed, seeking = (space.recipe(c, "size", 0.01) for c in space.first("size")[:2])
     # the best hand recipe's widths, sought inside the budget: 8 or 4 bits per layer, one codebook per Conv channel
-    assert "kmeans:bits=auto,levels=8|4,per_channel=Conv|ConvTranspose" in mixed and "quantize" not in mixed
+    assert "kmeans:bits=auto,levels=8|6|4,per_channel=Conv|ConvTranspose" in mixed and "quantize" not in mixed
     assert "kmeans:bits=auto,data_aware=true,per_channel=true" in seeking and "lowrank" not in seeking

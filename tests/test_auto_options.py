@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from graphopt import cli, cpu
-from graphopt.auto import Candidate, auto, space
+from graphopt.auto import Candidate, auto, space, workers
 from graphopt.errors import GraphoptError
 from tests.helpers import DIGITS
 
@@ -131,3 +131,22 @@ def test_a_balanced_search(tmp_path, monkeypatch):
     md = out.with_suffix(".md").read_text()
     assert "| balanced |" in md and f"{chosen.value('balanced'):.3f}" in md
     assert f"(balanced x{chosen.value('balanced'):.3f})" in md.splitlines()[2]
+
+
+def test_pruned_widths_follow_the_timing_workers_block():
+    # a remote timing worker with AVX-512 (16) among AVX2 workers (8): the latency search rounds to its block;
+    # a size search, whose candidates run anywhere, to the widest (16 is a multiple of 8)
+    blocks = {"tcp://a": 8, "tcp://b": 16, "tcp://c": 8}
+    assert workers.widest_block(blocks, ["tcp://b"]) == 16
+    assert workers.widest_block(blocks, ["tcp://a", "tcp://c"]) == 8
+    assert workers.widest_block(blocks, list(blocks)) == 16
+    assert space.recipe({"channel_ratio": 0.1}, "latency", 0.01, channel_block=16).endswith(
+        "channel_prune:ratio=0.1,scope=global,round_to=16,max_drop=0.01")
+
+
+def test_a_local_cluster_reports_its_workers_block():
+    pool = workers.executor(2, None, timed=True)
+    try:
+        assert pool.channel_block == BLOCK == workers.Inline().channel_block
+    finally:
+        pool.close()

@@ -19,7 +19,7 @@ from graphopt.passbase import PassContext
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.prune import Prune
 from graphopt.sensitivity import Ladder, SensitivityRow, frontier, furthest, holds
-from graphopt.sensitivity.budget import chosen
+from graphopt.sensitivity.budget import chosen, seek_path, without_breaker
 from tests.helpers import DIGITS
 
 INF = math.inf
@@ -61,6 +61,27 @@ def test_furthest_tries_everything_first_and_stops_at_max_checks():
     assert seek.index == 99 and calls == [(99,)]
     seek = furthest([(i,) for i in range(100)], lambda s: s[0] <= 40, max_checks=2)
     assert seek.checks == [(99, False), (49, False)] and seek.index == 0  # nothing verified: nothing changed
+
+
+def test_without_breaker_keeps_every_later_step_of_the_other_layers():
+    states = [(-1, -1, -1), (0, -1, -1), (0, 0, -1), (1, 0, -1), (1, 0, 0), (1, 1, 0), (1, 1, 1)]
+    # the step to index 2 (layer 1 to its first setting) broke: layer 1 stays unchanged, the others go on
+    assert without_breaker(states, 1) == [(0, -1, -1), (1, -1, -1), (1, -1, 0), (1, -1, 1)]
+
+
+def test_seek_path_goes_past_the_layer_that_broke():
+    # layer 1's step breaks the model wherever it comes; the steps after it hold. Bisection alone stops before
+    # layer 1 (index 1: layers 2 and 3 unchanged); the second round takes them without it
+    states = [(-1, -1, -1), (0, -1, -1), (0, 0, -1), (0, 0, 0)]
+    state, rounds = seek_path(states, lambda s: s[1] < 0, max_checks=10)
+    assert rounds[0][0].index == 1 and state == (0, -1, 0)
+    assert [r[2] for r in rounds] == [None, 1]  # the second round skipped ladder 1
+    # with no check left after the bisection, the bisection's answer stands
+    state, rounds = seek_path(states, lambda s: s[1] < 0, max_checks=3)
+    assert state == (0, -1, -1) and len(rounds) == 1
+    # a path that holds to its end needs one check and no second round
+    state, rounds = seek_path(states, lambda s: True, max_checks=10)
+    assert state == (0, 0, 0) and len(rounds) == 1 and rounds[0][0].checks == [(3, True)]
 
 
 def _row(drop, stressed=None, snr=40.0, status="ok"):

@@ -45,15 +45,18 @@ SEEK_SECONDS = 300
 # candidates on a slow model (PP-OCRv4 rec: 5-8 minutes each) starts from the strong ones; TPE takes over after
 KMEANS_FIRST = {"prune": "none", "kmeans_bits": "auto", "kmeans_data_aware": True, "quantize": True}
 # kmeans_bits "4/8": the best hand recipe in BENCHMARKS.md (4 bits per channel on PP-OCRv4 rec's Convs, per layer
-# on its MatMul/Gemm, 8 bits on the rest: 6.15x smaller after lzma) made budget-seeking: each layer at 8 or 4 bits,
+# on its MatMul/Gemm, 8 bits on the rest: 6.15x smaller after lzma) made budget-seeking: each layer at 8, 6 or 4 bits,
 # the allocation deciding which from measured sensitivity and bytes. One codebook per channel on Convs only:
 # fold_batchnorm leaves each Conv channel its own scale (a codebook per layer on rec's layers of >= 8192 weights
 # took line accuracy from 0.967 to 0.867), while MatMul/Gemm channels share one (a 16-value codebook per channel
 # would cost half a 120-row weight's indices). With the refit, every layer at its width as in the hand recipe:
 # 6.72x, but 2 lines of 150 down on held-out lines (1 on the search's): at the budget's edge, hence the seeking.
-# Each width is measured alone on MIXED_MEASURE samples (the whole-model checks use all search samples)
+# 6 bits is the step between: a layer the budget cannot take to 4 bits goes to 6, not 8 (rec, auto's 70 search
+# feeds, 300 lines: 8|4 stopped with 16 layers short of 4 bits, 5.03x; 8|6|4 6.41x, held-out lines 0.977 vs
+# float 0.973). Each width is measured alone on MIXED_MEASURE samples (the whole-model checks use all search
+# samples)
 MIXED = "4/8"
-MIXED_LEVELS = "8|4"
+MIXED_LEVELS = "8|6|4"
 MIXED_MEASURE = 16
 FIRST = {
     # the hand recipe's widths, budget-seeking; budget-seeking k-means over every width then int8, the same after
@@ -117,15 +120,17 @@ def suggest(trial: Suggest, objective: str) -> dict[str, Any]:
     return choices
 
 
-def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
+def recipe(choices: dict[str, Any], objective: str, max_drop: float, channel_block: int | None = None) -> str:
     """The recipe string (`graphopt optimize --passes` grammar) for ``choices``: the steps in composing order
-    (channels, low rank, pruning, sharing, int8); an objective's space only sets its own knobs."""
+    (channels, low rank, pruning, sharing, int8); an objective's space only sets its own knobs. Pruned channel
+    widths are kept multiples of ``channel_block`` (default: this machine's NCHWc block; auto passes its timing
+    workers')."""
     steps = list(EXACT)
     budget = f"max_drop={max_drop:g}"
     prune, bits = str(choices.get("prune", "none")), str(choices.get("kmeans_bits", "none"))
     if choices.get("channel_ratio"):
         steps.append(f"channel_prune:ratio={choices['channel_ratio']:g},scope=global,"
-                     f"round_to={cpu.host().channel_block},{budget}")
+                     f"round_to={channel_block or cpu.host().channel_block},{budget}")
     if choices.get("lowrank", "none") == "auto":
         share = f"max_drop={max_drop * choices.get('lowrank_share', 0.5):g}"
         steps.append(f"lowrank:ratio=auto,ratio_of=params,data_aware=true,"
@@ -152,7 +157,7 @@ def recipe(choices: dict[str, Any], objective: str, max_drop: float) -> str:
 
 
 def _mixed_kmeans(aware: str, budget: str) -> list[str]:
-    """kmeans_bits "4/8" (see MIXED): each layer at 8 or 4 bits inside the budget, Convs per channel."""
+    """kmeans_bits "4/8" (see MIXED): each layer at 8, 6 or 4 bits inside the budget, Convs per channel."""
     return [f"kmeans:bits=auto,levels={MIXED_LEVELS},per_channel=Conv|ConvTranspose{aware}{REFIT},"
             f"max_samples={CHECK_SAMPLES},measure_samples={MIXED_MEASURE},time_budget={SEEK_SECONDS}"
             f"{HALF_CODEBOOK},{budget}"]

@@ -5,13 +5,15 @@ hand); ``scheduler`` connects to an existing cluster (``dask scheduler`` plus ``
 searches keep every worker busy: a new candidate starts as soon as one finishes. A latency or balanced search
 times its candidates, and a latency measured while other work runs on the machine is wrong: its candidates run
 one at a time, each on a worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on
-the machine the model will run on; every local worker has one).
+the machine the model will run on; every local worker has one). Pruned channel widths follow the NCHWc block
+of the machines that time the candidates (``channel_block``), not the one auto runs on.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from graphopt import cpu
 from graphopt.auto import candidate
 from graphopt.errors import GraphoptError
 
@@ -21,6 +23,10 @@ class Inline:
 
     slots = 1
     where = "this process"
+
+    @property
+    def channel_block(self) -> int:
+        return cpu.host().channel_block
 
     def start(self, job: candidate.Job) -> candidate.Candidate:
         return candidate.run(job)
@@ -54,13 +60,15 @@ class DaskWorkers:
         info = self.client.scheduler_info()["workers"]
         if not info:
             raise GraphoptError(f"--scheduler {scheduler}: the cluster has no workers")
-        timing = sum(1 for w in info.values() if w.get("resources", {}).get("timing"))
-        if timed and not timing:
+        timers = [address for address, w in info.items() if w.get("resources", {}).get("timing")]
+        if timed and not timers:
             raise GraphoptError("a latency or balanced search needs a worker with a 'timing' resource "
                                 "(dask worker ADDR --resources timing=1)")
         self.timed = timed
+        blocks = self.client.run(_host_channel_block)
+        self.channel_block = widest_block(blocks, timers if timed else list(info))
         self.slots = 1 if timed else len(info)
-        self.where = f"{len(info)} Dask worker(s)" + (f", {timing} with a timing resource" if timed else "")
+        self.where = f"{len(info)} Dask worker(s)" + (f", {len(timers)} with a timing resource" if timed else "")
 
     def start(self, job: candidate.Job) -> Any:
         """A Dask future of the candidate: the job runs on whichever worker is free (one with a timing resource
@@ -81,6 +89,16 @@ class DaskWorkers:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _host_channel_block() -> int:
+    return cpu.host().channel_block
+
+
+def widest_block(blocks: dict[str, int], workers: Sequence[str]) -> int:
+    """The channel block for candidates that may run on any of ``workers`` (address → its block): the widest,
+    a multiple of the others (8 and 16: a width on 16 is on 8 too)."""
+    return max((blocks[w] for w in workers if w in blocks), default=cpu.host().channel_block)
 
 
 def executor(workers: int | None, scheduler: str | None, timed: bool) -> Inline | DaskWorkers:

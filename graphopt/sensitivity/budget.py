@@ -5,7 +5,9 @@ and measured loss (:func:`~graphopt.sensitivity.measurement.row_loss` of its sen
 walks from nothing changed to every layer at its most aggressive measured setting, one layer step at a time,
 always the step with the least added loss per unit of gain (a Lagrangian path: each state is the cheapest
 measured way found to its gain). :func:`furthest` bisects that path with whole-model checks, so how layers
-interact is measured, not assumed additive; only a state that was checked and held is ever returned.
+interact is measured, not assumed additive; only a state that was checked and held is ever returned. Losses
+measured layer by layer on a few samples order the path only roughly, so when the bisection ends at a step that
+broke, the checks left go on along the rest of the path without that layer (:func:`without_breaker`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from graphopt.passbase import PassContext
 from graphopt.sensitivity.measurement import ApplyFn, SensitivityRow, measure_combination
 
 SNR_MARGIN_DB = 1.0  # calibration and evaluation data differ: aim 1 dB inside an snr budget
+# whole-model checks per budget search: a bisection of a path of ~60 steps takes 7, the rest go past its breaker
+MAX_CHECKS = 14
 
 State = tuple[int, ...]  # per ladder, the index of its setting; -1: the layer is left as it is
 
@@ -98,13 +102,49 @@ def furthest(states: Sequence[State], check: Callable[[State], bool], max_checks
     return seek
 
 
+def without_breaker(states: Sequence[State], index: int) -> list[State]:
+    """The path on from ``states[index]`` (which held) when the step to ``states[index + 1]`` broke: every later
+    step of the other layers, in the path's order; the layer that broke it stays where it is."""
+    breaker = _moved(states[index], states[index + 1])
+    pos, path = list(states[index]), [tuple(states[index])]
+    for a, b in zip(states[index + 1:], states[index + 2:]):
+        g = _moved(a, b)
+        if g != breaker:
+            pos[g] = b[g]
+            path.append(tuple(pos))
+    return path
+
+
+def _moved(a: State, b: State) -> int:
+    """The ladder one path step moves."""
+    return next(g for g, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def seek_path(states: Sequence[State], check: Callable[[State], bool],
+              max_checks: int) -> tuple[State, list[tuple[Seek, int, int | None]]]:
+    """The furthest state found with up to ``max_checks`` checks: :func:`furthest` on the path, then, while it
+    ends at a step that broke and checks are left, on the path without that step's layer. Returns the state and
+    each round's (seek, its path's last index, the layer index it skipped)."""
+    path, rounds, skipped = list(states), [], None
+    while True:
+        seek = furthest(path, check, max_checks - sum(len(r[0].checks) for r in rounds))
+        rounds.append((seek, len(path) - 1, skipped))
+        broke_next = (seek.index + 1, False) in seek.checks
+        if not broke_next or sum(len(r[0].checks) for r in rounds) >= max_checks:
+            return path[seek.index], rounds
+        skipped = _moved(path[seek.index], path[seek.index + 1])
+        path = without_breaker(path, seek.index)
+        if len(path) < 2:
+            return path[0], rounds
+
+
 def chosen(ladders: Sequence[Ladder], state: State) -> dict[str, Any]:
     """layer → its setting in ``state`` (layers left as they are omitted)."""
     return {ladder.layer: ladder.settings[i] for ladder, i in zip(ladders, state) if i >= 0}
 
 
 def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Callable[[str, Any], ApplyFn],
-                max_samples: int = 256, max_checks: int = 10) -> tuple[dict[str, Any], list[str]]:
+                max_samples: int = 256, max_checks: int = MAX_CHECKS) -> tuple[dict[str, Any], list[str]]:
     """layer → setting: the furthest state of :func:`frontier` whose edits (``edit(layer, setting)``, applied
     together to a clone) keep the context's budget on up to ``max_samples`` calibration samples, also with the
     output error metrics.STRESS times larger (the search stops at an edge; unseen samples lie beyond it);
@@ -119,12 +159,18 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
         rows[len(rows)] = row = measure_combination(context, model, fns, max_samples)
         return holds(row, context.max_drop, context.min_snr, stressed=True)
 
-    seek = furthest(states, check, max_checks)
-    picked = chosen(ladders, states[seek.index])
-    tried = ", ".join(f"{i}/{len(states) - 1} {'held' if ok else 'broke'}" + _row_text(rows[k])
-                      for k, (i, ok) in enumerate(seek.checks))
-    notes = [f"budget: {len(picked)} of {len(ladders)} layer(s) changed, step {seek.index} of the "
-             f"{len(states) - 1}-step gentle-to-aggressive path ({len(seek.checks)} whole-model checks: {tried})"]
+    state, rounds = seek_path(states, check, max_checks)
+    picked = chosen(ladders, state)
+    texts, k = [], 0
+    for seek, last, skipped in rounds:
+        head = "" if skipped is None else f"then without {ladders[skipped].layer}: "
+        texts.append(head + ", ".join(f"{i}/{last} {'held' if ok else 'broke'}" + _row_text(rows[k + n])
+                                      for n, (i, ok) in enumerate(seek.checks)))
+        k += len(seek.checks)
+    first = rounds[0][0]
+    notes = [f"budget: {len(picked)} of {len(ladders)} layer(s) changed, step {first.index} of the "
+             f"{len(states) - 1}-step gentle-to-aggressive path" + (f", then {len(rounds) - 1} more round(s) "
+             f"past the step that broke" if len(rounds) > 1 else "") + f" ({k} whole-model checks: {'; '.join(texts)})"]
     return picked, notes
 
 
