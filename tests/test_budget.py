@@ -70,8 +70,8 @@ def test_without_breaker_keeps_every_later_step_of_the_other_layers():
 
 
 def test_seek_path_goes_past_the_layer_that_broke():
-    # layer 1's step breaks the model wherever it comes; the steps after it hold. Bisection alone stops before
-    # layer 1 (index 1: layers 2 and 3 unchanged); the second round takes them without it
+    # ladder 1's step breaks the model wherever it comes; the steps after it hold. Bisection alone stops at index 1
+    # (ladders 1 and 2 unchanged); the second round takes ladder 2's step without ladder 1's
     states = [(-1, -1, -1), (0, -1, -1), (0, 0, -1), (0, 0, 0)]
     state, rounds = seek_path(states, lambda s: s[1] < 0, max_checks=10)
     assert rounds[0][0].index == 1 and state == (0, -1, 0)

@@ -52,7 +52,7 @@ KMEANS_FIRST = {"prune": "none", "kmeans_bits": "auto", "kmeans_data_aware": Tru
 # would cost half a 120-row weight's indices). With the refit, every layer at its width as in the hand recipe:
 # 6.72x, but 2 lines of 150 down on held-out lines (1 on the search's): at the budget's edge, hence the seeking.
 # 6 bits is the step between: a layer the budget cannot take to 4 bits goes to 6, not 8 (rec, auto's 70 search
-# feeds, 300 lines: 8|4 stopped with 16 layers short of 4 bits, 5.03x; 8|6|4 6.41x, held-out lines 0.977 vs
+# feeds, 300 lines: 8|4 stopped at step 45 of 62, 10 layers left float, 5.03x; 8|6|4 6.41x, held-out 0.977 vs
 # float 0.973). Each width is measured alone on MIXED_MEASURE samples (the whole-model checks use all search
 # samples)
 MIXED = "4/8"
