@@ -194,7 +194,6 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
             if "candidate" in t.user_attrs and t.user_attrs["candidate"].get("same_as") is None}
     best = min(seen.values(), key=lambda c: c.value(objective), default=None)
     original = space.recipe(space.original(objective), objective, max_drop)
-    durations = [c.seconds for c in seen.values() if c.recipe != original and c.seconds > 0]
     bar = tqdm(total=trials, desc="auto", unit="candidate", disable=not progress, leave=False)
     start, launched, repeats = _clock(), 0, 0
     running: list[tuple[Any, optuna.trial.Trial, str]] = []  # (the pool's handle, its trial, its recipe)
@@ -210,7 +209,8 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
 
     def time_left() -> bool:
         left = math.inf if time_budget is None else time_budget - (_clock() - start)
-        return left > 0 and left >= min(durations, default=0.0)
+        quickest = min((c.seconds for c in seen.values() if c.recipe != original and c.seconds > 0), default=0.0)
+        return left > 0 and left >= quickest
 
     def repeat(trial: optuna.trial.Trial, earlier: Candidate) -> None:
         tell(trial, dataclasses.replace(earlier, number=trial.number, seconds=0.0, same_as=earlier.file_number))
@@ -236,8 +236,6 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
                 trial = next(t for h, t, _ in running if h is handle)
                 running = [r for r in running if r[0] is not handle]
                 seen.setdefault(cand.recipe, cand)
-                if cand.recipe != original and cand.seconds > 0:
-                    durations.append(cand.seconds)
                 tell(trial, cand)
                 bar.update(1)
                 for other, rec in [w for w in waiting if w[1] == cand.recipe]:

@@ -26,7 +26,7 @@ class Inline:
 
     @property
     def channel_block(self) -> int:
-        return cpu.host().channel_block
+        return _host_channel_block()
 
     def start(self, job: candidate.Job) -> candidate.Candidate:
         return candidate.run(job)

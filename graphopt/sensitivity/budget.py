@@ -125,12 +125,13 @@ def seek_path(states: Sequence[State], check: Callable[[State], bool],
     """The furthest state found with up to ``max_checks`` checks: :func:`furthest` on the path, then, while it
     ends at a step that broke and checks are left, on the path without that step's layer. Returns the state and
     each round's (seek, its path's last index, the layer index it skipped)."""
-    path, rounds, skipped = list(states), [], None
+    path, rounds, skipped, used = list(states), [], None, 0
     while True:
-        seek = furthest(path, check, max_checks - sum(len(r[0].checks) for r in rounds))
+        seek = furthest(path, check, max_checks - used)
         rounds.append((seek, len(path) - 1, skipped))
-        broke_next = (seek.index + 1, False) in seek.checks
-        if not broke_next or sum(len(r[0].checks) for r in rounds) >= max_checks:
+        used += len(seek.checks)
+        # done unless the step past the answer was checked and broke, and checks are left
+        if (seek.index + 1, False) not in seek.checks or used >= max_checks:
             return path[seek.index], rounds
         skipped = _moved(path[seek.index], path[seek.index + 1])
         path = without_breaker(path, seek.index)
@@ -152,25 +153,24 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     if context.max_drop is None and context.min_snr is None:
         raise ValueError("seek_budget needs a budget in the context (max_drop, or min_snr for the snr metric)")
     states = frontier(ladders)
-    rows: dict[int, SensitivityRow] = {}
+    rows: list[SensitivityRow] = []  # every check's row, in the order made
 
     def check(state: State) -> bool:
         fns = [edit(layer, setting) for layer, setting in chosen(ladders, state).items()]
-        rows[len(rows)] = row = measure_combination(context, model, fns, max_samples)
+        rows.append(row := measure_combination(context, model, fns, max_samples))
         return holds(row, context.max_drop, context.min_snr, stressed=True)
 
     state, rounds = seek_path(states, check, max_checks)
     picked = chosen(ladders, state)
-    texts, k = [], 0
+    made, texts = iter(rows), []
     for seek, last, skipped in rounds:
         head = "" if skipped is None else f"then without {ladders[skipped].layer}: "
-        texts.append(head + ", ".join(f"{i}/{last} {'held' if ok else 'broke'}" + _row_text(rows[k + n])
-                                      for n, (i, ok) in enumerate(seek.checks)))
-        k += len(seek.checks)
-    first = rounds[0][0]
-    notes = [f"budget: {len(picked)} of {len(ladders)} layer(s) changed, step {first.index} of the "
-             f"{len(states) - 1}-step gentle-to-aggressive path" + (f", then {len(rounds) - 1} more round(s) "
-             f"past the step that broke" if len(rounds) > 1 else "") + f" ({k} whole-model checks: {'; '.join(texts)})"]
+        texts.append(head + ", ".join(f"{i}/{last} {'held' if ok else 'broke'}" + _row_text(next(made))
+                                      for i, ok in seek.checks))
+    more = f", then {len(rounds) - 1} more round(s) past the step that broke" if len(rounds) > 1 else ""
+    notes = [f"budget: {len(picked)} of {len(ladders)} layer(s) changed, step {rounds[0][0].index} of the "
+             f"{len(states) - 1}-step gentle-to-aggressive path{more} ({len(rows)} whole-model checks: "
+             f"{'; '.join(texts)})"]
     return picked, notes
 
 
