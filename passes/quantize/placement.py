@@ -98,6 +98,7 @@ def boundary_price(timings: Mapping[str, LayerTiming]) -> float:
 class BudgetResult:
     excluded: list[str] = field(default_factory=list)  # most sensitive first
     rows: list[dict] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # every measured anchor, most sensitive first (empty: not ranked)
     notes: list[str] = field(default_factory=list)
 
 
@@ -136,7 +137,7 @@ def accuracy_budget(context, model: ir.Model, anchors: Sequence[str], build: Cal
             hi = k
         else:
             lo = k + 1
-    out.excluded = order[:lo]
+    out.excluded, out.order = order[:lo], order
     out.notes.append(f"accuracy budget: {len(out.excluded)} of {len(order)} ops kept float (most sensitive on "
                      f"calibration data, {checks} combination checks); exclude_nodes="
                      + "|".join(out.excluded))

@@ -46,6 +46,9 @@ class Selection:
     rows: list[dict]
     notes: list[str]
     activation_type: str  # the activation type to emit (``auto`` resolved)
+    # int8 names in the accuracy budget's order, most sensitive first: what goes float next should the emitted
+    # model (corrected on more samples than the budget's checks) break the budget after all
+    spare: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -120,6 +123,7 @@ class SelectState:
     act: str = "uint8"  # the activation type to emit
     rows: list[dict] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    order: list[str] = dataclasses.field(default_factory=list)  # the accuracy budget's ranking
 
     @property
     def pool(self) -> set[str]:
@@ -217,6 +221,7 @@ def _apply_accuracy_budget(sel: Selector, st: SelectState) -> None:
                                 opts.budget_samples, lambda m, name: sel.build_one(m, name, st.dyn))
     st.notes += budget.notes
     st.rows += budget.rows
+    st.order = budget.order
     for name in budget.excluded:
         st.reasons[name] = "kept float for the accuracy budget (sensitive on calibration data)"
         st.dyn.discard(name)
@@ -296,7 +301,8 @@ def _finish(model: ir.Model, planned: Plan, st: SelectState) -> Selection:
     float_list = [n for n, r in reasons.items() if n not in dyn]
     if float_list:
         st.notes.append("kept float by measurement (latency or accuracy): exclude_nodes=" + "|".join(float_list))
-    return Selection(current, st.rows, st.notes, st.act)
+    int8 = {n.name for n in current.nodes} | dyn
+    return Selection(current, st.rows, st.notes, st.act, [n for n in st.order if n in int8])
 
 
 def candidates(placement: set[str], everything: set[str], base: str, both_types: bool) -> list[qp.Choice]:
