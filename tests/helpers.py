@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from graphopt import modelio
+from graphopt import sensitivity as sens
 from graphopt.costs import value_dims
 from graphopt.passes.canonicalize import Canonicalize
 from graphopt.passes.channels import analyze
@@ -137,6 +138,41 @@ def is_int8(model: ir.Model, name: str) -> bool:
     producer = node.inputs[1].producer()
     return producer is not None and producer.op_type == "DequantizeLinear"
 
+
+
+class FakeAccuracy:
+    """graphopt.sensitivity's measure / measure_combination, monkeypatched for quantize's accuracy budget: the drop
+    is the sum of ``drops`` of the ops int8 in the clone (no data is run), plus ``emitted_penalty`` when the model
+    handed in is already quantized (the pass checking the model it emitted, which can score worse than the
+    budget's checks saw). Records the int8 sets of each combination, single and emitted-model check."""
+
+    def __init__(self, drops: dict[str, float], emitted_penalty: float = 0.0):
+        self.drops, self.emitted_penalty = drops, emitted_penalty
+        self.combinations, self.singles, self.emitted_checks = [], [], []
+
+    def _row(self, model: ir.Model, fns, key: str = "combination"):
+        emitted = any(is_int8(model, n) for n in self.drops)
+        clone = model.clone()
+        for fn in fns:
+            fn(clone)
+        int8 = frozenset(n for n in self.drops if is_int8(clone, n))
+        drop = sum(self.drops[n] for n in int8) + (self.emitted_penalty if emitted else 0.0)
+        if emitted:
+            self.emitted_checks.append(int8)
+        return sens.SensitivityRow(key, key, "int8", drop, 40.0, 1.0 - drop, 0.0), int8
+
+    def measure(self, context, model, candidates, max_samples=64, time_budget_s=None):
+        rows = []
+        for c in candidates:
+            row, int8 = self._row(model, [c.apply], c.key)
+            self.singles.append(int8)
+            rows.append(row)
+        return sens.SensitivityTable(rows)
+
+    def measure_combination(self, context, model, fns, max_samples=64):
+        row, int8 = self._row(model, fns)
+        self.combinations.append(int8)
+        return row
 
 # --- cleanup: a model onnxsim simplifies -------------------------------------------------------------------------
 

@@ -43,10 +43,10 @@ from graphopt.passes.quantize.intweights import reusing
 from graphopt.passes.quantize.options import BiasCorrectOptions, QuantizeDynamicOptions, QuantizeOptions
 from graphopt.passes.quantize.placement import Placement
 from graphopt.passes.quantize.plan import Plan, already_quantized, plan
-from graphopt.passes.quantize.select import Selection, select
+from graphopt.passes.quantize.select import Selection, replan, select
 
 
-FINAL_RETRIES = 3  # emitted-model checks that may send more ops to float (1, then 2, then 4)
+FINAL_RETRIES = 3  # checks of the emitted model, each of which may send more ops to float (1, then 2, then 4)
 
 
 class Quantize(GraphoptPass):
@@ -170,11 +170,11 @@ class Quantize(GraphoptPass):
         pristine = model.clone() if final.nodes and (checking or self.correcting()) else None
         rows, notes = self._emit(model, final, ranges, cfg, pristine)
         retried: list[str] = []
-        for attempt in range(FINAL_RETRIES + 1):
+        for attempt in range(FINAL_RETRIES):  # the model emitted last is left to the pipeline's gate
             if not (checking and final.nodes and spare):
                 break
             row = sens.measure_combination(ctx, model, [lambda m: None], self.options.budget_samples)
-            if sens.holds(row, ctx.max_drop, self.options.min_snr_db) or attempt == FINAL_RETRIES:
+            if sens.holds(row, ctx.max_drop, self.options.min_snr_db):
                 break
             more, spare = spare[:2 ** attempt], spare[2 ** attempt:]
             retried.append(f"drop {row.drop if row.drop is not None else float('nan'):.4f}: "
@@ -194,8 +194,7 @@ def _narrowed(model: ir.Model, final: Plan, more: set[str], ranges: dict[str, Ra
     """``final`` on a fresh float ``model`` (nodes found by name) without the names in ``more``."""
     static = {n.name for n in final.nodes} - more
     dynamic = {n.name for n in final.dynamic} - more
-    narrowed = plan(model, dataclasses.replace(opts, exclude_nodes=sorted({n.name for n in model.graph} - static)),
-                    ranges)
+    narrowed = replan(model, opts, ranges, {n.name for n in model.graph} - static)
     narrowed.dynamic = [n for n in model.graph if n.name in dynamic]
     # the earlier reasons (read by name and op type only), and the new ones
     narrowed.skipped = {**final.skipped, **{n: "kept float: the emitted model broke max_drop with it int8"

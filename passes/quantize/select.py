@@ -51,6 +51,12 @@ class Selection:
     spare: list[str] = dataclasses.field(default_factory=list)
 
 
+def replan(model: ir.Model, options: QuantizeOptions, ranges: dict[str, Range], excluded: set[str]) -> Plan:
+    """The plan of ``model`` with the ``excluded`` names kept float as well as the options' own exclusions."""
+    return plan(model, dataclasses.replace(options, exclude_nodes=[*options.exclude_nodes, *sorted(excluded)]),
+                dict(ranges))
+
+
 @dataclasses.dataclass
 class Selector:
     """What one selection keeps fixed: the model, its ranges, the options and context, the emission config, the
@@ -81,9 +87,7 @@ class Selector:
 
     def replan(self, m: ir.Model, excluded: set[str]) -> Plan:
         """The plan of ``m`` with the ``excluded`` names kept float too."""
-        opts = self.options
-        return plan(m, dataclasses.replace(opts, exclude_nodes=[*opts.exclude_nodes, *sorted(excluded)]),
-                    dict(self.ranges))
+        return replan(m, self.options, self.ranges, excluded)
 
     def build(self, m: ir.Model, keep: set[str], dyn: set[str], act: str | None = None) -> None:
         """Emit exactly ``keep`` (static QDQ in ``act`` activations, or dynamic for names in ``dyn``)."""

@@ -13,7 +13,7 @@ from graphopt import data as datamod
 from graphopt import sensitivity as sens
 from graphopt.passbase import PassContext
 from graphopt.passes.quantize import Quantize, QuantizeOptions
-from tests.helpers import is_int8, make_proto, run_model, tensor_info
+from tests.helpers import FakeAccuracy, is_int8, make_proto, run_model, tensor_info
 
 DROPS = {"conv1": 0.001, "conv2": 0.03, "conv3": 0.004}  # each conv's drop when int8 (they add up)
 EMITTED_PENALTY = 0.007  # what the emitted model loses beyond what the budget's checks measured
@@ -36,50 +36,25 @@ def _three_convs(rng: np.random.Generator):
     return proto, feeds
 
 
-class Scripted:
-    """sensitivity.measure / measure_combination: the drop is the sum of DROPS of the convs int8 in the clone, plus
-    EMITTED_PENALTY when the model handed in is already quantized (the pass's check of what it emitted)."""
-
-    def __init__(self):
-        self.final_checks: list[frozenset] = []
-
-    def _row(self, model, fns, key="combination"):
-        emitted = any(is_int8(model, n) for n in DROPS)
-        clone = model.clone()
-        for fn in fns:
-            fn(clone)
-        int8 = frozenset(n for n in DROPS if is_int8(clone, n))
-        drop = sum(DROPS[n] for n in int8) + (EMITTED_PENALTY if emitted else 0.0)
-        if emitted:
-            self.final_checks.append(int8)
-        return sens.SensitivityRow(key, key, "int8", drop, 40.0, 1.0 - drop, 0.0)
-
-    def measure(self, context, model, candidates, max_samples=64, time_budget_s=None):
-        return sens.SensitivityTable([self._row(model, [c.apply], c.key) for c in candidates])
-
-    def measure_combination(self, context, model, fns, max_samples=64):
-        return self._row(model, fns)
-
-
 def _quantize(monkeypatch, teacher: bool):
-    scripted = Scripted()
-    monkeypatch.setattr(sens, "measure", scripted.measure)
-    monkeypatch.setattr(sens, "measure_combination", scripted.measure_combination)
+    fake = FakeAccuracy(DROPS, EMITTED_PENALTY)
+    monkeypatch.setattr(sens, "measure", fake.measure)
+    monkeypatch.setattr(sens, "measure_combination", fake.measure_combination)
     proto, feeds = _three_convs(np.random.default_rng(0))
     model = ir.serde.deserialize_model(proto)
     calib = datamod.load_data(feeds, datamod.input_specs(model))
     context = PassContext(calib=calib, max_drop=0.01,
                           teacher=ir.serde.deserialize_model(proto) if teacher else None)
     result = Quantize(QuantizeOptions(target="size"), context)(model)
-    return proto, feeds, result, scripted
+    return proto, feeds, result, fake
 
 
 def test_an_emitted_model_past_the_budget_sends_the_next_most_sensitive_op_to_float(monkeypatch):
-    proto, feeds, result, scripted = _quantize(monkeypatch, teacher=True)
+    proto, feeds, result, fake = _quantize(monkeypatch, teacher=True)
     model = result.model
     # the budget kept conv2 float and held with conv1+conv3 (0.005); emitted they lose 0.012 > 0.01, so conv3 (the
     # next most sensitive) goes float too, and conv1 alone emitted holds (0.008)
-    assert scripted.final_checks == [frozenset({"conv1", "conv3"}), frozenset({"conv1"})]
+    assert fake.emitted_checks == [frozenset({"conv1", "conv3"}), frozenset({"conv1"})]
     assert [n for n in DROPS if is_int8(model, n)] == ["conv1"]
     reasons = {r["node"]: r["reason"] for r in result.rows if r.get("action") == "float"}
     assert reasons["conv3"] == "kept float: the emitted model broke max_drop with it int8"
@@ -93,6 +68,6 @@ def test_an_emitted_model_past_the_budget_sends_the_next_most_sensitive_op_to_fl
 
 
 def test_without_the_teacher_the_emitted_model_is_left_to_the_gate(monkeypatch):
-    _, _, result, scripted = _quantize(monkeypatch, teacher=False)
-    assert scripted.final_checks == []
+    _, _, result, fake = _quantize(monkeypatch, teacher=False)
+    assert fake.emitted_checks == []
     assert [n for n in DROPS if is_int8(result.model, n)] == ["conv1", "conv3"]

@@ -18,7 +18,7 @@ from graphopt.passes.quantize import placement as qp
 from graphopt.passes.quantize import select as qs
 from graphopt.passes.quantize.calibrate import calibrate
 from graphopt.passes.quantize.plan import plan
-from tests.helpers import is_int8, make_proto, tensor_info, two_convs
+from tests.helpers import FakeAccuracy, is_int8, make_proto, tensor_info, two_convs
 
 
 def _select(proto, feeds, layer_timer=None, model_timer=None, max_drop=None, budget_s=60.0,
@@ -120,35 +120,6 @@ def test_dynamic_option_without_timing(dynamic, static, dyn):
 
 
 # --- the accuracy budget --------------------------------------------------------------------------------------
-
-
-class FakeAccuracy:
-    """sensitivity.measure / measure_combination on the clones select builds: the drop is the sum of the drops of
-    the convs that are int8 in the clone (no data is run)."""
-
-    def __init__(self, drops: dict[str, float]):
-        self.drops, self.combinations, self.singles = drops, [], []
-
-    def _row(self, model: ir.Model, fns, key: str = "combination") -> sens.SensitivityRow:
-        clone = model.clone()
-        for fn in fns:
-            fn(clone)
-        int8 = frozenset(n for n in self.drops if is_int8(clone, n))
-        drop = sum(self.drops[n] for n in int8)
-        return sens.SensitivityRow(key, key, "int8", drop, 40.0, 1.0 - drop, 0.0), int8
-
-    def measure(self, context, model, candidates, max_samples=64, time_budget_s=None):
-        rows = []
-        for c in candidates:
-            row, int8 = self._row(model, [c.apply], c.key)
-            self.singles.append(int8)
-            rows.append(row)
-        return sens.SensitivityTable(rows)
-
-    def measure_combination(self, context, model, fns, max_samples=64):
-        row, int8 = self._row(model, fns)
-        self.combinations.append(int8)
-        return row
 
 
 def test_accuracy_budget_keeps_the_most_sensitive_op_float(monkeypatch):
