@@ -144,10 +144,13 @@ class FakeAccuracy:
     """graphopt.sensitivity's measure / measure_combination, monkeypatched for quantize's accuracy budget: the drop
     is the sum of ``drops`` of the ops int8 in the clone (no data is run), plus ``emitted_penalty`` when the model
     handed in is already quantized (the pass checking the model it emitted, which can score worse than the
-    budget's checks saw). Records the int8 sets of each combination, single and emitted-model check."""
+    budget's checks saw). ``stressed``: per op, the drop with the output error stressed (default: its drop),
+    summed likewise. Records the int8 sets of each combination, single and emitted-model check."""
 
-    def __init__(self, drops: dict[str, float], emitted_penalty: float = 0.0):
+    def __init__(self, drops: dict[str, float], emitted_penalty: float = 0.0,
+                 stressed: dict[str, float] | None = None):
         self.drops, self.emitted_penalty = drops, emitted_penalty
+        self.stressed = {**drops, **(stressed or {})}
         self.combinations, self.singles, self.emitted_checks = [], [], []
 
     def _row(self, model: ir.Model, fns, key: str = "combination"):
@@ -156,10 +159,12 @@ class FakeAccuracy:
         for fn in fns:
             fn(clone)
         int8 = frozenset(n for n in self.drops if is_int8(clone, n))
-        drop = sum(self.drops[n] for n in int8) + (self.emitted_penalty if emitted else 0.0)
+        penalty = self.emitted_penalty if emitted else 0.0
+        drop = sum(self.drops[n] for n in int8) + penalty
+        stressed = sum(self.stressed[n] for n in int8) + penalty
         if emitted:
             self.emitted_checks.append(int8)
-        return sens.SensitivityRow(key, key, "int8", drop, 40.0, 1.0 - drop, 0.0), int8
+        return sens.SensitivityRow(key, key, "int8", drop, 40.0, 1.0 - drop, 0.0, stressed_drop=stressed), int8
 
     def measure(self, context, model, candidates, max_samples=64, time_budget_s=None):
         rows = []

@@ -174,7 +174,7 @@ class Quantize(GraphoptPass):
             if not (checking and final.nodes and spare):
                 break
             row = sens.measure_combination(ctx, model, [lambda m: None], self.options.budget_samples)
-            if sens.holds(row, ctx.max_drop, self.options.min_snr_db):
+            if sens.holds(row, ctx.max_drop, self.options.min_snr_db, stressed=True):
                 break
             more, spare = spare[:2 ** attempt], spare[2 ** attempt:]
             retried.append(f"drop {row.drop if row.drop is not None else float('nan'):.4f}: "

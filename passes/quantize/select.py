@@ -269,7 +269,7 @@ def _accepts(sel: Selector, st: SelectState, choice: qp.Choice) -> bool:
     row = sens.measure_combination(ctx, sel.model,
                                    [lambda m: sel.build_checked(m, set(choice.keep), st.dyn, choice.activation_type)],
                                    sel.options.budget_samples)
-    return sens.holds(row, ctx.max_drop, sel.options.min_snr_db)
+    return sens.holds(row, ctx.max_drop, sel.options.min_snr_db, stressed=True)
 
 
 def _back_off(sel: Selector, st: SelectState, choices: list[qp.Choice], ratios: list[float]) -> set[str]:

@@ -130,7 +130,7 @@ def test_a_faster_candidate_outside_the_accuracy_budget_loses(monkeypatch):
         for fn in fns:
             fn(clone)
         drop = 0.05 if is_int8(clone, "conv1") else 0.0
-        return SimpleNamespace(measured=True, drop=drop, worst_snr_db=40.0)
+        return SimpleNamespace(measured=True, drop=drop, stressed_or_drop=drop, worst_snr_db=40.0)
 
     monkeypatch.setattr(qp.sens, "measure_combination", combination)
     model = ir.serde.deserialize_model(proto)

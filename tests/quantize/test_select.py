@@ -138,6 +138,19 @@ def test_accuracy_budget_keeps_the_most_sensitive_op_float(monkeypatch):
             "exclude_nodes=conv2") in selection.notes
 
 
+def test_accuracy_budget_holds_the_stressed_drop(monkeypatch):
+    # every op int8 drops 0.006 (inside 0.01), but with the output error stressed conv2 alone costs 0.02: a
+    # model at the budget's edge, which graphopt auto would refuse; conv2 goes float, ranked first by it
+    fake = FakeAccuracy({"conv1": 0.003, "conv2": 0.003}, stressed={"conv1": 0.004, "conv2": 0.02})
+    monkeypatch.setattr(sens, "measure", fake.measure)
+    monkeypatch.setattr(sens, "measure_combination", fake.measure_combination)
+    selection = _select(*_convs(), _never, _never, max_drop=0.01, target="size")
+    assert _names(selection.plan.nodes) == ["conv1"]
+    ranked = [(r["node"], r["rank"]) for r in selection.rows if r["action"] == "sensitivity"]
+    assert ranked == [("conv2", 1), ("conv1", 2)]
+    assert fake.combinations == [{"conv1", "conv2"}, {"conv1"}]
+
+
 def test_accuracy_budget_that_holds_changes_nothing(monkeypatch):
     fake = FakeAccuracy({"conv1": 0.004, "conv2": 0.005})
     monkeypatch.setattr(sens, "measure", _never)  # no single-op screen when the whole set holds
