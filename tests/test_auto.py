@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import optuna
 import pytest
 
 from graphopt import bench, cli, cpu
@@ -79,6 +80,15 @@ def test_recipes_of_the_space():
         f"fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=global,round_to={BLOCK},max_drop=0.01; "
         "lowrank:macs=0.6,max_drop=0.01; "
         "quantize:max_drop=0.01")
+    # scope=sensitivity: per-group ratios from measured damage per MAC, each group measured at two levels
+    params = {"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.2, "channel_scope": "sensitivity"}
+    choices = space.suggest(optuna.trial.FixedTrial(params), "latency")
+    assert choices == params and choices in space.first("latency")
+    assert space.recipe(choices, "latency", 0.01, channel_block=16) == (
+        "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=sensitivity,round_to=16,levels=0.25|0.5,"
+        "sensitivity_samples=4,max_drop=0.01; quantize:max_drop=0.01")
+    no_channels = {"quantize": False, "lowrank_macs": 1.0, "channel_ratio": 0.0}
+    assert space.suggest(optuna.trial.FixedTrial(no_channels), "latency") == no_channels
 
 
 @pytest.mark.parametrize("kwargs,match", [({}, "auto needs samples"), ({"data": CALIB, "objective": "speed"},

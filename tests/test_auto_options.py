@@ -100,7 +100,7 @@ def test_balanced_value_counts_each_halving_the_same():
 
 def test_balanced_space():
     assert space.recipe(space.original("balanced"), "balanced", 0.01) == "fold_batchnorm; fuse; compact"
-    params = {"channel_ratio": 0.2, "lowrank_macs": 0.8, "prune": "0.5", "kmeans_bits": "4",
+    params = {"lowrank_macs": 0.8, "channel_ratio": 0.2, "channel_scope": "global", "prune": "0.5", "kmeans_bits": "4",
               "kmeans_data_aware": False, "kmeans_per_channel": False, "quantize": True, "quantize_target": "latency"}
     choices = space.suggest(optuna.trial.FixedTrial(params), "balanced")
     assert choices == params
