@@ -61,8 +61,10 @@ MIXED_MEASURE = 16
 # channel pruning's scope: "global" drops the channels of least normalized L1 norm anywhere; "sensitivity" gives
 # each group its own ratio from measured damage per MAC saved (each group pruned alone at CHANNEL_LEVELS on
 # CHANNEL_MEASURE samples), so the MACs go where time goes. PP-OCRv4 det on an AMX host (search samples, box F1 kept
-# at 1.000): sensitivity 0.2 (14.1% fewer MACs, 141 s) then int8 x0.437 of float, int8 alone x0.541, global 0.1
-# then int8 x0.572 in the search (interleaved, 1 thread)
+# at 1.000): sensitivity 0.2 (14.1% fewer MACs, 141 s) then int8 x0.437 of float against int8 alone x0.541, timed
+# interleaved (1 thread); global 0.1 then int8 had measured x0.572 in an earlier search, int8 alone x0.549 there.
+# In auto (its search samples, 20 minutes) the same candidate measured x0.414 and was refused at the budget's edge:
+# box F1 with the output error doubled dropped 0.0169
 CHANNEL_SCOPES = ["global", "sensitivity"]
 CHANNEL_LEVELS = "0.25|0.5"
 CHANNEL_MEASURE = 4
