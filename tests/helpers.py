@@ -139,7 +139,6 @@ def is_int8(model: ir.Model, name: str) -> bool:
     return producer is not None and producer.op_type == "DequantizeLinear"
 
 
-
 class FakeAccuracy:
     """graphopt.sensitivity's measure / measure_combination, monkeypatched for quantize's accuracy budget: the drop
     is the sum of ``drops`` of the ops int8 in the clone (no data is run), plus ``emitted_penalty`` when the model

@@ -12,8 +12,8 @@ from __future__ import annotations
 from graphopt.sensitivity.measurement import (Candidate, SensitivityRow, SensitivityTable, allocate, baseline,
                                           combined_snr_db, coverage_order, greedy_budget, measure,
                                           measure_combination, row_loss, sort_key, to_rows)
-from graphopt.sensitivity.budget import Ladder, frontier, furthest, holds, seek_budget
+from graphopt.sensitivity.budget import Ladder, check_text, frontier, furthest, holds, seek_budget
 
-__all__ = ["Candidate", "Ladder", "SensitivityRow", "SensitivityTable", "allocate", "baseline", "combined_snr_db",
-           "coverage_order", "frontier", "furthest", "greedy_budget", "holds", "measure", "measure_combination",
-           "row_loss", "seek_budget", "sort_key", "to_rows"]
+__all__ = ["Candidate", "Ladder", "SensitivityRow", "SensitivityTable", "allocate", "baseline", "check_text",
+           "combined_snr_db", "coverage_order", "frontier", "furthest", "greedy_budget", "holds", "measure",
+           "measure_combination", "row_loss", "seek_budget", "sort_key", "to_rows"]

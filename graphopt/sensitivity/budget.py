@@ -165,7 +165,7 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     made, texts = iter(rows), []
     for seek, last, skipped in rounds:
         head = "" if skipped is None else f"then without {ladders[skipped].layer}: "
-        texts.append(head + ", ".join(f"{i}/{last} {'held' if ok else 'broke'}" + _row_text(next(made))
+        texts.append(head + ", ".join(f"{i}/{last} {'held' if ok else 'broke'}" + check_text(next(made))
                                       for i, ok in seek.checks))
     more = f", then {len(rounds) - 1} more round(s) past the step that broke" if len(rounds) > 1 else ""
     notes = [f"budget: {len(picked)} of {len(ladders)} layer(s) changed, step {rounds[0][0].index} of the "
@@ -174,7 +174,8 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
     return picked, notes
 
 
-def _row_text(row: SensitivityRow) -> str:
+def check_text(row: SensitivityRow) -> str:
+    """What a whole-model check measured, for notes: " (drop D, stressed S)" or the SNR, or why it failed."""
     if not row.measured:
         return f" ({row.error or row.status})"
     if row.metric == "task":

@@ -177,8 +177,7 @@ class Quantize(GraphoptPass):
             if sens.holds(row, ctx.max_drop, self.options.min_snr_db, stressed=True):
                 break
             more, spare = spare[:2 ** attempt], spare[2 ** attempt:]
-            retried.append(f"drop {row.drop if row.drop is not None else float('nan'):.4f}: "
-                           f"{'|'.join(more)} back to float")
+            retried.append(f"{'|'.join(more)} back to float{sens.check_text(row)}")  # what the check that broke saw
             fresh = pristine.clone()  # back to float in place (an in-place pass keeps its model object)
             fresh.graph.meta.update(model.graph.meta)
             model.graph = fresh.graph
