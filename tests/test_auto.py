@@ -83,10 +83,17 @@ def test_recipes_of_the_space():
     # scope=sensitivity: per-group ratios from measured damage per MAC, each group measured at two levels
     params = {"quantize": True, "lowrank_macs": 1.0, "channel_ratio": 0.2, "channel_scope": "sensitivity"}
     choices = space.suggest(optuna.trial.FixedTrial(params), "latency")
-    assert choices == params and choices in space.first("latency")
+    assert choices == params
     assert space.recipe(choices, "latency", 0.01, channel_block=16) == (
         "fold_batchnorm; fuse; channel_prune:ratio=0.2,scope=sensitivity,round_to=16,levels=0.25|0.5,"
         "sensitivity_samples=4,max_drop=0.01; quantize:max_drop=0.01")
+    # ratio=auto: each group's ratio inside its share of the budget, checked on whole (repaired) models
+    params = {"quantize": True, "lowrank_macs": 1.0, "channel_ratio": "auto", "channel_share": 0.5}
+    choices = space.suggest(optuna.trial.FixedTrial(params), "latency")
+    assert choices == params and choices in space.first("latency")
+    assert space.recipe(choices, "latency", 0.01, channel_block=16) == (
+        "fold_batchnorm; fuse; channel_prune:ratio=auto,round_to=16,levels=0.25|0.5,sensitivity_samples=4,"
+        "max_macs=0.2,max_samples=512,max_drop=0.005; quantize:max_drop=0.01")
     no_channels = {"quantize": False, "lowrank_macs": 1.0, "channel_ratio": 0.0}
     assert space.suggest(optuna.trial.FixedTrial(no_channels), "latency") == no_channels
 

@@ -1,4 +1,5 @@
-"""Budget-seeking (graphopt.sensitivity.budget) and the passes built on it: kmeans bits=auto, prune sparsity=auto.
+"""Budget-seeking (graphopt.sensitivity.budget) and the passes built on it: kmeans bits=auto, prune sparsity=auto,
+channel_prune ratio=auto.
 
 The passes promise: the result keeps the run's budget on the calibration samples they judged on, also with the
 output error made metrics.STRESS times larger; and they compress more than the gentlest setting when the budget
@@ -13,9 +14,11 @@ import onnx_ir as ir
 import pytest
 
 from graphopt import data as datamod, metrics, modelio
+from graphopt.costs import count_macs
 from graphopt.errors import GraphoptError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
+from graphopt.passes.channels import ChannelPrune
 from graphopt.passes.kmeans import KMeans
 from graphopt.passes.prune import Prune
 from graphopt.sensitivity import Ladder, SensitivityRow, frontier, furthest, holds
@@ -145,6 +148,37 @@ def test_auto_levels_keep_the_budget_and_compress(digits_calib, pass_cls, raw, k
     assert cmp.drop("accuracy", stressed=True) <= 0.01 + 1e-9
     if pass_cls is KMeans:  # most weights end far below 8 bits: well past the gentlest setting
         assert sum(r["bytes_after"] for r in result.rows) < sum(r["bytes_before"] for r in result.rows) / 6
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_channel_ratio_auto_keeps_the_budget_and_removes_macs(digits_calib, repair):
+    """Each group's ratio from the levels, checked on whole models as the pass emits them (pruned, then repaired
+    when it repairs): the result keeps the stressed budget on the samples judged, and the budget buys real MACs
+    (one point affords about 20% of the digits model's; all five groups at their top level cost 72 points)."""
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    before = count_macs(model)
+    context = _context(digits_calib, 0.01)
+    raw = {"ratio": "auto", "max_samples": 200, "repair": repair}
+    result = ChannelPrune(build_options(ChannelPrune.Options, raw, "channel_prune"), context)(model)
+    assert result.modified and len(result.rows) >= 2
+    assert any(n.startswith("budget:") and "held" in n for n in result.notes)
+    assert count_macs(model) < 0.9 * before
+    assert _judged(context, model, 200).drop("accuracy", stressed=True) <= 0.01 + 1e-9
+
+
+def test_channel_ratio_auto_stops_its_path_at_max_macs(digits_calib):
+    """The path ends before the first state removing more than max_macs of the MACs, whatever the budget allows
+    (a 5-point budget here; at the default 0.3 the digits model loses about 18%)."""
+    model = modelio.load_model(DIGITS / "digits.onnx")
+    before = count_macs(model)
+    raw = {"ratio": "auto", "max_samples": 200, "max_macs": 0.1}
+    ChannelPrune(build_options(ChannelPrune.Options, raw, "channel_prune"), _context(digits_calib, 0.05))(model)
+    assert 0.9 * before <= count_macs(model) < before
+
+
+def test_channel_ratio_auto_is_per_group_so_not_global():
+    with pytest.raises(Exception, match="ratio=auto"):
+        build_options(ChannelPrune.Options, {"ratio": "auto", "scope": "global"}, "channel_prune")
 
 
 def test_a_zero_budget_changes_only_what_costs_nothing(digits_calib):

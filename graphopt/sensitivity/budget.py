@@ -144,19 +144,28 @@ def chosen(ladders: Sequence[Ladder], state: State) -> dict[str, Any]:
     return {ladder.layer: ladder.settings[i] for ladder, i in zip(ladders, state) if i >= 0}
 
 
-def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Callable[[str, Any], ApplyFn],
-                max_samples: int = 256, max_checks: int = MAX_CHECKS) -> tuple[dict[str, Any], list[str]]:
+def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Callable[[str, Any], ApplyFn] | None,
+                max_samples: int = 256, max_checks: int = MAX_CHECKS,
+                edit_all: Callable[[dict[str, Any]], ApplyFn] | None = None,
+                max_gain: float | None = None) -> tuple[dict[str, Any], list[str]]:
     """layer → setting: the furthest state of :func:`frontier` whose edits (``edit(layer, setting)``, applied
-    together to a clone) keep the context's budget on up to ``max_samples`` calibration samples, also with the
-    output error metrics.STRESS times larger (the search stops at an edge; unseen samples lie beyond it);
-    and notes."""
+    together to a clone; or ``edit_all(layer → setting)``, one edit of them all, for edits that are not
+    independent per layer) keep the context's budget on up to ``max_samples`` calibration samples, also with
+    the output error metrics.STRESS times larger (the search stops at an edge; unseen samples lie beyond it);
+    and notes. ``max_gain``: the path ends before the first state that gains more (the rest is out of reach, and
+    checking it wastes time)."""
     if context.max_drop is None and context.min_snr is None:
         raise ValueError("seek_budget needs a budget in the context (max_drop, or min_snr for the snr metric)")
+    if (edit is None) == (edit_all is None):
+        raise ValueError("seek_budget takes one of edit (per layer) and edit_all (the whole state)")
     states = frontier(ladders)
+    if max_gain is not None:  # gains only grow along the path
+        states = [s for s in states if _gain(ladders, s) <= max_gain]
     rows: list[SensitivityRow] = []  # every check's row, in the order made
 
     def check(state: State) -> bool:
-        fns = [edit(layer, setting) for layer, setting in chosen(ladders, state).items()]
+        picked = chosen(ladders, state)
+        fns = [edit_all(picked)] if edit_all else [edit(layer, setting) for layer, setting in picked.items()]
         rows.append(row := measure_combination(context, model, fns, max_samples))
         return holds(row, context.max_drop, context.min_snr, stressed=True)
 
@@ -172,6 +181,10 @@ def seek_budget(context: PassContext, model, ladders: Sequence[Ladder], edit: Ca
              f"{len(states) - 1}-step gentle-to-aggressive path{more} ({len(rows)} whole-model checks: "
              f"{'; '.join(texts)})"]
     return picked, notes
+
+
+def _gain(ladders: Sequence[Ladder], state: State) -> float:
+    return sum(ladder.gains[i] for ladder, i in zip(ladders, state) if i >= 0)
 
 
 def check_text(row: SensitivityRow) -> str:

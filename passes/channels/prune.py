@@ -2,9 +2,10 @@
 
 Pieces (as in Torch-Pruning): :mod:`deps` finds the dependency groups, :mod:`importance` scores their removal
 units, :mod:`plan` decides how many channels each group loses (a ratio per layer, one global ratio over
-normalized importance, or per-group ratios from measured sensitivity) and :mod:`select` which units,
-:mod:`rewrite` slices the tensors and :mod:`repair` refits the consumer layers on calibration data. The pass
-runs them as named steps; what one call learns travels in a :class:`Setup`, never on the pass.
+normalized importance, per-group ratios from measured sensitivity, or with ``ratio=auto`` the most the accuracy
+budget allows) and :mod:`select` which units, :mod:`rewrite` slices the tensors and :mod:`repair` refits the
+consumer layers on calibration data. The pass runs them as named steps; what one call learns travels in a
+:class:`Setup`, never on the pass.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from graphopt.options import BaseOptions, option
 from graphopt.passbase import GraphoptPass, GraphoptResult
 from graphopt.passes.channels.deps import analyze
 from graphopt.passes.channels.importance import KINDS, consumer_stats, criterion
-from graphopt.passes.channels.plan import Plan, global_plan, layer_plan, sensitivity_plan
+from graphopt.passes.channels.plan import Plan, Repair, budget_plan, global_plan, layer_plan, sensitivity_plan
 from graphopt.passes.channels.repair import channel_means, compare, repair as repair_layers
 from graphopt.passes.channels.rewrite import remove_channels, removals
 from graphopt.passes.channels.select import removed_channels
@@ -61,18 +62,23 @@ class ChannelPrune(GraphoptPass):
 
     @dataclasses.dataclass(frozen=True)
     class Options(BaseOptions):
-        ratio: float | dict[str, float] = option(
+        ratio: float | dict[str, float] | Literal["auto"] = option(
             0.3, "fraction of each group's channels removed: one value, or a mapping producer node name → "
-                 "ratio ('*' for the rest)", low=0.0, high=1.0, high_open=True)
+                 "ratio ('*' for the rest), or auto: each group's ratio (from levels, measured as with "
+                 "scope=sensitivity) chosen inside max_drop (needs --calib)", low=0.0, high=1.0, high_open=True)
         scope: Literal["layer", "global", "sensitivity"] = option(
             "layer", "layer: every group loses `ratio`; global: `ratio` of all channels, the least important "
                      "by normalized score; sensitivity: each group pruned alone at `levels` is measured on "
                      "calibration data, then groups get per-group ratios (cheapest output damage per MAC first) "
                      "removing about `ratio` of the model's MACs", choices=("layer", "global", "sensitivity"))
-        levels: list[float] = option([0.05, 0.1, 0.25, 0.5], "scope=sensitivity: group ratios measured (and the "
-                                                        "largest one a group may get)")
-        sensitivity_samples: int = option(16, "scope=sensitivity: calibration samples per measurement", low=1)
-        time_budget: float = option(600.0, "scope=sensitivity: seconds for the measurements (groups not "
+        levels: list[float] = option([0.05, 0.1, 0.25, 0.5], "scope=sensitivity, ratio=auto: group ratios measured "
+                                                        "(and the largest one a group may get)")
+        max_macs: float = option(0.3, "ratio=auto: the most of the model's MACs removed (every budget check "
+                                      "runs a repair; the far end of the path breaks any budget)", low=0.0,
+                                 high=1.0, low_open=True)
+        sensitivity_samples: int = option(16, "scope=sensitivity, ratio=auto: calibration samples per measurement",
+                                          low=1)
+        time_budget: float = option(600.0, "scope=sensitivity, ratio=auto: seconds for the measurements (groups not "
                                            "reached keep all channels)", low=0.0, low_open=True)
         importance: Literal["l1", "l2", "bn", "activation", "reconstruction"] = option(
             "l1", "channel score: filter L1/L2 norm, BatchNorm |gamma|, mean |activation| (data), or the "
@@ -99,6 +105,8 @@ class ChannelPrune(GraphoptPass):
         def check(self) -> None:
             if isinstance(self.ratio, dict) and self.scope != "layer":
                 raise ValueError(f"scope={self.scope} takes one ratio, not a mapping")
+            if self.ratio == "auto" and self.scope == "global":
+                raise ValueError("ratio=auto gives each group its own ratio; scope=global takes one ratio")
             if not self.levels or any(not 0 < v < 1 for v in self.levels):
                 raise ValueError("levels must be ratios between 0 and 1 (exclusive)")
 
@@ -106,6 +114,8 @@ class ChannelPrune(GraphoptPass):
     def needs_data(cls, options) -> str | None:
         if criterion(options.importance).needs_data:
             return f"importance={options.importance} scores channels by their activations"
+        if options.ratio == "auto":
+            return "ratio=auto measures each group's damage on data"
         if options.scope == "sensitivity":
             return "scope=sensitivity measures each group's damage on data"
         return None
@@ -157,7 +167,11 @@ class ChannelPrune(GraphoptPass):
     def _plan(self, model: ir.Model, setup: Setup, notes: list[str]) -> Plan:
         """The units each group loses, by ``scope``; notes the groups where ``round_to`` could not be met."""
         opts = self.options
-        if opts.scope == "sensitivity":
+        if opts.ratio == "auto":
+            self.context.require_calib(self.name)
+            plan = budget_plan(self.context, model, setup.shapes, setup.prunable, setup.scores, setup.means,
+                               setup.costs_before, opts, self.mark, self._repair_fn(setup), notes)
+        elif opts.scope == "sensitivity":
             self.context.require_calib(self.name)
             plan = sensitivity_plan(self.context, model, setup.shapes, setup.prunable, setup.scores, setup.means,
                                     setup.costs_before, opts, self.mark, notes)
@@ -175,11 +189,21 @@ class ChannelPrune(GraphoptPass):
                          + ", ".join(plan.spared[:6]) + (" ..." if len(plan.spared) > 6 else ""))
         return plan
 
+    def _repairs(self, setup: Setup) -> bool:
+        return self.options.repair if self.options.repair is not None else setup.data is not None
+
+    def _repair_fn(self, setup: Setup) -> Repair | None:
+        """The repair as budget checks run it on a pruned clone (no notes, no before/after comparison)."""
+        if not self._repairs(setup) or setup.data is None:
+            return None
+        return lambda clone, removed: repair_layers(clone, setup.original, removed, setup.data, self.options,
+                                                    self.context, self.mark, [])
+
     def _repair(self, model: ir.Model, setup: Setup, slot_removed: dict[Slot, np.ndarray],
                 notes: list[str]) -> dict[str, tuple[float, float]]:
         """Refit the consumer layers on calibration data (when asked, by default when data is given)."""
         opts, data = self.options, setup.data
-        repair = opts.repair if opts.repair is not None else data is not None
+        repair = self._repairs(setup)
         if repair and data is None:
             notes.append("repair skipped: no calibration data")
         elif repair:
