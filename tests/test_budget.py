@@ -15,7 +15,7 @@ import pytest
 
 from graphopt import data as datamod, metrics, modelio
 from graphopt.costs import count_macs
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, RecipeError
 from graphopt.options import build_options
 from graphopt.passbase import PassContext
 from graphopt.passes.channels import ChannelPrune
@@ -177,7 +177,7 @@ def test_channel_ratio_auto_stops_its_path_at_max_macs(digits_calib):
 
 
 def test_channel_ratio_auto_is_per_group_so_not_global():
-    with pytest.raises(Exception, match="ratio=auto"):
+    with pytest.raises(RecipeError, match="ratio=auto"):
         build_options(ChannelPrune.Options, {"ratio": "auto", "scope": "global"}, "channel_prune")
 
 

@@ -183,13 +183,12 @@ def recipe(choices: dict[str, Any], objective: str, max_drop: float, channel_blo
 def _channel_steps(choices: dict[str, Any], max_drop: float, block: int) -> list[str]:
     """channel_prune at a fixed ratio (global or by sensitivity), or seeking its share of the budget."""
     ratio = choices.get("channel_ratio")
-    measured = f",levels={CHANNEL_LEVELS},sensitivity_samples={CHANNEL_MEASURE}"
     if not ratio:
         return []
+    measured = f",levels={CHANNEL_LEVELS},sensitivity_samples={CHANNEL_MEASURE}"
     if ratio == "auto":
         return [f"channel_prune:ratio=auto,round_to={block}{measured},max_macs={CHANNEL_MAX_MACS:g},"
-                f"max_samples={CHECK_SAMPLES},"
-                f"max_drop={max_drop * choices.get('channel_share', 1.0):g}"]
+                f"max_samples={CHECK_SAMPLES},max_drop={max_drop * choices.get('channel_share', 1.0):g}"]
     scope = choices.get("channel_scope", "global")
     return [f"channel_prune:ratio={ratio:g},scope={scope},round_to={block}"
             f"{measured if scope == 'sensitivity' else ''},max_drop={max_drop:g}"]

@@ -99,6 +99,7 @@ class Measured:
     steps: list[list[float]]  # per group, per level: the fraction of its channels really removed
     losses: list[list[float]]  # per group, per level: row_loss of the measurement (inf: not measured)
     sizes: list[int]  # per group: its members' MACs (else its channels)
+    model_macs: int  # the whole model's MACs (else the sum of sizes): what ratio and max_macs are shares of
 
 
 def measure_groups(context: PassContext, model: ir.Model, shapes: dict[str, tuple], groups: list[Group],
@@ -121,7 +122,7 @@ def measure_groups(context: PassContext, model: ir.Model, shapes: dict[str, tupl
     steps = [[removed_channels(g, drops[g.id, r]) / g.channels for r in levels] for g in groups]
     losses = [[row_loss(by_key.get(f"{keys[g.id][0]}@{r:g}"), TIE_NOISE) for r in levels] for g in groups]
     sizes = [sum(costs.get(m, 0) for m in g.members()) or g.channels for g in groups]
-    return Measured(levels, keys, drops, steps, losses, sizes)
+    return Measured(levels, keys, drops, steps, losses, sizes, sum(costs.values()) or sum(sizes))
 
 
 def sensitivity_plan(context: PassContext, model: ir.Model, shapes: dict[str, tuple], groups: list[Group],
@@ -131,14 +132,12 @@ def sensitivity_plan(context: PassContext, model: ir.Model, shapes: dict[str, tu
     MAC removed until about ``ratio`` of the model's MACs go."""
     m = measure_groups(context, model, shapes, groups, scores, means, costs, opts, mark, opts.ratio, notes)
     # ratio is a share of the whole model's MACs (a group's MACs: its members'; shared members count twice)
-    total = sum(costs.values()) or sum(m.sizes)
-    chosen = allocate(m.sizes, m.steps, m.losses, min(float(opts.ratio) * total / max(sum(m.sizes), 1), 1.0))
+    share = min(float(opts.ratio) * m.model_macs / max(sum(m.sizes), 1), 1.0)
+    chosen = allocate(m.sizes, m.steps, m.losses, share)
     plan = Plan()
     for g, r in zip(groups, chosen):
         plan.take(g, drop(g, scores[g.id], min(r, opts.max_ratio), opts))
-    cut = sorted(((r, m.keys[g.id][0]) for g, r in zip(groups, chosen) if r > 0), reverse=True)
-    notes.append("sensitivity: per-group ratios " + ", ".join(f"{n} {r:.2f}" for r, n in cut[:8])
-                 + (f" (+{len(cut) - 8} more)" if len(cut) > 8 else ""))
+    notes.append("sensitivity: " + _ratios_text({m.keys[g.id][0]: r for g, r in zip(groups, chosen) if r > 0}, ".2f"))
     return plan
 
 
@@ -166,17 +165,22 @@ def budget_plan(context: PassContext, model: ir.Model, shapes: dict[str, tuple],
                 repair(clone, removed)
         return apply
 
-    total = sum(costs.values()) or sum(m.sizes)
     picked, more = seek_budget(context, model, ladders, None, max_samples=opts.max_samples, edit_all=edit_all,
-                               max_gain=opts.max_macs * total)
+                               max_gain=opts.max_macs * m.model_macs)
     notes.extend(more)
     plan = Plan()
     for name, r in picked.items():
-        plan.take(by_name[name], drop(by_name[name], scores[by_name[name].id], r, opts))
-    cut = sorted(((r, n) for n, r in picked.items()), reverse=True)
-    notes.append("budget: per-group ratios " + (", ".join(f"{n} {r:g}" for r, n in cut[:8]) or "none")
-                 + (f" (+{len(cut) - 8} more)" if len(cut) > 8 else ""))
+        g = by_name[name]
+        plan.take(g, drop(g, scores[g.id], r, opts))
+    notes.append("budget: " + _ratios_text(picked, "g"))
     return plan
+
+
+def _ratios_text(ratios: dict[str, float], spec: str) -> str:
+    """A note's list of per-group ratios, largest first (the first eight)."""
+    cut = sorted(((r, n) for n, r in ratios.items()), reverse=True)
+    return ("per-group ratios " + (", ".join(f"{n} {r:{spec}}" for r, n in cut[:8]) or "none")
+            + (f" (+{len(cut) - 8} more)" if len(cut) > 8 else ""))
 
 
 def pruner(shapes: dict[str, tuple], producers: tuple[str, ...], removed: np.ndarray, means: dict[str, np.ndarray],

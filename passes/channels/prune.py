@@ -167,12 +167,12 @@ class ChannelPrune(GraphoptPass):
     def _plan(self, model: ir.Model, setup: Setup, notes: list[str]) -> Plan:
         """The units each group loses, by ``scope``; notes the groups where ``round_to`` could not be met."""
         opts = self.options
-        if opts.ratio == "auto":
+        if opts.ratio == "auto" or opts.scope == "sensitivity":
             self.context.require_calib(self.name)
+        if opts.ratio == "auto":
             plan = budget_plan(self.context, model, setup.shapes, setup.prunable, setup.scores, setup.means,
                                setup.costs_before, opts, self.mark, self._repair_fn(setup), notes)
         elif opts.scope == "sensitivity":
-            self.context.require_calib(self.name)
             plan = sensitivity_plan(self.context, model, setup.shapes, setup.prunable, setup.scores, setup.means,
                                     setup.costs_before, opts, self.mark, notes)
         elif opts.scope == "layer":
