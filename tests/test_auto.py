@@ -165,6 +165,31 @@ def test_the_time_budget_starts_no_candidate_it_has_no_time_left_for(tmp_path, m
     assert [c.seconds for c in result.candidates] == [1.0, 40.0, 40.0] and clock["now"] == 81.0
 
 
+def test_the_time_budget_stops_a_candidate_still_running(tmp_path, monkeypatch):
+    # The clock starts once the original is built; the next candidate would take an hour. The budget's 2 s stop
+    # it, its trial fails, and the original is written as the pick.
+    import time
+
+    real, spent = candidate.run, {"original": 0.0}
+
+    def slow(job):
+        if job.number == 0:
+            began = time.perf_counter()
+            cand = real(job)
+            spent["original"] = time.perf_counter() - began
+            return cand
+        time.sleep(3600)
+
+    monkeypatch.setattr(search, "_clock", lambda: time.perf_counter() - spent["original"])
+    monkeypatch.setattr(candidate, "run", slow)
+    began = time.perf_counter()
+    result = auto(MODEL, tmp_path / "o.onnx", data=CALIB, trials=5, time_budget=2, progress=False)
+    assert time.perf_counter() - began < 600  # not the hour
+    assert [c.number for c in result.candidates] == [0] and len(result.stopped) == 1
+    assert result.stopped[0] != result.candidates[0].recipe and (tmp_path / "o.onnx").exists()
+    assert "1 more stopped unfinished by the time budget" in summary(result)[0]
+
+
 def test_a_search_on_a_local_dask_cluster(tmp_path, monkeypatch):
     # Two workers, every trial after the original suggesting the same recipe: while it runs, the trials asked for
     # the free worker wait for its result instead of running it again, then take it as repeats.

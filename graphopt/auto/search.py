@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -71,6 +70,7 @@ class AutoResult:
     samples: dict[str, str] = dataclasses.field(default_factory=dict)  # the search's and held-out samples' sources
     # better candidates the judgement passed over, with why (outside the budget on the held-out samples, slower)
     failed_holdout: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stopped: list[str] = dataclasses.field(default_factory=list)  # recipes still running when the time ran out
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))
@@ -121,7 +121,7 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
                                      original_bytes)
 
             opt_study = _study(objective, storage, model)
-            interrupted = _search(opt_study, pool, job, objective, max_drop, trials, time_budget, progress)
+            end = _search(opt_study, pool, job, objective, max_drop, trials, time_budget, progress)
             candidates = [Candidate(**t.user_attrs["candidate"]) for t in opt_study.trials
                           if "candidate" in t.user_attrs]
             if not candidates:
@@ -142,8 +142,9 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         pool.close()
     result = AutoResult(str(model), str(output), str(output.with_suffix(".yaml")), objective, max_drop, gate_metric,
                         original_bytes, candidates, chosen, verdict.holdout, verdict.accurate,
-                        round(verdict.latency.value, 4), interrupted, machine_line(), pool.where,
-                        samples={"search": search.source, "holdout": holdout.source}, failed_holdout=passed_over)
+                        round(verdict.latency.value, 4), end.interrupted, machine_line(), pool.where,
+                        samples={"search": search.source, "holdout": holdout.source}, failed_holdout=passed_over,
+                        stopped=end.stopped)
     output.with_suffix(".yaml").write_text(_recipe_yaml(chosen.recipe))
     _save_samples(search, output.with_suffix(".calib.npz"))
     result.fronts = pareto.report_files(output, candidates, gate_metric, chosen, summary(result), objective)
@@ -177,16 +178,25 @@ def _check_arguments(objective: str, max_drop: float, trials: int, time_budget: 
         raise GraphoptError(f"--time-budget {time_budget}: expected a positive number of seconds")
 
 
+@dataclasses.dataclass
+class SearchEnd:
+    """How the search ended: Ctrl-C, and the recipes the time budget stopped unfinished."""
+
+    interrupted: bool = False
+    stopped: list[str] = dataclasses.field(default_factory=list)
+
+
 def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candidate.Job], objective: str,
-            max_drop: float, trials: int, time_budget: float | None, progress: bool) -> bool:
+            max_drop: float, trials: int, time_budget: float | None, progress: bool) -> SearchEnd:
     """Keep every slot of the pool busy: ask Optuna for a trial whenever a slot is free, start it, tell its result
     when it finishes; until ``trials`` candidates were built or the time budget is spent, or Ctrl-C. A candidate
     starts only while the budget has time left for one as quick as the quickest built so far (the original
     aside: exact passes only), so a search of slow candidates does not start one it cannot finish (PP-OCRv4 rec:
-    a fourth candidate started at 1,081 s made a 1,200 s search take 1,906 s); what runs at the end finishes.
+    a fourth candidate started at 1,081 s made a 1,200 s search take 1,906 s); one still running when the budget
+    is spent is stopped, and its trial fails (PP-OCRv4 rec, AMX host: a channel-pruning candidate started at
+    650 s took 940 s, so a 1,200 s search ran 1,585 s).
     A recipe tried before is not run again: the trial gets the earlier result and does not count (measured on
-    digits: 21 of 60 trials repeated a recipe), unless MAX_REPEATS trials in a row did (the space is spent).
-    Returns whether the search was interrupted."""
+    digits: 21 of 60 trials repeated a recipe), unless MAX_REPEATS trials in a row did (the space is spent)."""
     if not opt_study.trials:
         for choices in [space.original(objective), *space.first(objective)]:
             opt_study.enqueue_trial(choices)
@@ -207,10 +217,17 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
             best = cand
             bar.set_postfix_str(f"best #{best.number}: " + _value_text(best, objective))
 
+    def seconds_left() -> float | None:
+        return None if time_budget is None else time_budget - (_clock() - start)
+
     def time_left() -> bool:
-        left = math.inf if time_budget is None else time_budget - (_clock() - start)
+        left = seconds_left()
         quickest = min((c.seconds for c in seen.values() if c.recipe != original and c.seconds > 0), default=0.0)
-        return left > 0 and left >= quickest
+        return left is None or (left > 0 and left >= quickest)
+
+    def fail(trials_left: list[optuna.trial.Trial]) -> None:
+        for trial in trials_left:
+            opt_study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
     def repeat(trial: optuna.trial.Trial, earlier: Candidate) -> None:
         tell(trial, dataclasses.replace(earlier, number=trial.number, seconds=0.0, same_as=earlier.file_number))
@@ -232,7 +249,12 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
                     launched, repeats = launched + 1, 0
             if not running:
                 break
-            for handle, cand in pool.wait_any([h for h, _, _ in running]):
+            finished = pool.wait_any([h for h, _, _ in running], seconds_left())
+            if not finished:  # the time budget is spent: what still runs is stopped
+                pool.cancel([h for h, _, _ in running])
+                fail([t for _, t, _ in running] + [t for t, _ in waiting])
+                return SearchEnd(stopped=[r for _, _, r in running])
+            for handle, cand in finished:
                 trial = next(t for h, t, _ in running if h is handle)
                 running = [r for r in running if r[0] is not handle]
                 seen.setdefault(cand.recipe, cand)
@@ -243,12 +265,11 @@ def _search(opt_study: optuna.Study, pool: Any, job: Callable[[int, str], candid
                 waiting = [w for w in waiting if w[1] != cand.recipe]
     except KeyboardInterrupt:
         pool.cancel([h for h, _, _ in running])
-        for trial in [t for _, t, _ in running] + [t for t, _ in waiting]:
-            opt_study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return True
+        fail([t for _, t, _ in running] + [t for t, _ in waiting])
+        return SearchEnd(interrupted=True)
     finally:
         bar.close()
-    return False
+    return SearchEnd()
 
 
 def _value_text(cand: Candidate, objective: str) -> str:
@@ -268,7 +289,8 @@ def summary(result: AutoResult) -> list[str]:
               if result.metric in ("accuracy", "agreement") and samples and 1 / samples > result.max_drop else "")
     built = sum(c.same_as is None for c in result.candidates)
     repeated = f" ({len(result.candidates) - built} more repeated a recipe)" if built < len(result.candidates) else ""
-    return [f"{built} candidates{repeated}" + (" (interrupted)" if result.interrupted else "")
+    stopped = f" ({len(result.stopped)} more stopped unfinished by the time budget)" if result.stopped else ""
+    return [f"{built} candidates{repeated}{stopped}" + (" (interrupted)" if result.interrupted else "")
             + f" on {result.where}; chosen #{chosen.number} ({result.objective} {_value_text(chosen, result.objective)}"
             + f"): {chosen.recipe}",
             f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "

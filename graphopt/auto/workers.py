@@ -7,10 +7,16 @@ times its candidates, and a latency measured while other work runs on the machin
 one at a time, each on a worker that carries a ``timing`` resource (``dask worker ADDR --resources timing=1`` on
 the machine the model will run on; every local worker has one). Pruned channel widths follow the NCHWc block
 of the machines that time the candidates (``channel_block``), not the one auto runs on.
+
+``wait_any`` takes the seconds the search has left: a candidate still running when they are spent is stopped
+(in this process by an interval timer, on Dask by cancelling its future), so the time budget is the search's
+wall time, not the time to start its last candidate.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any, Sequence
 
 from graphopt import cpu
@@ -19,7 +25,7 @@ from graphopt.errors import GraphoptError
 
 
 class Inline:
-    """Candidates one after the other, in this process: a started job has already run."""
+    """Candidates one after the other, in this process: a job runs when it is waited for."""
 
     slots = 1
     where = "this process"
@@ -28,11 +34,13 @@ class Inline:
     def channel_block(self) -> int:
         return _host_channel_block()
 
-    def start(self, job: candidate.Job) -> candidate.Candidate:
-        return candidate.run(job)
+    def start(self, job: candidate.Job) -> candidate.Job:
+        return job
 
-    def wait_any(self, handles: Sequence[Any]) -> list[tuple[Any, candidate.Candidate]]:
-        return [(h, h) for h in handles]
+    def wait_any(self, handles: Sequence[Any], seconds: float | None = None) -> list[tuple[Any, candidate.Candidate]]:
+        """The first job run to its end (nothing: it was stopped when ``seconds`` ran out)."""
+        cand = run_until(handles[0], seconds)
+        return [] if cand is None else [(handles[0], cand)]
 
     def cancel(self, handles: Sequence[Any]) -> None:
         pass
@@ -75,11 +83,14 @@ class DaskWorkers:
         when the search times candidates)."""
         return self.client.submit(candidate.run, job, pure=False, resources={"timing": 1} if self.timed else None)
 
-    def wait_any(self, handles: Sequence[Any]) -> list[tuple[Any, candidate.Candidate]]:
-        """The finished ones among ``handles`` (at least one; waits for it) with their candidates."""
+    def wait_any(self, handles: Sequence[Any], seconds: float | None = None) -> list[tuple[Any, candidate.Candidate]]:
+        """The finished ones among ``handles`` with their candidates: waits for one, at most ``seconds``."""
         from distributed import wait
 
-        done = wait(list(handles), return_when="FIRST_COMPLETED").done
+        try:
+            done = wait(list(handles), timeout=seconds, return_when="FIRST_COMPLETED").done
+        except TimeoutError:  # distributed raises the builtin (asyncio's is the same class since 3.11)
+            return []
         return [(f, f.result()) for f in handles if f in done]
 
     def cancel(self, handles: Sequence[Any]) -> None:
@@ -89,6 +100,38 @@ class DaskWorkers:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+class _TimeUp(BaseException):
+    """Raised inside a candidate run by the interval timer (a BaseException: a candidate's own ``except
+    Exception`` must not take it for a failed recipe)."""
+
+
+def run_until(job: candidate.Job, seconds: float | None) -> candidate.Candidate | None:
+    """:func:`candidate.run`, stopped after ``seconds`` (None: the candidate did not finish in time). Without
+    a timer (not the main thread, or no SIGALRM, as on Windows) the candidate runs to its end."""
+    if seconds is None or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return candidate.run(job)
+    if seconds <= 0:
+        return None
+    armed = [True]
+
+    def ring(signum: int, frame: Any) -> None:
+        if armed[0]:
+            raise _TimeUp
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        cand = candidate.run(job)
+        armed[0] = False
+        return cand
+    except _TimeUp:
+        return None
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _host_channel_block() -> int:
