@@ -46,7 +46,7 @@ class Selection:
     rows: list[dict]
     notes: list[str]
     activation_type: str  # the activation type to emit (``auto`` resolved)
-    # int8 names in the accuracy budget's order, most sensitive first: what goes float next should the emitted
+    # int8 names in the accuracy budget's order, first ranked first: what goes float next should the emitted
     # model (corrected on more samples than the budget's checks) break the budget after all
     spare: list[str] = dataclasses.field(default_factory=list)
 
@@ -214,15 +214,16 @@ def _drop_losing_regions(sel: Selector, st: SelectState) -> None:
 
 
 def _apply_accuracy_budget(sel: Selector, st: SelectState) -> None:
-    """The most sensitive ops stay float until ``max_drop`` holds: every own-scale op and weight op is a
-    candidate (shape ops follow their input)."""
+    """The most sensitive ops (for latency: per ms their int8 kernel saves) stay float until ``max_drop`` holds:
+    every own-scale op and weight op is a candidate (shape ops follow their input)."""
     opts, ctx = sel.options, sel.context
     pool = st.pool
     cands = [n.name for n in st.current.nodes if n.op_type not in qdq.SHARED_SCALE_OPS] + sorted(st.dyn)
     rest = pool - set(cands)
     budget = qp.accuracy_budget(ctx, sel.model, cands, lambda m, keep: sel.build_checked(m, keep | rest, st.dyn),
                                 ctx.max_drop, opts.min_snr_db, opts.sensitivity_samples, opts.sensitivity_budget_s,
-                                opts.budget_samples, lambda m, name: sel.build_one(m, name, st.dyn))
+                                opts.budget_samples, lambda m, name: sel.build_one(m, name, st.dyn),
+                                _saved_ms(sel.placer.timings, st.dyn) if sel.measure else None)
     st.notes += budget.notes
     st.rows += budget.rows
     st.order = budget.order
@@ -230,6 +231,12 @@ def _apply_accuracy_budget(sel: Selector, st: SelectState) -> None:
         st.reasons[name] = "kept float for the accuracy budget (sensitive on calibration data)"
         st.dyn.discard(name)
     st.current = sel.replan(sel.model, set(st.reasons) | st.dyn)
+
+
+def _saved_ms(timings: dict[str, qp.LayerTiming], dyn: set[str]) -> dict[str, float]:
+    """The ms each timed op's int8 kernel (static, or dynamic for ``dyn``) saves against float."""
+    return {name: t.float_ms - (t.dynamic_ms if name in dyn and t.dynamic_ms is not None else t.int8_ms)
+            for name, t in timings.items()}
 
 
 def _choose_whole_model(sel: Selector, st: SelectState) -> None:

@@ -151,6 +151,21 @@ def test_accuracy_budget_holds_the_stressed_drop(monkeypatch):
     assert fake.combinations == [{"conv1", "conv2"}, {"conv1"}]
 
 
+@pytest.mark.parametrize("target, kept", [("size", ["conv2"]), ("latency", ["conv1"])])
+def test_accuracy_budget_for_latency_gives_up_the_least_ms_per_drop(monkeypatch, target, kept):
+    # Both int8 break the budget (0.014); either alone holds. conv1 is the more sensitive (0.008 vs 0.006), but
+    # its int8 kernel saves 0.9 ms to conv2's 0.1: for size conv1 goes float, for latency conv2 (0.06 per ms
+    # against conv1's 0.009)
+    fake = FakeAccuracy({"conv1": 0.008, "conv2": 0.006})
+    monkeypatch.setattr(sens, "measure", fake.measure)
+    monkeypatch.setattr(sens, "measure_combination", fake.measure_combination)
+    timed = (_timings(conv1=(1.0, 0.1, 0.0, 1), conv2=(1.0, 0.9, 0.0, 1)), lambda ref, cand: 0.5) \
+        if target == "latency" else (_never, _never)
+    selection = _select(*_convs(), *timed, max_drop=0.01, target=target)
+    assert _names(selection.plan.nodes) == kept
+    assert fake.combinations[:2] == [{"conv1", "conv2"}, set(kept)]
+
+
 def test_accuracy_budget_that_holds_changes_nothing(monkeypatch):
     fake = FakeAccuracy({"conv1": 0.004, "conv2": 0.005})
     monkeypatch.setattr(sens, "measure", _never)  # no single-op screen when the whole set holds
