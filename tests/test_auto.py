@@ -203,6 +203,28 @@ def test_a_search_on_a_local_dask_cluster(tmp_path, monkeypatch):
     assert (tmp_path / "o.onnx").exists() and result.chosen.lzma_bytes <= result.candidates[0].lzma_bytes
 
 
+def test_a_task_cancelled_on_a_local_cluster_stops_running():
+    # Dask's cancel leaves a started task running on its worker; the search's end must not leave one computing
+    # beside the latency it judges next, so the local cluster's worker processes are gone after cancel.
+    import os
+    import time
+
+    import psutil
+
+    from graphopt.auto import workers
+
+    pool = workers.DaskWorkers(1, None, timed=False)
+    try:
+        worker = psutil.Process(next(iter(pool.client.run(os.getpid).values())))
+        future = pool.client.submit(time.sleep, 600, pure=False)
+        while not any(pool.client.processing().values()):
+            time.sleep(0.1)
+        pool.cancel([future])
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    finally:
+        pool.close()
+
+
 def test_a_killed_search_resumes_from_its_study(tmp_path):
     # SIGKILL the command once two candidates are in the study: nothing is written where the pick goes, and a
     # rerun with the same --study goes on from the trials that finished (their files kept beside the study).
@@ -315,3 +337,32 @@ def test_the_first_candidates_after_the_original_are_the_strong_starting_points(
     # the best hand recipe's widths, sought inside the budget: 8, 6 or 4 bits per layer, a codebook per Conv channel
     assert "kmeans:bits=auto,levels=8|6|4,per_channel=Conv|ConvTranspose" in mixed and "quantize" not in mixed
     assert "kmeans:bits=auto,data_aware=true,per_channel=true" in seeking and "lowrank" not in seeking
+
+
+@pytest.mark.parametrize("verdicts, pick, judged", [
+    # a slower pick says nothing about the held-out samples: it does not count against the accuracy tries
+    ({1: "outside", 2: "outside", 3: "slower", 4: "ok"}, 4, [1, 2, 3, 4]),
+    ({1: "outside", 2: "outside", 3: "outside", 4: "ok"}, 0, [1, 2, 3, 0]),
+    ({1: "slower", 2: "slower", 3: "slower", 4: "ok"}, 0, [1, 2, 3, 0]),
+])
+def test_the_judgement_counts_accuracy_and_latency_failures_apart(verdicts, pick, judged):
+    from pathlib import Path
+
+    from graphopt.auto.choose import Verdict, choose
+    from graphopt.latency import Ratio
+
+    original = "fold_batchnorm; fuse; compact"
+    cands = [Candidate(0, original, lzma_bytes=100, search={})]
+    cands += [Candidate(n, f"kmeans:bits={n}", lzma_bytes=40 + 10 * n, search={}) for n in range(1, 6)]  # #1 best
+    seen = []
+
+    def judge(path: Path) -> Verdict:
+        n = int(path.stem)
+        seen.append(n)
+        says = verdicts.get(n, "ok")
+        return Verdict({}, says != "outside", Ratio(2.0 if says == "slower" else 1.0, 0.05, 20))
+
+    chosen, _, verdict, passed_over = choose(cands, "size", original, judge,
+                                             lambda c: (c, Path(f"{c.number}.onnx")))
+    assert chosen.number == pick and seen == judged
+    assert [p["number"] for p in passed_over] == [n for n in judged if n != pick]

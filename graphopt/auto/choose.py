@@ -20,7 +20,10 @@ from graphopt.latency import LatencyProbe, Ratio
 from graphopt.metrics import Evaluator, TaskMetric
 from graphopt.verify import Gate
 
-HOLDOUT_TRIES = 3  # candidates judged on the held-out samples, best first, before falling back to the original
+# accuracy failures on the held-out samples, and slower picks, each allowed this many times, best first, before
+# falling back to the original. Counted apart: a pick timed slower says nothing about the held-out samples (PP-OCR
+# cls, size: 2 outside, then one int8-everywhere pick x1.69 of float, and 3.7x and 3.0x candidates never judged)
+HOLDOUT_TRIES = 3
 JUDGE_SECONDS = 20.0  # at most this long timing one pick against the input (interleaved rounds)
 OUTSIDE = "outside the budget on the held-out samples"
 
@@ -60,25 +63,30 @@ class Judge:
 
 def choose(candidates: list[Candidate], objective: str, original: str, judge: Callable[[Path], Verdict],
            file_of: Callable[[Candidate], tuple[Candidate, Path]]) -> tuple[Candidate, Path, Verdict, list]:
-    """The best candidate that ``judge`` accepts: the best is judged first; when it fails, the next best (up to
-    HOLDOUT_TRIES), then the original (exact passes only), which is returned whatever its verdict. Returns (pick,
+    """The best candidate that ``judge`` accepts: the best is judged first; when it fails, the next best, until
+    HOLDOUT_TRIES failed on accuracy or as many were slower; then the original (exact passes only), which is
+    returned whatever its verdict. Returns (pick,
     its file, its verdict, the candidates passed over with why). A pick found after an accuracy failure was chosen
     with the held-out samples' help: the report says so, since its held-out number is then no longer unseen."""
     ranked = sorted((c for c in candidates if c.valid and c.same_as is None),
                     key=lambda c: (c.value(objective), c.number))
-    first = [c for c in ranked if c.recipe != original][:HOLDOUT_TRIES]
-    fallback = [c for c in ranked if c.recipe == original] or \
-        [min(candidates, key=lambda c: (c.value(objective), c.number))]
-    order = [c for c in first if c.value(objective) < fallback[0].value(objective)] + fallback[:1]
+    fallback = next((c for c in ranked if c.recipe == original), None) or \
+        min(candidates, key=lambda c: (c.value(objective), c.number))
+    better = [c for c in ranked if c.recipe != original and c.value(objective) < fallback.value(objective)]
     passed_over: list[dict[str, Any]] = []
-    for i, cand in enumerate(order):
+    failures = {True: 0, False: 0}  # by accuracy (True) or by latency
+    for cand in better:
+        if max(failures.values()) >= HOLDOUT_TRIES:
+            break
         cand, pick = file_of(cand)
         verdict = judge(pick)
-        if not verdict.why_not or i == len(order) - 1:
+        if not verdict.why_not:
             return cand, pick, verdict, passed_over
+        failures[not verdict.accurate] += 1
         passed_over.append({"number": cand.number, "recipe": cand.recipe, "holdout": verdict.holdout,
                             "why": verdict.why_not})
-    raise AssertionError("unreachable: the last of the order is always returned")
+    cand, pick = file_of(fallback)
+    return cand, pick, judge(pick), passed_over
 
 
 def passed_over_text(passed_over: list[dict[str, Any]]) -> str:

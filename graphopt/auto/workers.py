@@ -55,7 +55,7 @@ class DaskWorkers:
     def __init__(self, workers: int | None, scheduler: str | None, timed: bool) -> None:
         from distributed import Client, LocalCluster
 
-        self.cluster = None
+        self.cluster, self.closed = None, False
         try:
             if scheduler:
                 self.client = Client(scheduler, timeout="20s")
@@ -94,9 +94,16 @@ class DaskWorkers:
         return [(f, f.result()) for f in handles if f in done]
 
     def cancel(self, handles: Sequence[Any]) -> None:
+        """Cancel the futures at the search's end. A cancelled task still runs to its end on its worker, so a
+        local cluster is closed too: nothing it runs may disturb the latency judged next on this machine."""
         self.client.cancel(list(handles))
+        if handles and self.cluster is not None:
+            self.close()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
