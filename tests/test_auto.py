@@ -167,7 +167,7 @@ def test_the_time_budget_starts_no_candidate_it_has_no_time_left_for(tmp_path, m
 
 def test_the_time_budget_stops_a_candidate_still_running(tmp_path, monkeypatch):
     # The clock starts once the original is built; the next candidate would take an hour. The budget's 2 s stop
-    # it, its trial fails, and the original is written as the pick.
+    # that one, its trial fails, and the original is written as the pick.
     import time
 
     real, spent = candidate.run, {"original": 0.0}

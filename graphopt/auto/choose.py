@@ -65,24 +65,23 @@ def choose(candidates: list[Candidate], objective: str, original: str, judge: Ca
            file_of: Callable[[Candidate], tuple[Candidate, Path]]) -> tuple[Candidate, Path, Verdict, list]:
     """The best candidate that ``judge`` accepts: the best is judged first; when it fails, the next best, until
     HOLDOUT_TRIES failed on accuracy or as many were slower; then the original (exact passes only), which is
-    returned whatever its verdict. Returns (pick,
-    its file, its verdict, the candidates passed over with why). A pick found after an accuracy failure was chosen
-    with the held-out samples' help: the report says so, since its held-out number is then no longer unseen."""
+    returned whatever its verdict. Returns (pick, its file, its verdict, the candidates passed over with why). A
+    pick found after an accuracy failure was chosen with the held-out samples' help: the report says so, since its
+    held-out number is then no longer unseen."""
     ranked = sorted((c for c in candidates if c.valid and c.same_as is None),
                     key=lambda c: (c.value(objective), c.number))
     fallback = next((c for c in ranked if c.recipe == original), None) or \
         min(candidates, key=lambda c: (c.value(objective), c.number))
     better = [c for c in ranked if c.recipe != original and c.value(objective) < fallback.value(objective)]
     passed_over: list[dict[str, Any]] = []
-    failures = {True: 0, False: 0}  # by accuracy (True) or by latency
     for cand in better:
-        if max(failures.values()) >= HOLDOUT_TRIES:
+        outside = sum(f["why"] == OUTSIDE for f in passed_over)
+        if max(outside, len(passed_over) - outside) >= HOLDOUT_TRIES:
             break
         cand, pick = file_of(cand)
         verdict = judge(pick)
         if not verdict.why_not:
             return cand, pick, verdict, passed_over
-        failures[not verdict.accurate] += 1
         passed_over.append({"number": cand.number, "recipe": cand.recipe, "holdout": verdict.holdout,
                             "why": verdict.why_not})
     cand, pick = file_of(fallback)

@@ -7,8 +7,9 @@
 3. :func:`.select.select` narrows the plan: MatMul/Gemm/LSTM that run faster in dynamic int8 go to
    :mod:`.dynamic` (``dynamic``), ops whose int8 kernel or int8 region is measured slower than float stay float
    (``target=latency``, :mod:`.placement`), the most sensitive ops (with ``target=latency``: per ms their int8
-   kernel saves) stay float until ``max_drop`` holds on calibration data, and whole models decide: the placement or every planned op, uint8 or int8 activations
-   (``activation_type=auto``), whichever measures fastest inside the budget.
+   kernel saves) stay float until ``max_drop`` holds on calibration data, and whole models decide: the placement
+   or every planned op, uint8 or int8 activations (``activation_type=auto``), whichever measures fastest inside
+   the budget.
 4. :func:`.qdq.emit` writes exactly the chosen nodes with the given ranges.
 5. ``bias_correction``: :func:`.correct.correct_biases` subtracts each int8 layer's mean output shift (against
    the model before quantize) from its bias, and marks the model so ``bias_correct`` leaves it alone. The
