@@ -333,9 +333,12 @@ def test_the_first_candidates_after_the_original_are_the_strong_starting_points(
     assert recipes == [space.recipe(space.original("latency"), "latency", 0.01),
                        space.recipe(space.first("latency")[0], "latency", 0.01)]
     assert recipes[1] == "fold_batchnorm; fuse; quantize:max_drop=0.01"
-    mixed, seeking = (space.recipe(c, "size", 0.01) for c in space.first("size")[:2])
+    mixed, steady, seeking = (space.recipe(c, "size", 0.01) for c in space.first("size")[:3])
     # the best hand recipe's widths, sought inside the budget: 8, 6 or 4 bits per layer, a codebook per Conv channel
     assert "kmeans:bits=auto,levels=8|6|4,per_channel=Conv|ConvTranspose" in mixed and "quantize" not in mixed
+    # then a quick, near-lossless fixed width: nothing measured, one codebook per layer
+    assert steady == ("fold_batchnorm; fuse; kmeans:bits=6,data_aware=true,refit=true,half_codebook=true,"
+                      "max_drop=0.01; compact")
     assert "kmeans:bits=auto,data_aware=true,per_channel=true" in seeking and "lowrank" not in seeking
 
 

@@ -37,16 +37,20 @@ def test_frontier_takes_the_cheapest_loss_per_gain_first():
 
 def test_frontier_jumps_a_non_convex_step_and_never_uses_unmeasured_or_useless_settings():
     # a's middle setting costs more than its last (losses never fall: it counts as 0.5 too), so the hull jumps it;
-    # b's second setting was not measured, so b stops before it; c's second setting gains nothing.
+    # b's second setting was not measured, so b never takes it but jumps past it to its measured third; d's first
+    # and third were not measured (a time budget spent on its middle width), so d takes only its second; c's
+    # second setting gains nothing.
     a = Ladder("a", (1, 2, 3), gains=(1.0, 2.0, 30.0), losses=(0.0, 0.5, 0.3))
     b = Ladder("b", (1, 2, 3), gains=(5.0, 6.0, 7.0), losses=(0.01, INF, 0.02))
     c = Ladder("c", (1, 2), gains=(4.0, 4.0), losses=(0.0, 0.0))
-    states = frontier([a, b, c])
-    assert all(s[1] <= 0 for s in states)
+    d = Ladder("d", (8, 4, 2), gains=(3.0, 6.0, 9.0), losses=(INF, 0.05, INF))
+    states = frontier([a, b, c, d])
+    assert all(s[1] != 1 for s in states)
     assert all(s[2] <= 0 for s in states)
-    assert (2, 0, 0) == states[-1]
+    assert all(s[3] in (-1, 1) for s in states)
+    assert (2, 2, 0, 1) == states[-1]
     assert not any(s[0] == 1 for s in states)
-    assert chosen([a, b, c], states[-1]) == {"a": 3, "b": 1, "c": 1}
+    assert chosen([a, b, c, d], states[-1]) == {"a": 3, "b": 3, "c": 1, "d": 4}
 
 
 @pytest.mark.parametrize("edge", [0, 1, 5, 9, 10])
