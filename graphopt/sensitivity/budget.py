@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from graphopt.passbase import PassContext
-from graphopt.sensitivity.measurement import ApplyFn, SensitivityRow, measure_combination
+from graphopt.sensitivity.measurement import ApplyFn, SensitivityRow, measure_combination, rising
 
 SNR_MARGIN_DB = 1.0  # calibration and evaluation data differ: aim 1 dB inside an snr budget
 # whole-model checks per budget search: a bisection of a path of ~60 steps takes 7, the rest go past its breaker
@@ -64,7 +64,7 @@ def frontier(ladders: Sequence[Ladder]) -> list[State]:
     gains nothing is never taken. An unmeasured setting is never taken, but a layer may jump past it to a
     measured harsher one: a time budget spent on the 4-bit widths of PP-OCRv4 det (measured first) had left every
     layer's path blocked at its unmeasured 8 bits, and the pass kept nothing."""
-    curves = [_non_decreasing(np.asarray(ladder.losses, np.float64)) for ladder in ladders]
+    curves = [rising(np.asarray(ladder.losses, np.float64)) for ladder in ladders]
     pos = [-1] * len(ladders)
     states: list[State] = [tuple(pos)]
     while True:
@@ -83,12 +83,6 @@ def frontier(ladders: Sequence[Ladder]) -> list[State]:
             return states
         pos[best[2]] = best[3]
         states.append(tuple(pos))
-
-
-def _non_decreasing(losses: np.ndarray) -> np.ndarray:
-    """Each measured loss raised to the largest measured loss before it; unmeasured (inf) ones stay inf."""
-    measured = np.isfinite(losses)
-    return np.where(measured, np.maximum.accumulate(np.where(measured, losses, -np.inf)), np.inf)
 
 
 def furthest(states: Sequence[State], check: Callable[[State], bool], max_checks: int = 10) -> Seek:

@@ -374,7 +374,7 @@ def allocate(sizes: Sequence[int], steps: Sequence[Sequence[float]], losses: Seq
     own: whole channels), ``losses[g]`` their measured losses (inf: not measured, never used, and the step
     goes straight to the next measured ratio; loss 0 at ratio 0). The last step taken is cut back so the mean lands
     on ``target`` (callers with whole units round it)."""
-    curves = [_rising(np.array([0.0, *row])) for row in losses]
+    curves = [rising(np.array([0.0, *row])) for row in losses]
     ladders = [np.array([0.0, *row]) for row in steps]
     pos = [0] * len(sizes)
     need, done, last = target * sum(sizes), 0.0, None
@@ -405,7 +405,7 @@ def coverage_order(levels: Sequence[float], target: float) -> list[float]:
     return sorted(levels, key=lambda r: (abs(r - float(target)), r))
 
 
-def _rising(curve: np.ndarray) -> np.ndarray:
+def rising(curve: np.ndarray) -> np.ndarray:
     """Loss never falls with the ratio: each measured entry is at least every measured one before it; unmeasured
     entries (inf) stay inf, so one unmeasured level does not hide the measured ones above it."""
     out, top = curve.copy(), -np.inf
