@@ -122,6 +122,7 @@ class Pipeline:
         report.final = self.current.to_dict()
         if self.gate.metric != "snr":
             report.final_stressed_drop = self.current.drop(self.gate.metric, stressed=True)
+        report.final_spread = self.current.spread(self.gate.metric)
         report.passed = self.gate.failure(self.current, self.gate.max_drop) is None
         return model
 

@@ -46,6 +46,9 @@ class Report:
     # the final drop with the output error metrics.STRESS times larger (None for the snr gate): how far from
     # the budget's edge the result sits (graphopt auto accepts only candidates whose stressed drop holds)
     final_stressed_drop: float | None = None
+    # one standard error of the final accuracy drop, from the share of predictions that changed (0 for other
+    # gates; graphopt auto accepts only candidates whose drop plus this holds)
+    final_spread: float = 0.0
     machine: str = ""  # names the host's int8 kernels: the latencies hold for those
     target_cpu: str = ""  # the CPU the model was built for (graphopt.cpu.Target.describe)
 

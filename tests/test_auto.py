@@ -369,3 +369,57 @@ def test_the_judgement_counts_accuracy_and_latency_failures_apart(verdicts, pick
                                              lambda c: (c, Path(f"{c.number}.onnx")))
     assert chosen.number == pick and seen == judged
     assert [p["number"] for p in passed_over] == [n for n in judged if n != pick]
+
+
+def test_the_judgement_adds_one_standard_error_from_the_changed_predictions(tmp_path, monkeypatch):
+    """With labels, the held-out accuracy drop is a net count: flips both ways cancel on these samples, not on
+    others. The judgement holds drop + sqrt(changed share / n) to the budget, both counted here with onnxruntime."""
+    import onnx
+    from onnx import numpy_helper
+
+    from graphopt import data as datamod
+    from graphopt import latency
+    from graphopt.auto.choose import OUTSIDE, Judge
+    from graphopt.modelio import load_model
+
+    noisy, rng = onnx.load(str(MODEL)), np.random.default_rng(0)
+    for init in noisy.graph.initializer:  # weights 0.4 of their spread off: 4 of the 200 predictions change
+        w = numpy_helper.to_array(init)
+        if w.ndim >= 2:
+            init.CopyFrom(numpy_helper.from_array((w + 0.4 * w.std() * rng.standard_normal(w.shape)).astype(w.dtype),
+                                                  init.name))
+    onnx.save(noisy, tmp_path / "noisy.onnx")
+    calib = np.load(CALIB)
+    ref, got = (make_session(str(m)).run(None, {"input": calib["input"]})[0].argmax(1)
+                for m in (MODEL, tmp_path / "noisy.onnx"))
+    n = len(ref)
+    drop = ((ref == calib["labels"]).sum() - (got == calib["labels"]).sum()) / n
+    spread = np.sqrt((ref != got).mean() / n)
+    assert 0 < drop < 0.05 and spread > 0.005
+
+    monkeypatch.setattr(latency, "time_rounds", lambda models, *a, **k: [[1.0] * 10 for _ in models])
+    specs = datamod.input_specs(load_model(MODEL))
+    holdout = datamod.load_data(CALIB, specs)
+    verdicts = {budget: Judge(MODEL, holdout, budget, None, 1, None, latency.batch_one(specs, holdout.feeds[:4]))(
+        tmp_path / "noisy.onnx") for budget in (drop + 0.5 * spread, drop + 1.01 * spread)}
+    inside, outside = verdicts[drop + 1.01 * spread], verdicts[drop + 0.5 * spread]
+    assert inside.holdout["accuracy"] == pytest.approx((got == calib["labels"]).mean())
+    assert inside.accurate and not outside.accurate and outside.why_not == OUTSIDE
+
+
+def test_a_run_reports_the_spread_its_search_candidates_are_held_to(tmp_path):
+    """optimize's report carries the standard error auto adds to a candidate's accuracy drop on the search
+    samples: sqrt(share of changed predictions / n), counted here with onnxruntime."""
+    from graphopt.pipeline import RunOptions, optimize
+
+    out = tmp_path / "two_bits.onnx"
+    test = DIGITS / "test.npz"  # the evaluation samples, all of them
+    report = optimize(MODEL, out, passes="kmeans:bits=2,max_drop=1", calib=CALIB, data=test, max_drop=1.0,
+                      run=RunOptions(latency=False, progress=False))
+    x = np.load(test)["input"]
+    ref, got = (make_session(str(m)).run(None, {"input": x})[0].argmax(1) for m in (MODEL, out))
+    assert report.final["samples"] == len(ref) and (ref != got).any()  # 2 bits change some predictions
+    assert report.final_spread == pytest.approx(np.sqrt((ref != got).mean() / len(ref)))
+    fixed = optimize(MODEL, tmp_path / "exact.onnx", passes="fuse", calib=CALIB, data=test,
+                     run=RunOptions(latency=False, progress=False))
+    assert fixed.final_spread == 0.0  # nothing changed

@@ -84,7 +84,9 @@ def run(job: Job) -> Candidate:
                           run=RunOptions(threads=job.threads, latency=job.objective in TIMED, progress=False))
         stressed = report.final_stressed_drop
         steady = stressed is None or stressed <= job.max_drop + 1e-9
-        cand.search = report.final if report.passed and steady else None
+        drop = report.final["reference_accuracy"] - report.final["accuracy"] if report.final_spread else 0.0
+        narrow = drop + report.final_spread <= job.max_drop + 1e-9
+        cand.search = report.final if report.passed and steady and narrow else None
         cand.lzma_bytes = bench.file_sizes(job.output)[1]
         if job.original_lzma_bytes:
             cand.size_ratio = round(cand.lzma_bytes / job.original_lzma_bytes, 6)
@@ -94,6 +96,9 @@ def run(job: Job) -> Candidate:
             cand.error = "outside the budget on the search samples"
         elif not steady:
             cand.error = f"at the budget's edge: drop {stressed:.4f} with the output error x{STRESS:g}"
+        elif not narrow:
+            cand.error = (f"at the budget's edge: drop {drop:.4f} + {report.final_spread:.4f} (one standard error "
+                          f"from the {1 - report.final['agreement']:.1%} of predictions that changed)")
     except GraphoptError:
         raise
     except Exception as err:  # noqa: BLE001 - a candidate that breaks is a row, the search goes on

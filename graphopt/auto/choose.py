@@ -1,7 +1,8 @@
 """The pick of `graphopt auto`: the best candidate on the objective that keeps the budget on the held-out samples
 and is not slower than the input.
 
-The search ranks candidates on its own samples; the pick is then judged once on the held-out samples, and timed
+The search ranks candidates on its own samples; the pick is then judged once on the held-out samples (with labels:
+its accuracy drop plus one standard error estimated from the predictions that changed), and timed
 against the input model interleaved (the latency guard of :mod:`graphopt.latency`: slower only beyond this
 machine's noise). Size candidates are not timed while they are built, and a size-only pass (int8 on a CPU whose
 int8 kernels are slow, a decode left in the graph) may cost time: auto never returns a pick slower than what it was
@@ -57,7 +58,8 @@ class Judge:
 
     def __call__(self, pick: Path) -> Verdict:
         comparison = self.evaluator.evaluate(str(pick))
-        accurate = self.gate.failure(comparison, self.max_drop) is None
+        # with labels, the drop plus one standard error from the changed predictions must fit (Comparison.spread)
+        accurate = self.gate.failure(comparison, self.max_drop - comparison.spread(self.gate.metric)) is None
         return Verdict(comparison.to_dict(), accurate, self.probe.compare(str(self.model), str(pick)).vs_before)
 
 

@@ -39,7 +39,7 @@ from graphopt.auto.choose import Judge, choose, passed_over_text
 from graphopt.errors import GraphoptError
 from graphopt.formatting import human, json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import metric_for_gate
+from graphopt.metrics import changed_spread, metric_for_gate
 from graphopt.pipeline import machine_line
 from graphopt.recipe import parse_text
 
@@ -287,6 +287,9 @@ def summary(result: AutoResult) -> list[str]:
     samples = result.holdout.get("samples") or 0
     coarse = (f"; one held-out sample is {1 / samples:.2%}, more than the budget: give more samples"
               if result.metric in ("accuracy", "agreement") and samples and 1 / samples > result.max_drop else "")
+    spread = changed_spread(result.holdout.get("agreement"), samples) if result.metric == "accuracy" else 0.0
+    spread_text = (f"; drop held with one standard error {spread:.4f} from the "
+                   f"{1 - result.holdout['agreement']:.1%} of predictions that changed" if spread else "")
     built = sum(c.same_as is None for c in result.candidates)
     repeated = f" ({len(result.candidates) - built} more repeated a recipe)" if built < len(result.candidates) else ""
     stopped = f" ({len(result.stopped)} more stopped unfinished by the time budget)" if result.stopped else ""
@@ -296,7 +299,7 @@ def summary(result: AutoResult) -> list[str]:
             f"size after lzma {human(chosen.lzma_bytes, 'B')} ({smaller:.2f}x smaller than the original's "
             f"{human(result.original_lzma_bytes, 'B')}); latency x{result.latency_ratio:.3f} (batch 1)",
             f"held-out samples: {result.metric} {held}" + (f" (original {ref})" if ref is not None else "")
-            + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g}){coarse}"
+            + f": {'PASSED' if result.passed else 'FAILED'} (max drop {result.max_drop:g}){spread_text}{coarse}"
             + passed_over_text(result.failed_holdout),
             f"machine: {result.machine}"]
 

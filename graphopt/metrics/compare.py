@@ -27,6 +27,7 @@ Conventions (SNR and cosine are always finite, never NaN; to_dict() is JSON-safe
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -71,6 +72,11 @@ NO_SCORES = ""  # score_output when the model has no class-score output (no outp
 WORST_SAMPLE_SLACK = 5.0
 
 
+def changed_spread(agreement: float | None, samples: int) -> float:
+    """sqrt(share of predictions that changed / samples): the standard error of a paired accuracy difference."""
+    return math.sqrt(max(0.0, 1.0 - agreement) / samples) if agreement is not None and samples else 0.0
+
+
 @dataclass
 class Comparison:
     outputs: list[OutputMetrics]
@@ -110,6 +116,13 @@ class Comparison:
         if metric == "cosine":
             return self.cosine
         return self.worst_snr_db
+
+    def spread(self, metric: str) -> float:
+        """One standard error of the accuracy drop, from the share of predictions that changed (0 for the other
+        metrics). Each sample's change in correctness is -1, 0 or +1, so its variance is at most that share: flips
+        both ways cancel in the net drop on these samples, not on others (PP-OCR cls: 12 of 420 changed, net drop
+        0.6 points on 180 held-out lines, then 1.25 points on 400 fresh ones). Agreement counts the flips itself."""
+        return changed_spread(self.agreement, self.samples) if metric == "accuracy" else 0.0
 
     def drop(self, metric: str, stressed: bool = False) -> float | None:
         """How much worse than the reference: accuracy points lost, or 1 - agreement; None for snr.
