@@ -288,7 +288,7 @@ def summary(result: AutoResult) -> list[str]:
     coarse = (f"; one held-out sample is {1 / samples:.2%}, more than the budget: give more samples"
               if result.metric in ("accuracy", "agreement") and samples and 1 / samples > result.max_drop else "")
     spread = changed_spread(result.holdout.get("agreement"), samples) if result.metric == "accuracy" else 0.0
-    spread_text = (f"; drop held with one standard error {spread:.4f} from the "
+    spread_text = (f"; drop judged with one standard error {spread:.4f} from the "
                    f"{1 - result.holdout['agreement']:.1%} of predictions that changed" if spread else "")
     built = sum(c.same_as is None for c in result.candidates)
     repeated = f" ({len(result.candidates) - built} more repeated a recipe)" if built < len(result.candidates) else ""
