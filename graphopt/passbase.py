@@ -16,6 +16,7 @@ from graphopt import modelio, runtime
 from graphopt.cpu import Target, resolve_target
 from graphopt.errors import GraphoptError
 from graphopt.metrics import Evaluator, TaskMetric
+from graphopt.metrics.recorded import remember
 from graphopt.options import BaseOptions
 
 if TYPE_CHECKING:
@@ -76,7 +77,9 @@ class PassContext:
         if self._teacher_session is None:
             if self.teacher is None:
                 raise GraphoptError("this pass needs the teacher model in its context")
-            self._teacher_session = runtime.make_session(modelio.to_proto(self.teacher), threads=self.threads)
+            # recorded: every stressed score of the pass runs the teacher on the same feeds
+            self._teacher_session = remember(runtime.make_session(modelio.to_proto(self.teacher),
+                                                                  threads=self.threads))
         return self._teacher_session
 
 

@@ -94,7 +94,7 @@ class Pipeline:
                                       self.run.latency_seconds, self.run.timer)
         evaluator = Evaluator(reference, evaluation, threads=self.run.threads, score_output=self.run.score_output,
                               progress=self.run.progress, map_threshold=self.run.map_threshold, task=self.gate.task)
-        self.current = evaluator.evaluate(reference, progress=False)
+        self.current = evaluator.evaluate(reference, progress=False, exact=True)
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
         report.passes[0].file_bytes = source_bytes
@@ -121,6 +121,7 @@ class Pipeline:
             self.current.stressed_task = evaluator.stressed_task(model)
         report.final = self.current.to_dict()
         if self.gate.metric != "snr":
+            report.final_drop = self.current.drop(self.gate.metric)
             report.final_stressed_drop = self.current.drop(self.gate.metric, stressed=True)
         report.final_spread = self.current.spread(self.gate.metric)
         report.passed = self.gate.failure(self.current, self.gate.max_drop) is None
@@ -162,7 +163,7 @@ class Pipeline:
             row = self._row(step.label(), NO_CHANGE, seconds, self.model)
         else:
             params_macs = self._params_macs(self.model)
-            verdict = self._verify(evaluator, budget, reference, slower_ok)
+            verdict = self._verify(evaluator, budget, reference, slower_ok, step.pass_cls.exact)
             kept = verdict.failure is None
             if kept:
                 self.current = verdict.comparison
@@ -183,9 +184,11 @@ class Pipeline:
         row.notes, row.rows = row.notes + notes, rows
         report.passes.append(row)
 
-    def _verify(self, evaluator: Evaluator, budget: float, reference: Any, slower_ok: bool) -> _Verdict:
-        """Check, run and gate ``self.model``. With checkpoints on disk the in-memory model is freed once it
-        is written, so onnxruntime's copy of the weights does not sit beside it; the caller reloads."""
+    def _verify(self, evaluator: Evaluator, budget: float, reference: Any, slower_ok: bool,
+                exact: bool = False) -> _Verdict:
+        """Check, run and gate ``self.model`` (``exact``: made by an exact pass, see Evaluator.evaluate). With
+        checkpoints on disk the in-memory model is freed once it is written, so onnxruntime's copy of the weights
+        does not sit beside it; the caller reloads."""
         on_disk = self._checkpoints.on_disk
         with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as tmp:
             folder = self._checkpoints.folder_for_candidate() if on_disk else Path(tmp)
@@ -199,7 +202,7 @@ class Pipeline:
                 release_memory()
             try:
                 session = mat.session(self.run.threads)
-                comparison = evaluator.evaluate(session, progress=False)
+                comparison = evaluator.evaluate(session, progress=False, exact=exact)
             except Exception as err:
                 return _Verdict(None, f"onnxruntime could not run it: {first_line(err)}", materialized=mat)
             verdict = _Verdict(comparison, self.gate.failure(comparison, budget), nbytes=mat.nbytes,

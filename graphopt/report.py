@@ -43,6 +43,7 @@ class Report:
     passes: list[PassRow]
     passed: bool = False  # the final model meets the overall gate
     final: dict[str, Any] | None = None
+    final_drop: float | None = None  # the final model's drop on the gate metric (None for the snr gate)
     # the final drop with the output error metrics.STRESS times larger (None for the snr gate): how far from
     # the budget's edge the result sits (graphopt auto accepts only candidates whose stressed drop holds)
     final_stressed_drop: float | None = None

@@ -408,7 +408,7 @@ def test_the_judgement_adds_one_standard_error_from_the_changed_predictions(tmp_
 
 
 def test_a_run_reports_the_spread_its_search_candidates_are_held_to(tmp_path):
-    """optimize's report carries the standard error auto adds to a candidate's accuracy drop on the search
+    """optimize's report carries the accuracy drop and the standard error auto adds to a candidate's accuracy drop on the search
     samples: sqrt(share of changed predictions / n), counted here with onnxruntime."""
     from graphopt.pipeline import RunOptions, optimize
 
@@ -420,6 +420,8 @@ def test_a_run_reports_the_spread_its_search_candidates_are_held_to(tmp_path):
     ref, got = (make_session(str(m)).run(None, {"input": x})[0].argmax(1) for m in (MODEL, out))
     assert report.final["samples"] == len(ref) and (ref != got).any()  # 2 bits change some predictions
     assert report.final_spread == pytest.approx(np.sqrt((ref != got).mean() / len(ref)))
+    labels = np.load(test)["labels"]
+    assert report.final_drop == pytest.approx((ref == labels).mean() - (got == labels).mean())
     fixed = optimize(MODEL, tmp_path / "exact.onnx", passes="fuse", calib=CALIB, data=test,
                      run=RunOptions(latency=False, progress=False))
     assert fixed.final_spread == 0.0  # nothing changed

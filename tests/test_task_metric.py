@@ -13,7 +13,10 @@ from graphopt import cli, optimize
 from graphopt.auto import auto
 from graphopt.errors import GraphoptError
 from graphopt.metrics import load_metric_fn, metric_for_gate
+from graphopt.options import BaseOptions
+from graphopt.passbase import GraphoptPass
 from graphopt.pipeline import RunOptions
+from graphopt.weights import constant_array, replace_initializer
 from tests.helpers import DIGITS
 
 MODEL, CALIB, TEST = DIGITS / "digits.onnx", DIGITS / "calib.npz", DIGITS / "test.npz"
@@ -232,3 +235,41 @@ def test_auto_never_returns_a_pick_that_fails_the_held_out_judgement(tmp_path):
     assert all(f["why"] == "outside the budget on the held-out samples" for f in result.failed_holdout)
     assert any("passed over" in line and "held-out samples' help" in line
                for line in (tmp_path / "p.md").read_text().splitlines())
+
+
+class ClaimsExact(GraphoptPass):
+    """Says it is exact but scales the last Gemm's weights by 0.9 (a bug an exact pass could have): its outputs
+    show the change, so its score is measured, not carried."""
+
+    name = "claims_exact"
+    exact = True
+    Options = BaseOptions
+
+    def call(self, model):
+        gemm = [n for n in model.graph if n.op_type == "Gemm"][-1]
+        replace_initializer(gemm.inputs[1], constant_array(gemm.inputs[1]) * 0.9)
+        return self.result(model, [{"layer": gemm.name}])
+
+
+def test_exact_steps_carry_the_originals_score_only_when_their_outputs_show_it(tmp_path, register_passes):
+    """The user's function is the slow part of a run (PP-OCRv4 rec: 300 lines a call). An exact pass whose outputs
+    equal the original's up to float rounding (SNR >= 60 dB, no prediction changed) carries the original's score;
+    fuse on digits then costs two calls (the original's score, the final stressed score). A pass that claims to be
+    exact but changes the outputs is scored like any other."""
+    register_passes(ClaimsExact)
+    calls = []
+
+    def counted(session) -> float:
+        calls.append(session)
+        return digits_accuracy(session)
+
+    report = optimize(str(MODEL), tmp_path / "fused.onnx", passes="fold_batchnorm; fuse", data=CALIB, run=QUIET,
+                      metric_fn=counted)
+    assert len(calls) == 2 and report.final["task"] == report.final["reference_task"] == accuracy_of(MODEL)
+    calls.clear()
+    report = optimize(str(MODEL), tmp_path / "scaled.onnx", passes="claims_exact", data=CALIB, run=QUIET,
+                      metric_fn=counted, max_drop=1.0)
+    # the original, the step, cleanup after it (exact, but its outputs are not the original's), the stressed score
+    assert len(calls) == 4 and [p.step.split(":")[0] for p in report.passes[-2:]] == ["claims_exact", "cleanup"]
+    assert report.passes[-1].metrics["worst_snr_db"] < 60.0
+    assert report.final["task"] == pytest.approx(accuracy_of(tmp_path / "scaled.onnx"))

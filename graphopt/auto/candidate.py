@@ -84,7 +84,7 @@ def run(job: Job) -> Candidate:
                           run=RunOptions(threads=job.threads, latency=job.objective in TIMED, progress=False))
         stressed = report.final_stressed_drop
         steady = stressed is None or stressed <= job.max_drop + 1e-9
-        drop = report.final["reference_accuracy"] - report.final["accuracy"] if report.final_spread else 0.0
+        drop = report.final_drop or 0.0
         narrow = drop + report.final_spread <= job.max_drop + 1e-9
         cand.search = report.final if report.passed and steady and narrow else None
         cand.lzma_bytes = bench.file_sizes(job.output)[1]

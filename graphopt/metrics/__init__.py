@@ -1,7 +1,8 @@
 """Comparing a candidate model's outputs with the original's: per-channel SNR, cosine, agreement, accuracy.
 
 Modules, bottom to top: channels (the streaming per-channel accumulator and its statistics), vectors (cosine per
-vector: embeddings, hidden states), task (the user's own metric function), roles (what each output is: class
+vector: embeddings, hidden states), task (the user's own metric function), recorded
+(sessions whose runs are remembered by feed, for that function's repeated scores), roles (what each output is: class
 scores, features or values, read from the graph), compare (the Comparison of two models' outputs), evaluator (the
 Evaluator that caches the original's outputs and compares candidates with them).
 """

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphopt.errors import GraphoptError, first_line
+from graphopt.metrics.recorded import recorded, run_replaced
 from graphopt.metrics.compare import STRESS  # the stressed agreement's safety factor, for the stressed score
 
 __all__ = ["TaskMetric", "load_metric_fn", "metric_for_gate", "task_metric"]
@@ -60,16 +61,14 @@ class TaskMetric:
         where the user's number just holds stops where unseen samples break it; this keeps it off that edge.
         The function gets the candidate's session itself, its ``run`` stressed for the call (a function that
         checks the session's type still sees an InferenceSession)."""
-        own = vars(candidate)
-        had, before = "run" in own, own.get("run")
-        candidate.run = stressed_run(candidate.run, reference)
-        try:
+        with run_replaced(candidate, stressed_run(candidate.run, reference)):
             return self.score(candidate)
-        finally:
-            if had:
-                candidate.run = before
-            else:
-                del candidate.run
+
+    def scores(self, candidate: Any, reference: Any) -> tuple[float, float]:
+        """:meth:`score` and :meth:`stressed_score` of ``candidate``, each of its runs done once (recorded
+        between the two; see graphopt.metrics.recorded)."""
+        with recorded(candidate):
+            return self.score(candidate), self.stressed_score(candidate, reference)
 
     def judging(self) -> TaskMetric:
         """This metric for the final held-out judgement."""

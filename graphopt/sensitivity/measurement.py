@@ -38,6 +38,7 @@ from graphopt import metrics, modelio, runtime
 from graphopt.sensitivity import suffix
 from graphopt.errors import GraphoptError
 from graphopt.formatting import json_safe
+from graphopt.metrics.recorded import remember
 from graphopt.passbase import PassContext
 
 SNR_FLOOR = -metrics.SNR_CAP  # the SNR recorded for rows that were not measured or failed
@@ -317,10 +318,9 @@ def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Mode
     except Exception as err:  # an edit that breaks the model must not stop the pass
         return _error_row(err, key, "", None, "task", time.perf_counter() - start)
     # outside the try: a failing user function is one clear line (GraphoptError), not a candidate's error row
-    score = context.task.score(session)
     reference = context.teacher_session() if context.teacher is not None else \
-        runtime.make_session(modelio.to_proto(model), threads=context.threads)
-    stressed = context.task.stressed_score(session, reference)
+        remember(runtime.make_session(modelio.to_proto(model), threads=context.threads))
+    score, stressed = context.task.scores(session, reference)
     top = float(context.task_reference)
     return SensitivityRow(key, "", None, top - score, cmp.worst_snr_db, score, time.perf_counter() - start, OK, None,
                           "task", cmp.samples, max(top - score, top - stressed))
