@@ -2,7 +2,7 @@
 
 A budget search scores each candidate with the user's function twice: as it is, then with its outputs' error from
 the original made STRESS times larger, which runs the candidate and the original once more on every one of the
-function's samples. On PP-OCRv4 rec (quantize's accuracy budget, 100 metric lines) those two extra runs were 38%
+function's samples. On PP-OCRv4 rec (quantize's accuracy budget, 300 metric lines) those two extra runs were 38%
 of the pass's time, and the original's outputs were the same in every check. A recorded run returns what the
 same session gave for the same feed before: the original's outputs for the whole run, a candidate's between its
 two scores.
