@@ -38,7 +38,6 @@ from graphopt import metrics, modelio, runtime
 from graphopt.sensitivity import suffix
 from graphopt.errors import GraphoptError
 from graphopt.formatting import json_safe
-from graphopt.metrics.recorded import remember
 from graphopt.passbase import PassContext
 
 SNR_FLOOR = -metrics.SNR_CAP  # the SNR recorded for rows that were not measured or failed
@@ -319,7 +318,7 @@ def _task_row(context: PassContext, evaluator: metrics.Evaluator, model: ir.Mode
         return _error_row(err, key, "", None, "task", time.perf_counter() - start)
     # outside the try: a failing user function is one clear line (GraphoptError), not a candidate's error row
     reference = context.teacher_session() if context.teacher is not None else \
-        remember(runtime.make_session(modelio.to_proto(model), threads=context.threads))
+        runtime.make_session(modelio.to_proto(model), threads=context.threads)
     score, stressed = context.task.scores(session, reference)
     top = float(context.task_reference)
     return SensitivityRow(key, "", None, top - score, cmp.worst_snr_db, score, time.perf_counter() - start, OK, None,
