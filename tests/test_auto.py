@@ -405,6 +405,7 @@ def test_the_judgement_adds_one_standard_error_from_the_changed_predictions(tmp_
     inside, outside = verdicts[drop + 1.01 * spread], verdicts[drop + 0.5 * spread]
     assert inside.holdout["accuracy"] == pytest.approx((got == calib["labels"]).mean())
     assert inside.accurate and not outside.accurate and outside.why_not == OUTSIDE
+    assert inside.spread == pytest.approx(spread)  # what the summary line names
 
 
 def test_a_run_reports_the_spread_its_search_candidates_are_held_to(tmp_path):

@@ -10,7 +10,7 @@ from graphopt.metrics.recorded import Recorder, recorded, remember
 from graphopt.runtime import make_session
 from tests.helpers import DIGITS
 
-MODEL, KMEANS_TEST = DIGITS / "digits.onnx", DIGITS / "test.npz"
+MODEL, TEST = DIGITS / "digits.onnx", DIGITS / "test.npz"
 
 
 class Counted:
@@ -56,7 +56,7 @@ def test_a_recorder_keeps_at_most_its_byte_budget():
 def test_scores_runs_the_candidate_once_per_feed_and_equals_two_fresh_scores():
     """TaskMetric.scores on real sessions: the same two numbers as score and stressed_score on fresh sessions, the
     candidate run once per feed of the function (not twice), the reference remembered across candidates."""
-    data = np.load(KMEANS_TEST)
+    data = np.load(TEST)
     noisy = make_session(str(MODEL))
     clean = noisy.run
     noisy.run = lambda names, feed, options=None: [  # the same noise on every run, as a model's own error is

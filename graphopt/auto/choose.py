@@ -34,6 +34,7 @@ class Verdict:
     holdout: dict[str, Any]  # the pick against the original on the held-out samples
     accurate: bool  # keeps the budget there
     latency: Ratio  # the pick over the input model, batch 1, interleaved
+    spread: float = 0.0  # with labels: the standard error held beside the accuracy drop (Comparison.spread)
 
     @property
     def why_not(self) -> str:
@@ -59,8 +60,10 @@ class Judge:
     def __call__(self, pick: Path) -> Verdict:
         comparison = self.evaluator.evaluate(str(pick))
         # with labels, the drop plus one standard error from the changed predictions must fit (Comparison.spread)
-        accurate = self.gate.failure(comparison, self.max_drop - comparison.spread(self.gate.metric)) is None
-        return Verdict(comparison.to_dict(), accurate, self.probe.compare(str(self.model), str(pick)).vs_before)
+        spread = comparison.spread(self.gate.metric)
+        accurate = self.gate.failure(comparison, self.max_drop - spread) is None
+        return Verdict(comparison.to_dict(), accurate, self.probe.compare(str(self.model), str(pick)).vs_before,
+                       spread)
 
 
 def choose(candidates: list[Candidate], objective: str, original: str, judge: Callable[[Path], Verdict],

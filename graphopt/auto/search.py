@@ -39,7 +39,7 @@ from graphopt.auto.choose import Judge, choose, passed_over_text
 from graphopt.errors import GraphoptError
 from graphopt.formatting import human, json_safe
 from graphopt.latency import batch_one
-from graphopt.metrics import changed_spread, metric_for_gate
+from graphopt.metrics import metric_for_gate
 from graphopt.pipeline import machine_line
 from graphopt.recipe import parse_text
 
@@ -63,6 +63,7 @@ class AutoResult:
     holdout: dict[str, Any]  # the pick against the original on the held-out samples
     passed: bool  # the pick meets the budget on the held-out samples
     latency_ratio: float | None  # the pick against the original, batch 1, interleaved
+    holdout_spread: float = 0.0  # the standard error the held-out accuracy drop was judged with (Verdict.spread)
     interrupted: bool = False
     machine: str = ""
     where: str = ""  # where the candidates ran (this process, Dask workers)
@@ -142,7 +143,7 @@ def auto(model: str | os.PathLike, output: str | os.PathLike | None = None, *, d
         pool.close()
     result = AutoResult(str(model), str(output), str(output.with_suffix(".yaml")), objective, max_drop, gate_metric,
                         original_bytes, candidates, chosen, verdict.holdout, verdict.accurate,
-                        round(verdict.latency.value, 4), end.interrupted, machine_line(), pool.where,
+                        round(verdict.latency.value, 4), verdict.spread, end.interrupted, machine_line(), pool.where,
                         samples={"search": search.source, "holdout": holdout.source}, failed_holdout=passed_over,
                         stopped=end.stopped)
     output.with_suffix(".yaml").write_text(_recipe_yaml(chosen.recipe))
@@ -287,7 +288,7 @@ def summary(result: AutoResult) -> list[str]:
     samples = result.holdout.get("samples") or 0
     coarse = (f"; one held-out sample is {1 / samples:.2%}, more than the budget: give more samples"
               if result.metric in ("accuracy", "agreement") and samples and 1 / samples > result.max_drop else "")
-    spread = changed_spread(result.holdout.get("agreement"), samples) if result.metric == "accuracy" else 0.0
+    spread = result.holdout_spread
     spread_text = (f"; drop judged with one standard error {spread:.4f} from the "
                    f"{1 - result.holdout['agreement']:.1%} of predictions that changed" if spread else "")
     built = sum(c.same_as is None for c in result.candidates)

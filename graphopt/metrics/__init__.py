@@ -14,10 +14,10 @@ from graphopt.metrics.vectors import VectorCosines
 from graphopt.metrics.task import TaskMetric, load_metric_fn, metric_for_gate, task_metric
 from graphopt.metrics.roles import FEATURES, SCORES, VALUES, OutputRole, graph_evidence, output_roles, rule_of
 from graphopt.metrics.compare import (MAP_THRESHOLD, METRICS, NO_SCORES, STRESS, WORST_SAMPLE_SLACK, Accumulator,
-                                      Comparison, changed_spread, compare, split_labels)
+                                      Comparison, compare, split_labels)
 from graphopt.metrics.evaluator import Evaluator
 
 __all__ = ["FEATURES", "MAP_THRESHOLD", "METRICS", "NO_SCORES", "SCORES", "SNR_CAP", "STRESS", "VALUES",
            "WORST_SAMPLE_SLACK", "Accumulator", "Comparison", "Evaluator", "OutputMetrics", "OutputRole", "TaskMetric",
-           "VectorCosines", "changed_spread", "compare", "cosine", "graph_evidence", "load_metric_fn",
-           "metric_for_gate", "output_roles", "rule_of", "snr_db", "split_labels", "task_metric"]
+           "VectorCosines", "compare", "cosine", "graph_evidence", "load_metric_fn", "metric_for_gate",
+           "output_roles", "rule_of", "snr_db", "split_labels", "task_metric"]
