@@ -46,6 +46,9 @@ class PassContext:
     # layer-by-layer measurements), and its score on the original model. Budget searches check whole models on it.
     task: TaskMetric | None = None
     task_reference: float | None = None
+    # A recorded session of a model computing the teacher's outputs (the pipeline's reference, when canonicalize
+    # left its outputs unchanged): teacher_session() returns it, so the whole run records the original once.
+    shared_teacher_session: Any = None
     # Evaluators against the teacher, by how many calibration samples they read (None: all); the teacher is
     # fixed for a context, so they are built once per pass. Not an init field: dataclasses.replace() with
     # another teacher or calib gets an empty cache of its own.
@@ -74,6 +77,8 @@ class PassContext:
 
     def teacher_session(self) -> Any:
         """An onnxruntime session of the teacher (what a stressed task score runs beside each candidate)."""
+        if self._teacher_session is None and self.shared_teacher_session is not None:
+            return self.shared_teacher_session
         if self._teacher_session is None:
             if self.teacher is None:
                 raise GraphoptError("this pass needs the teacher model in its context")

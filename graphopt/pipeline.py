@@ -26,6 +26,7 @@ from graphopt import bench, costs, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
 from graphopt.latency import MIN_MARGIN, LatencyProbe, Timer, Timing, batch_one
 from graphopt.metrics import Comparison, Evaluator, metric_for_gate
+from graphopt.metrics.evaluator import unchanged_outputs
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve_recipe
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
@@ -103,7 +104,7 @@ class Pipeline:
         report.metric, report.min_snr = self.gate.metric, self.gate.min_snr
         if note:
             report.passes[0].notes.append(note)
-        teacher = None
+        teacher, self._shared_teacher = None, None  # the shared one: the evaluator's reference, run as the teacher
         with contextlib.ExitStack() as stack:
             tmp = folder or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphopt-run-")))
             # An in-memory model from the caller is rewritten in place, so its state is never swapped for reloads.
@@ -115,6 +116,8 @@ class Pipeline:
                 self._step(step, teacher, calib, evaluator, reference, report)
                 if step.name == "canonicalize" and not calib.synthetic:
                     teacher = self.model.clone()  # the original as later passes see models; tensors are shared
+                    # its outputs are the reference's: passes run the evaluator's recorded reference session
+                    self._shared_teacher = evaluator.recorded_reference if unchanged_outputs(self.current) else None
                 release_mapped(self.model, teacher)  # what this pass read of a weights file leaves the resident size
             model, self.model = (self.model if folder is not None else _in_memory(self.model)), None
         if self.gate.metric == "task":  # once, of the final model: it runs the user's function twice more
@@ -136,6 +139,7 @@ class Pipeline:
                               score_output=self.run.score_output, map_threshold=self.run.map_threshold,
                               max_drop=budget, min_snr=layers.min_snr, progress=self.run.progress,
                               task=self.gate.task, task_reference=self.current.reference_task,
+                              shared_teacher_session=self._shared_teacher,
                               target=cpu.resolve_target(self.run.target_cpu),
                               # heavy models are timed only at the end: two sessions would not fit
                               latency=None if self._checkpoints.on_disk or is_heavy(self.model) else self.probe)

@@ -273,3 +273,36 @@ def test_exact_steps_carry_the_originals_score_only_when_their_outputs_show_it(t
     assert len(calls) == 4 and [p.step.split(":")[0] for p in report.passes[-2:]] == ["claims_exact", "cleanup"]
     assert report.passes[-1].metrics["worst_snr_db"] < 60.0
     assert report.final["task"] == pytest.approx(accuracy_of(tmp_path / "scaled.onnx"))
+
+
+def test_the_original_runs_once_per_feed_of_the_function_for_the_whole_run(tmp_path, monkeypatch):
+    """Every stressed check runs the original beside the candidate. The evaluator's reference session is recorded
+    and shared as the passes' teacher (canonicalize left its outputs unchanged), so over a budget search with many
+    checks the original runs once on the function's one feed, and no pass records a second copy of it."""
+    from graphopt import passbase
+    from graphopt.metrics import evaluator as evaluator_module
+    from graphopt.metrics.recorded import remember
+
+    runs, own_teachers, calls = [], [], []
+
+    def counted_then_recorded(session):
+        inner = session.run
+
+        def run(names, feed, options=None):
+            runs.append(1)
+            return inner(names, feed, options)
+
+        session.run = run
+        return remember(session)
+
+    monkeypatch.setattr(evaluator_module, "remember", counted_then_recorded)
+    monkeypatch.setattr(passbase, "remember", lambda s: own_teachers.append(s) or remember(s))
+
+    def counted(session) -> float:
+        calls.append(1)
+        return digits_accuracy(session)
+
+    report = optimize(str(MODEL), tmp_path / "k.onnx", passes="kmeans:bits=auto,max_samples=64", data=CALIB,
+                      run=QUIET, metric_fn=counted, max_drop=0.01)
+    assert report.passed and len(calls) >= 4  # the original, stressed checks in the pass, its gate, the final
+    assert runs == [1] and own_teachers == []

@@ -55,8 +55,9 @@ class Evaluator:
         self.score_output = score_output or score_output_of(self.roles) or NO_SCORES
         labels = getattr(dataset, "labels", None)
         self.labels = split_labels(labels, self.reference_outputs, self.output_names, self.score_output)
-        # recorded: the final stressed task score runs the reference on the function's feeds again
-        self._reference_session = remember(session) if task is not None else None
+        # recorded: the final stressed task score runs the reference on the function's feeds again, and so do the
+        # passes' stressed scores when the pipeline shares this session as their teacher's
+        self.recorded_reference = remember(session) if task is not None else None
         self.reference_task = task.score(session) if task is not None else None
 
     def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
@@ -87,7 +88,7 @@ class Evaluator:
         (None without a function). Asked once, of a final model: it runs the candidate and the reference again."""
         if self.task is None:
             return None
-        return self.task.stressed_score(_session(candidate, self.threads, "candidate"), self._reference_session)
+        return self.task.stressed_score(_session(candidate, self.threads, "candidate"), self.recorded_reference)
 
 
 def _session(model: Any, threads: int, role: str):
