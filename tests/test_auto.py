@@ -426,3 +426,37 @@ def test_a_run_reports_the_spread_its_search_candidates_are_held_to(tmp_path):
     fixed = optimize(MODEL, tmp_path / "exact.onnx", passes="fuse", calib=CALIB, data=test,
                      run=RunOptions(latency=False, progress=False))
     assert fixed.final_spread == 0.0  # nothing changed
+
+
+def test_recipes_that_build_the_same_file_compete_once(tmp_path):
+    """A recipe whose lossy step rolls back builds the file a shorter recipe built: its timing differs only by noise
+    (PP-OCR cls, AVX2: x0.664 against the fused original's x0.696, the same bytes), so it must not win on it."""
+    from graphopt.auto.choose import Verdict, choose
+    from graphopt.data import input_specs, load_data
+    from graphopt.latency import Ratio
+    from graphopt.modelio import load_model
+
+    search_samples = load_data(str(CALIB), input_specs(load_model(str(MODEL))))
+
+    def build(number, recipe):
+        return candidate.run(candidate.Job(MODEL, tmp_path, number, recipe, search_samples, "latency", 0.01, None, 1))
+
+    fused = build(0, "fold_batchnorm; fuse")
+    wrecked = build(1, "fold_batchnorm; fuse; prune:sparsity=0.99,scope=global")  # far outside 1 point: rolled back
+    pruned = build(2, "fold_batchnorm; fuse; prune:sparsity=0.3,scope=global")  # inside it: kept
+    assert fused.digest and wrecked.digest == fused.digest and pruned.digest != fused.digest
+    assert (tmp_path / "candidate1.onnx").read_bytes() == (tmp_path / "candidate0.onnx").read_bytes()
+    # timed: the repeat of #0 lucky, #2 in between
+    fused.latency_ratio, wrecked.latency_ratio, pruned.latency_ratio = 0.70, 0.60, 0.65
+    cands = [fused, wrecked, pruned]
+    judged = []
+
+    def judge(path):
+        judged.append(path.name)
+        return Verdict({}, True, Ratio(1.0, 0.05, 20))
+
+    chosen, *_ = choose(cands, "latency", fused.recipe, judge, lambda c: (c, tmp_path / f"candidate{c.number}.onnx"))
+    assert chosen.number == 2 and judged == ["candidate2.onnx"]
+    assert 1 not in [c.number for c in pareto.front(cands, "agreement", "latency_ratio")]
+    table = pareto.markdown(cands, "agreement", chosen, [], objective="latency")
+    assert "built the same file as #0" in next(line for line in table.splitlines() if line.startswith("| 1 "))

@@ -16,7 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from graphopt.auto.candidate import Candidate
+from graphopt.auto.candidate import Candidate, first_builds
 from graphopt.latency import LatencyProbe, Ratio
 from graphopt.metrics import Evaluator, TaskMetric
 from graphopt.verify import Gate
@@ -73,7 +73,8 @@ def choose(candidates: list[Candidate], objective: str, original: str, judge: Ca
     returned whatever its verdict. Returns (pick, its file, its verdict, the candidates passed over with why). A
     pick found after an accuracy failure was chosen with the held-out samples' help: the report says so, since its
     held-out number is then no longer unseen."""
-    ranked = sorted((c for c in candidates if c.valid and c.same_as is None),
+    firsts = first_builds(candidates)
+    ranked = sorted((c for c in candidates if c.valid and firsts.get(c.number) == c.number),
                     key=lambda c: (c.value(objective), c.number))
     fallback = next((c for c in ranked if c.recipe == original), None) or \
         min(candidates, key=lambda c: (c.value(objective), c.number))

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from graphopt.auto.candidate import Candidate
+from graphopt.auto.candidate import Candidate, first_builds
 from graphopt.formatting import human
 from graphopt.metrics import WORST_SAMPLE_SLACK
 
@@ -35,8 +35,9 @@ def loss(cand: Candidate, metric: str) -> float | None:
 
 def front(cands: Sequence[Candidate], metric: str, axis: str) -> list[Candidate]:
     """The valid candidates no other beats on both loss and ``axis`` ("lzma_bytes" or "latency_ratio"),
-    cheapest first; one per (loss, cost) point (the earliest)."""
-    points = [(c, loss(c, metric), getattr(c, axis)) for c in cands]
+    cheapest first; one per (loss, cost) point (the earliest), and one per built file (the first that built it)."""
+    firsts = first_builds(list(cands))
+    points = [(c, loss(c, metric), getattr(c, axis)) for c in cands if firsts.get(c.number) == c.number]
     points = [(c, q, v) for c, q, v in points if q is not None and v is not None]
     points.sort(key=lambda p: (p[2], p[1], p[0].number))
     out, best = [], None
@@ -63,10 +64,12 @@ def markdown(cands: Sequence[Candidate], metric: str, chosen: Candidate, summary
              "| # | recipe | loss | size after lzma | latency vs original |" + (" balanced |" if balanced else "")
              + " seconds | status |",
              "| ---: | --- | ---: | ---: | ---: |" + (" ---: |" if balanced else "") + " ---: | --- |"]
+    firsts = first_builds(list(cands))
     for c in cands:
         q = loss(c, metric)
         mark = ("✔ " if c.number == chosen.number else "") + ("★" if c.number in on_front else "")
-        status = c.error or (f"same as #{c.same_as}" if c.same_as is not None else "ok")
+        status = c.error or (f"same as #{c.same_as}" if c.same_as is not None else
+                             f"built the same file as #{firsts[c.number]}" if firsts[c.number] != c.number else "ok")
         value = c.value(objective)  # inf: not valid
         shown = (f" {value:.3f} |" if math.isfinite(value) else " |") if balanced else ""
         lines.append(f"| {c.number} {mark} | `{c.recipe}` | {'' if q is None else f'{q:.4g}'} | "
