@@ -77,7 +77,7 @@ class PassContext:
 
     def teacher_session(self) -> Any:
         """An onnxruntime session of the teacher (what a stressed task score runs beside each candidate)."""
-        if self._teacher_session is None and self.shared_teacher_session is not None:
+        if self.shared_teacher_session is not None:
             return self.shared_teacher_session
         if self._teacher_session is None:
             if self.teacher is None:
