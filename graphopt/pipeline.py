@@ -26,7 +26,7 @@ from graphopt import bench, costs, cpu, data as datamod, modelio
 from graphopt.errors import GraphoptError, first_line
 from graphopt.latency import MIN_MARGIN, LatencyProbe, Timer, Timing, batch_one
 from graphopt.metrics import Comparison, Evaluator, metric_for_gate
-from graphopt.metrics.evaluator import unchanged_outputs
+from graphopt.metrics.evaluator import Scored, unchanged_outputs
 from graphopt.passbase import PassContext
 from graphopt.recipe import Step, resolve_recipe
 from graphopt.report import BASELINE, FAILED, KEPT, NO_CHANGE, ROLLED_BACK, PassRow, Report
@@ -66,6 +66,7 @@ class _Verdict:
     session: Any = None  # the candidate's onnxruntime session, the next pass's "before" when it is kept
     nbytes: int | None = None
     materialized: Materialized | None = None  # the candidate's file, when checkpoints live on disk
+    scored: Scored | None = None  # its outputs and score by the user's function (a function only)
 
 
 class Pipeline:
@@ -80,6 +81,7 @@ class Pipeline:
         self._before: Any = None  # session of the model as it stands, once a pass was kept (else the original)
         self._ceiling = 1.0  # the input's latency, raised by kept passes that were allowed to be slower
         self._layers_gate = gate  # what passes measure layers with (gate.proxy: not the user's function)
+        self._scored: Scored | None = None  # the model as it stands: outputs and the user's score (a function only)
 
     def execute(self, model: ir.Model, reference: Any, calib: datamod.Dataset, evaluation: datamod.Dataset,
                 report: Report, source_bytes: int | None = None, folder: Path | None = None) -> ir.Model:
@@ -96,6 +98,7 @@ class Pipeline:
         evaluator = Evaluator(reference, evaluation, threads=self.run.threads, score_output=self.run.score_output,
                               progress=self.run.progress, map_threshold=self.run.map_threshold, task=self.gate.task)
         self.current = evaluator.evaluate(reference, progress=False, exact=True)
+        self._scored = evaluator.latest
         release_memory()
         report.passes.append(self._row("input", BASELINE, 0.0, model))
         report.passes[0].file_bytes = source_bytes
@@ -170,7 +173,7 @@ class Pipeline:
             verdict = self._verify(evaluator, budget, reference, slower_ok, step.pass_cls.exact)
             kept = verdict.failure is None
             if kept:
-                self.current = verdict.comparison
+                self.current, self._scored = verdict.comparison, verdict.scored
                 self._kept_timing(verdict, slower_ok)
             if self.model is None or not kept:  # freed while verifying, or rolled back
                 self.model = (self._checkpoints.keep(verdict.materialized) if kept
@@ -206,11 +209,11 @@ class Pipeline:
                 release_memory()
             try:
                 session = mat.session(self.run.threads)
-                comparison = evaluator.evaluate(session, progress=False, exact=exact)
+                comparison = evaluator.evaluate(session, progress=False, exact=exact, since=self._scored)
             except Exception as err:
                 return _Verdict(None, f"onnxruntime could not run it: {first_line(err)}", materialized=mat)
             verdict = _Verdict(comparison, self.gate.failure(comparison, budget), nbytes=mat.nbytes,
-                               materialized=mat)
+                               materialized=mat, scored=evaluator.latest)
             if verdict.failure is None and self.probe is not None and not mat.heavy:
                 self._guard(verdict, reference, session, slower_ok)
         return verdict

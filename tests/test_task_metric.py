@@ -251,11 +251,13 @@ class ClaimsExact(GraphoptPass):
         return self.result(model, [{"layer": gemm.name}])
 
 
-def test_exact_steps_carry_the_originals_score_only_when_their_outputs_show_it(tmp_path, register_passes):
+def test_exact_steps_carry_the_score_of_the_model_they_rewrote_only_when_their_outputs_show_it(tmp_path,
+                                                                                            register_passes):
     """The user's function is the slow part of a run (PP-OCRv4 rec: 300 lines a call). An exact pass whose outputs
     equal the original's up to float rounding (SNR >= 60 dB, no prediction changed) carries the original's score;
-    fuse on digits then costs two calls (the original's score, the final stressed score). A pass that claims to be
-    exact but changes the outputs is scored like any other."""
+    fuse on digits then costs two calls (the original's score, the final stressed score). After a lossy step, an
+    exact one (cleanup) whose outputs equal that step's carries that step's score. A pass that claims to be exact
+    but changes the outputs is scored like any other."""
     register_passes(ClaimsExact)
     calls = []
 
@@ -267,12 +269,16 @@ def test_exact_steps_carry_the_originals_score_only_when_their_outputs_show_it(t
                       metric_fn=counted)
     assert len(calls) == 2 and report.final["task"] == report.final["reference_task"] == accuracy_of(MODEL)
     calls.clear()
-    report = optimize(str(MODEL), tmp_path / "scaled.onnx", passes="claims_exact", data=CALIB, run=QUIET,
-                      metric_fn=counted, max_drop=1.0)
-    # the original, the step, cleanup after it (exact, but its outputs are not the original's), the stressed score
-    assert len(calls) == 4 and [p.step.split(":")[0] for p in report.passes[-2:]] == ["claims_exact", "cleanup"]
+    report = optimize(str(MODEL), tmp_path / "scaled.onnx", passes="claims_exact; claims_exact", data=CALIB,
+                      run=QUIET, metric_fn=counted, max_drop=1.0)
+    steps = [p.step.split(":")[0] for p in report.passes[-3:]]
+    assert steps == ["claims_exact", "claims_exact", "cleanup"] and all(p.status == "kept" for p in report.passes[-3:])
+    # the original, each claims_exact (their outputs are neither the original's nor the step before's), the stressed
+    # score; not cleanup (its outputs are the second step's)
+    assert len(calls) == 4
     assert report.passes[-1].metrics["worst_snr_db"] < 60.0
-    assert report.final["task"] == pytest.approx(accuracy_of(tmp_path / "scaled.onnx"))
+    scaled = accuracy_of(tmp_path / "scaled.onnx")
+    assert report.final["task"] == pytest.approx(scaled) and report.passes[-1].metrics["task"] == pytest.approx(scaled)
 
 
 def test_the_original_runs_once_per_feed_of_the_function_for_the_whole_run(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ output is (graphopt.metrics.roles), and compares candidates with it (graphopt.me
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,16 @@ from graphopt.runtime import make_session
 # and fuse, 86 dB in its worst channel; 60 dB is an error of 0.1% of the signal
 UNCHANGED_SNR_DB = 60.0
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "Scored"]
+
+
+@dataclass
+class Scored:
+    """A model's outputs on the evaluation feeds and its score by the user's function: an exact step after it
+    whose outputs equal these carries the score, without running the function again."""
+
+    outputs: list[list[np.ndarray]]
+    task: float
 
 
 class Evaluator:
@@ -59,6 +69,7 @@ class Evaluator:
         # passes' stressed scores when the pipeline shares this session as their teacher's
         self.recorded_reference = remember(session) if task is not None else None
         self.reference_task = task.score(session) if task is not None else None
+        self.latest: Scored | None = None  # of the last candidate evaluated (with a function only)
 
     def _bar(self, items: list, progress: bool | None = None, desc: str = "reference"):
         from tqdm.auto import tqdm
@@ -66,22 +77,40 @@ class Evaluator:
         show = self.progress if progress is None else progress
         return tqdm(items, desc=desc, unit="feed", disable=not show, leave=False)
 
-    def evaluate(self, candidate: Any, progress: bool | None = None, exact: bool = False) -> Comparison:
+    def evaluate(self, candidate: Any, progress: bool | None = None, exact: bool = False,
+                 since: Scored | None = None) -> Comparison:
         """Compare a candidate (ir.Model, ModelProto, path or onnxruntime session) with the cached reference.
-        ``exact``: the candidate computes the reference's function (an exact rewrite, or the reference itself);
-        when its outputs show it (unchanged_outputs), its task score is the reference's, and the user's function
-        is not run again (on PP-OCRv4 rec each run scores 300 lines, about 6 s, four times for the exact steps)."""
+        ``exact``: the candidate computes the function of the reference, or of ``since`` (the model the exact step
+        rewrote); when its outputs show it (unchanged_outputs), its task score is that model's, and the user's
+        function is not run again (on PP-OCRv4 rec each run scores 300 lines, about 6 s: four times for the exact
+        steps, and once more for cleanup after each lossy recipe)."""
         session = _session(candidate, self.threads, "candidate")
         acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
+        outputs = []
         for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
-            outputs = _run(session, self.output_names, feed, i, "candidate")
-            acc.add(self.reference_outputs[i], outputs, self.labels[i])
+            outputs.append(_run(session, self.output_names, feed, i, "candidate"))
+            acc.add(self.reference_outputs[i], outputs[-1], self.labels[i])
         result = acc.result()
         result.roles = list(self.roles)
         if self.task is not None:
             result.reference_task = self.reference_task
-            result.task = self.reference_task if exact and unchanged_outputs(result) else self.task.score(session)
+            result.task = self._carried(result, outputs, since) if exact else None
+            if result.task is None:
+                result.task = self.task.score(session)
+            self.latest = Scored(outputs, result.task)
         return result
+
+    def _carried(self, result: Comparison, outputs: list[list[np.ndarray]], since: Scored | None) -> float | None:
+        """The score an exact step's candidate carries: the reference's or ``since``'s, whichever its outputs
+        equal (None: neither, so it is measured)."""
+        if unchanged_outputs(result):
+            return self.reference_task
+        if since is None:
+            return None
+        acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
+        for before, after, labels in zip(since.outputs, outputs, self.labels):
+            acc.add(before, after, labels)
+        return since.task if unchanged_outputs(acc.result()) else None
 
     def stressed_task(self, candidate: Any) -> float | None:
         """The user's function on ``candidate`` with its outputs' error from the reference STRESS times larger
