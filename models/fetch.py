@@ -1,7 +1,8 @@
-"""Fetch the real PP-OCR ONNX models shipped inside the ``rapidocr-onnxruntime`` wheel into a cache.
+"""Fetch real ONNX models shipped inside PyPI wheels into a cache: PP-OCR's (``rapidocr-onnxruntime``) and
+Google's Magika file-type classifier (``magika``, a tf2onnx export with int32 byte inputs).
 
-The only network use is ``pip download --no-deps`` of one pinned wheel from PyPI; the three models are
-unzipped from it and checked against known SHA-256 digests, so benchmark numbers stay reproducible.
+The only network use is ``pip download --no-deps`` of one pinned wheel from PyPI; the models are unzipped from
+it and checked against known SHA-256 digests, so benchmark numbers stay reproducible.
 Cache: ``$GRAPHOPT_CACHE/models`` or ``~/.cache/graphopt/models``. Run ``python models/fetch.py`` to fetch
 and print the paths.
 """
@@ -32,6 +33,19 @@ SHA256 = {
 }
 
 
+# Magika's standard model and its config (the label of each output column); cached under these names
+MAGIKA_WHEEL = "magika==1.0.3"
+MAGIKA_MEMBERS = {
+    "magika": "magika/models/standard_v3_3/model.onnx",
+    "magika_config": "magika/models/standard_v3_3/config.min.json",
+}
+MAGIKA_NAMES = {"magika": "magika_standard_v3_3.onnx", "magika_config": "magika_standard_v3_3_config.json"}
+MAGIKA_SHA256 = {
+    "magika": "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+    "magika_config": "ae24c742205358f6ff6dfd5facb6743fb69743dbba8373e73da58ff0cbd695db",
+}
+
+
 class FetchError(GraphoptError):
     """The wheel could not be downloaded or did not hold the expected models."""
 
@@ -54,38 +68,36 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cached(folder: Path) -> dict[str, Path] | None:
-    paths = {key: folder / Path(member).name for key, member in MEMBERS.items()}
-    if all(p.is_file() and _sha256(p) == SHA256[key] for key, p in paths.items()):
+def _cached(paths: dict[str, Path], digests: dict[str, str]) -> dict[str, Path] | None:
+    if all(p.is_file() and _sha256(p) == digests[key] for key, p in paths.items()):
         return paths
     return None
 
 
-def _download_wheel(tmp: Path) -> Path:
+def _download_wheel(tmp: Path, spec: str) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", WHEEL, "-d", str(tmp)]
+           "-q", spec, "-d", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FetchError(f"pip download {WHEEL} failed (exit {proc.returncode}): {last}")
+        raise FetchError(f"pip download {spec} failed (exit {proc.returncode}): {last}")
     wheels = sorted(tmp.glob("*.whl"))
     if not wheels:
-        raise FetchError(f"pip download {WHEEL} produced no wheel in {tmp}")
+        raise FetchError(f"pip download {spec} produced no wheel in {tmp}")
     return wheels[0]
 
 
-def fetch_ocr_models(folder: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Paths of the PP-OCRv4 det/rec and PP-OCR mobile cls models, downloading them once."""
-    target = Path(folder) if folder is not None else models_dir()
-    found = _cached(target)
+def _fetch(spec: str, members: dict[str, str], digests: dict[str, str], paths: dict[str, Path]) -> dict[str, Path]:
+    """``members`` of the wheel ``spec`` at ``paths`` (by key), downloading the wheel unless all are cached."""
+    found = _cached(paths, digests)
     if found is not None:
         return found
-    target.mkdir(parents=True, exist_ok=True)
+    next(iter(paths.values())).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="graphopt-fetch-") as tmp:
-        wheel = _download_wheel(Path(tmp))
+        wheel = _download_wheel(Path(tmp), spec)
         with zipfile.ZipFile(wheel) as archive:
-            for key, member in MEMBERS.items():
-                dest = target / Path(member).name
+            for key, member in members.items():
+                dest = paths[key]
                 part = dest.with_suffix(".part")
                 try:
                     with archive.open(member) as src, open(part, "wb") as out:
@@ -93,18 +105,31 @@ def fetch_ocr_models(folder: str | os.PathLike | None = None) -> dict[str, Path]
                             out.write(block)
                 except KeyError:
                     raise FetchError(f"{wheel.name} has no {member}") from None
-                if _sha256(part) != SHA256[key]:
+                if _sha256(part) != digests[key]:
                     part.unlink()
                     raise FetchError(f"{member} in {wheel.name}: SHA-256 differs from the pinned digest")
                 os.replace(part, dest)  # atomic: a killed fetch never leaves a half file under the final name
-    found = _cached(target)
+    found = _cached(paths, digests)
     assert found is not None
     return found
 
 
+def fetch_ocr_models(folder: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Paths of the PP-OCRv4 det/rec and PP-OCR mobile cls models, downloading them once."""
+    target = Path(folder) if folder is not None else models_dir()
+    return _fetch(WHEEL, MEMBERS, SHA256, {key: target / Path(m).name for key, m in MEMBERS.items()})
+
+
+def fetch_magika(folder: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Paths of Magika's standard model ("magika") and its config ("magika_config"), downloading them once."""
+    target = Path(folder) if folder is not None else models_dir()
+    return _fetch(MAGIKA_WHEEL, MAGIKA_MEMBERS, MAGIKA_SHA256,
+                  {key: target / MAGIKA_NAMES[key] for key in MAGIKA_MEMBERS})
+
+
 def main() -> int:
     try:
-        paths = fetch_ocr_models()
+        paths = fetch_ocr_models() | fetch_magika()
     except FetchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -256,8 +256,8 @@ def test_fetch_unzips_verifies_and_reuses_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch, "SHA256", {k: hashlib.sha256(v).hexdigest() for k, v in contents.items()})
     calls = []
 
-    def fake_download(tmp: Path) -> Path:
-        calls.append(tmp)
+    def fake_download(tmp: Path, spec: str) -> Path:
+        calls.append(spec)
         wheel = tmp / "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
             for key, member in fetch.MEMBERS.items():
@@ -268,7 +268,7 @@ def test_fetch_unzips_verifies_and_reuses_cache(tmp_path, monkeypatch):
     paths = fetch.fetch_ocr_models(tmp_path / "models")
     assert set(paths) == {"det", "rec", "cls"}
     assert all(paths[k].read_bytes() == contents[k] for k in contents)
-    assert fetch.fetch_ocr_models(tmp_path / "models") == paths and len(calls) == 1
+    assert fetch.fetch_ocr_models(tmp_path / "models") == paths and calls == [fetch.WHEEL]
 
     monkeypatch.setattr(fetch, "SHA256", {**fetch.SHA256, "cls": "0" * 64})
     with pytest.raises(fetch.FetchError, match="SHA-256"):
@@ -288,3 +288,30 @@ def test_fetch_real_models_and_float_scores(tmp_path):
     feeds, boxes = ocr.make_det_data(10, seed=ocr.CALIB_SEED)
     scores = ocr.score_det(paths["det"], paths["det"], feeds, boxes)
     assert scores["f1"] >= 0.9 and scores["map_max_abs"] == 0.0
+
+
+@pytest.mark.slow
+def test_magika_a_jax2tf_export_with_byte_inputs_compresses_and_keeps_its_predictions(tmp_path):
+    """Magika (Google's file-type classifier, pinned wheel): int32 byte inputs, a one-hot MatMul embedding, jax2tf
+    reshapes. Its own features of 64 files of the standard library; 8-bit per-channel codebooks keep every
+    prediction two points of agreement allow and leave the file smaller after lzma."""
+    import sysconfig
+
+    from bench.auto_magika import features
+    from graphopt import optimize
+    from graphopt.bench import file_sizes
+    from graphopt.pipeline import RunOptions
+
+    paths = fetch.fetch_magika(tmp_path)
+    assert {k: fetch._sha256(p) for k, p in paths.items()} == fetch.MAGIKA_SHA256
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size >= 64)[:64]
+    x = np.stack([features(p) for p in files])
+    np.savez(tmp_path / "bytes.npz", bytes=x)
+    out = tmp_path / "magika.opt.onnx"
+    report = optimize(str(paths["magika"]), out, passes="kmeans:bits=8,per_channel=true",
+                      data=str(tmp_path / "bytes.npz"), max_drop=0.02, run=RunOptions(progress=False, latency=False))
+    assert report.passed and [p.status for p in report.passes if p.step.startswith("kmeans")] == ["kept"]
+    ref, got = (make_session(m).run(None, {"bytes": x})[0] for m in (paths["magika"], out))
+    assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.98
+    assert file_sizes(paths["magika"])[1] > 1.8 * file_sizes(out)[1]  # 2.0x measured: 8-bit codes pack poorly
