@@ -86,10 +86,12 @@ class Evaluator:
         steps, and once more for cleanup after each lossy recipe)."""
         session = _session(candidate, self.threads, "candidate")
         acc = Accumulator(self.output_names, self.score_output, self.map_threshold)
-        outputs = []
+        outputs = []  # kept with a function only (an exact step after this one may carry its score)
         for i, feed in enumerate(self._bar(self.feeds, progress, "evaluate")):
-            outputs.append(_run(session, self.output_names, feed, i, "candidate"))
-            acc.add(self.reference_outputs[i], outputs[-1], self.labels[i])
+            got = _run(session, self.output_names, feed, i, "candidate")
+            acc.add(self.reference_outputs[i], got, self.labels[i])
+            if self.task is not None:
+                outputs.append(got)
         result = acc.result()
         result.roles = list(self.roles)
         if self.task is not None:
