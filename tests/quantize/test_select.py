@@ -232,3 +232,28 @@ def test_candidates_list_placement_first_and_dedupe():
     assert [(c.label, sorted(c.keep), c.activation_type, c.checked) for c in both] == [
         ("placement", ["a"], "int8", True), ("every planned op", ["a", "b"], "int8", False),
         ("placement", ["a"], "uint8", False), ("every planned op", ["a", "b"], "uint8", False)]
+
+
+def test_an_op_that_pays_alone_stays_int8_when_its_region_does_not():
+    """x → conv1 → HardSigmoid and Mul (HardSwish, HardSigmoid stays float) → conv2 → y: the region {conv1, Mul,
+    conv2} pays for a Q on x and on the HardSigmoid's output and a DQ on conv1's output (the HardSigmoid reads
+    it; y, a model output, stays float); conv1 alone only for x and its output."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("HardSigmoid", ["c1"], ["hs"], name="hsig"),
+             helper.make_node("Mul", ["c1", "hs"], ["m"], name="mul"),
+             helper.make_node("Conv", ["m", "W2"], ["y"], name="conv2")]
+    inits = {"W1": (rng.normal(size=(8, 4, 3, 3)) * 0.3).astype(np.float32),
+             "W2": (rng.normal(size=(8, 8, 1, 1)) * 0.3).astype(np.float32)}
+    proto = make_proto(nodes, [tensor_info("x", np.float32, ["N", 4, 8, 8])], [tensor_info("y", np.float32, None)],
+                       inits)
+    feeds = [{"x": rng.normal(size=(2, 4, 8, 8)).astype(np.float32)} for _ in range(3)]
+    # a Q or DQ costs 1 µs per element; conv1 gains 2 ms, conv2 0.04 ms. x: 512 elements, c1, hs, m: 1024 each.
+    # Region: 2.04 - 0.001 x (512 + 1024 + 1024) = -0.520 ms; conv1 alone: 2.0 - 0.001 x (512 + 1024) = +0.464;
+    # conv2 alone: 0.04 - 0.001 x 1024 (m) < 0
+    timer = _timings(conv1=(3.0, 1.0, 1.0, 1000), conv2=(1.0, 0.96, 1.0, 1000))
+    selection = _select(proto, feeds, timer, lambda ref, cand: 0.5, activation_type="uint8")
+    assert _names(selection.plan.nodes) == ["conv1"]
+    reasons = _reasons(selection)
+    assert reasons["conv2"] == reasons["mul"] == "its int8 region does not pay for its Q/DQ (est. -0.520 ms)"
+    assert "1 op(s) kept int8 alone from regions that did not pay for their Q/DQ: conv1" in selection.notes
