@@ -2,7 +2,8 @@
 
 Latency (``target=latency``): each weight op is timed alone (:mod:`.timing`); an op whose integer kernel
 is not faster stays float. The rest form connected int8 regions; a region pays only if its kernels' gain beats
-the Q at each entry and the DQ at each exit (priced per element from the measured boundaries). Per-op times of
+the Q at each entry and the DQ at each exit (priced per element from the measured boundaries); of a region that
+does not, the timed ops that pay for their own Q and DQ stay int8 alone. Per-op times of
 tiny ops are noise next to a whole model, so the final choice is made on whole models
 (:meth:`Placement.choose`): the placement above, every planned op int8, and (``activation_type=auto``) each of
 them with int8 activations too, all timed interleaved with the float model; the fastest one that keeps the

@@ -219,6 +219,7 @@ def _drop_losing_regions(sel: Selector, st: SelectState) -> None:
                     st.reasons[node.name] = f"its int8 region does not pay for its Q/DQ (est. {gain:+.3f} ms)"
                     st.latency_float.add(node.name)
         st.current = sel.replan(sel.model, set(st.reasons))
+    alone -= set(st.reasons)  # a later round may have sent one back
     if alone:
         st.notes.append(f"{len(alone)} op(s) kept int8 alone from regions that did not pay for their Q/DQ: "
                         + "|".join(sorted(alone)))
