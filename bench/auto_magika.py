@@ -5,8 +5,8 @@ byte inputs, 214 content types), on the bytes of files found on this machine.
 
 The samples are Magika's own features (the first and last 1024 bytes of a file, whitespace stripped, padded
 with 256) of files under the Python standard library, this environment's site-packages, /usr/share and /etc
-whose suffix names one of Magika's content types (LABEL_OF_SUFFIX; suffixes that name several, such as .txt,
-.ini or .crt, left out), at most PER_LABEL of each, shuffled with a fixed seed. The first 60% go to auto as
+whose suffix names one of Magika's content types (directly or through ALIASES; the AMBIGUOUS ones, such as
+.txt, .ini or .crt, left out), at most PER_LABEL of each, shuffled with a fixed seed. The first 60% go to auto as
 --data with their labels (it keeps 30% of them for its held-out judgement), the rest is a test set it never
 sees. Which files exist differs from machine to machine, so the script prints how many it found. The budget is
 one point of accuracy; ``--agreement`` drops the labels, so it is one point of top-1 agreement with the float

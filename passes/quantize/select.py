@@ -211,8 +211,8 @@ def _drop_losing_regions(sel: Selector, st: SelectState) -> None:
             break
         for region in losing:
             gain = qp.region_gain(region, timings, st.shapes, price, q_out)
-            paying = {n.name for n in region if n.name in timings and len(region) > 1
-                      and qp.region_gain([n], timings, st.shapes, price, q_out) > 0}
+            paying = {n.name for n in region if n.name in timings
+                      and qp.region_gain([n], timings, st.shapes, price, q_out) > 0} if len(region) > 1 else set()
             alone |= paying
             for node in region:
                 if node.name not in paying:
